@@ -1,0 +1,359 @@
+"""Model zoo tests: every registered model x every norm, plus the lecture's numbers.
+
+CPU only. Models whose default input is larger than 64 pixels (the ImageNet VGGs) are
+exercised at 64x64 except in the VGG19 table test, the one 224x224 forward pass.
+Parameter counts and shape bookkeeping use the meta device: no memory, no init cost.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cnnray.models import (
+    NORMS,
+    LayerRow,
+    UnknownModelError,
+    build_model,
+    count_parameters,
+    format_layer_table,
+    get_model_spec,
+    layer_table,
+    list_models,
+    make_norm,
+    model_catalog,
+    register_model,
+    resolve_model_args,
+)
+
+MAX_TEST_SIDE = 64  # pixels; keeps the 224x224 ImageNet VGGs fast (their head needs >= 32)
+CASES = [(name, norm) for name in list_models() for norm in NORMS]
+
+
+def _test_size(name: str) -> tuple[int, int]:
+    height, width = get_model_spec(name).image_size
+    return (min(height, MAX_TEST_SIDE), min(width, MAX_TEST_SIDE))
+
+
+def _shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {key: tuple(value.shape) for key, value in model.state_dict().items()}
+
+
+# --- every model x every norm -------------------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "norm"), CASES)
+def test_forward_backward_and_eval(name: str, norm: str) -> None:
+    torch.manual_seed(0)
+    spec = get_model_spec(name)
+    size = _test_size(name)
+    model = build_model(name, norm=norm, image_size=size)
+    x = torch.randn(2, spec.in_channels, *size)
+
+    model.train()
+    out = model(x)
+    assert out.shape == (2, spec.num_classes)
+    assert torch.isfinite(out).all(), "NaN or inf in the training-mode output"
+    F.cross_entropy(out, torch.tensor([0, 1])).backward()
+    for key, param in model.named_parameters():
+        assert param.grad is not None, f"{key} got no gradient"
+        assert torch.isfinite(param.grad).all(), f"{key} has a non-finite gradient"
+
+    model.eval()  # batch norm switches to running stats, so a batch of one must work
+    with torch.no_grad():
+        single = model(x[:1])
+    assert single.shape == (1, spec.num_classes)
+    assert torch.isfinite(single).all()
+
+
+@pytest.mark.parametrize(("name", "norm"), CASES)
+def test_rebuild_from_resolved_args(name: str, norm: str) -> None:
+    args = resolve_model_args(name, norm=norm)
+    assert json.loads(json.dumps(args)) == args  # checkpoint-ready as it is
+    assert resolve_model_args(name, **args) == args  # resolving again changes nothing
+    with torch.device("meta"):
+        original = build_model(name, norm=norm)
+        rebuilt = build_model(name, **json.loads(json.dumps(args)))
+    assert _shapes(rebuilt) == _shapes(original)
+
+
+@pytest.mark.parametrize(("name", "norm"), CASES)
+def test_layer_table_accounts_for_every_parameter(name: str, norm: str) -> None:
+    spec = get_model_spec(name)
+    with torch.device("meta"):
+        model = build_model(name, norm=norm)
+    rows = layer_table(model, (spec.in_channels, *spec.image_size))
+    assert [row.index for row in rows] == list(range(1, len(rows) + 1))
+    assert sum(row.params for row in rows) == count_parameters(model)
+    assert rows[-1].kind == "Fully connected"
+    assert rows[-1].output_shape == (spec.num_classes,)
+    has_norm_rows = any(row.kind == "Normalization" for row in rows)
+    assert has_norm_rows == (norm != "none")
+
+
+# --- the lecture's numbers ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "expected"),
+    [
+        ("cnn", {}, 28_938),
+        ("tutorial_cnn", {}, 62_006),
+        ("lenet5", {"image_size": 32}, 61_706),
+        ("lenet5", {}, 61_706),  # 28x28 is padded in C1, so the same network
+        ("vgg19_imagenet", {}, 143_667_240),
+        ("resnet18", {"norm": "batch"}, 11_173_962),
+    ],
+)
+def test_parameter_counts(name: str, kwargs: dict, expected: int) -> None:
+    with torch.device("meta"):
+        assert count_parameters(build_model(name, **kwargs)) == expected
+
+
+def test_lecture_cnns_keep_their_attribute_names() -> None:
+    with torch.device("meta"):
+        cnn = build_model("cnn")
+        tutorial = build_model("tutorial_cnn")
+    assert _shapes(cnn) == {
+        "conv1.0.weight": (16, 1, 5, 5),
+        "conv1.0.bias": (16,),
+        "conv2.0.weight": (32, 16, 5, 5),
+        "conv2.0.bias": (32,),
+        "out.weight": (10, 32 * 7 * 7),
+        "out.bias": (10,),
+    }
+    assert [key for key in _shapes(tutorial) if key.endswith("weight")] == [
+        "conv1.weight",
+        "conv2.weight",
+        "fc1.weight",
+        "fc2.weight",
+        "fc3.weight",
+    ]
+    assert _shapes(tutorial)["fc1.weight"] == (120, 16 * 5 * 5)
+
+
+# (kind, output shape, neurons, learned parameters), copied from the lecture's VGG19 table.
+VGG19_TABLE = [
+    ("Convolution", (64, 224, 224), 3_211_264, 1_792),
+    ("Convolution", (64, 224, 224), 3_211_264, 36_928),
+    ("Max-pooling", (64, 112, 112), 802_816, 0),
+    ("Convolution", (128, 112, 112), 1_605_632, 73_856),
+    ("Convolution", (128, 112, 112), 1_605_632, 147_584),
+    ("Max-pooling", (128, 56, 56), 401_408, 0),
+    ("Convolution", (256, 56, 56), 802_816, 295_168),
+    ("Convolution", (256, 56, 56), 802_816, 590_080),
+    ("Convolution", (256, 56, 56), 802_816, 590_080),
+    ("Convolution", (256, 56, 56), 802_816, 590_080),
+    ("Max-pooling", (256, 28, 28), 200_704, 0),
+    ("Convolution", (512, 28, 28), 401_408, 1_180_160),
+    ("Convolution", (512, 28, 28), 401_408, 2_359_808),
+    ("Convolution", (512, 28, 28), 401_408, 2_359_808),
+    ("Convolution", (512, 28, 28), 401_408, 2_359_808),
+    ("Max-pooling", (512, 14, 14), 100_352, 0),
+    ("Convolution", (512, 14, 14), 100_352, 2_359_808),
+    ("Convolution", (512, 14, 14), 100_352, 2_359_808),
+    ("Convolution", (512, 14, 14), 100_352, 2_359_808),
+    ("Convolution", (512, 14, 14), 100_352, 2_359_808),
+    ("Max-pooling", (512, 7, 7), 25_088, 0),
+    ("Fully connected", (4_096,), 4_096, 102_764_544),
+    ("Fully connected", (4_096,), 4_096, 16_781_312),
+    ("Fully connected", (1_000,), 1_000, 4_097_000),
+]
+VGG19_TOTAL_NEURONS = 16_391_656  # the lecture's total: rows 1-24, the input not counted
+VGG19_TOTAL_PARAMS = 143_667_240
+
+
+def test_vgg19_table_matches_the_lecture() -> None:
+    model = build_model("vgg19_imagenet")  # real weights: one real 224x224 forward pass
+    model.train()
+    rows = layer_table(model, (3, 224, 224))
+    assert model.training, "layer_table must restore the training mode"
+    assert [(r.kind, r.output_shape, r.neurons, r.params) for r in rows] == VGG19_TABLE
+    assert [r.index for r in rows] == list(range(1, 25))
+    assert sum(r.neurons for r in rows) == VGG19_TOTAL_NEURONS
+    assert sum(r.params for r in rows) == VGG19_TOTAL_PARAMS == count_parameters(model)
+
+    text = format_layer_table(rows, input_shape=(3, 224, 224))
+    assert "Total: 16,391,656" in text and "Total: 143,667,240" in text
+    assert "Flattening to a vector of length 25,088" in text
+    lines = text.splitlines()
+    assert lines[2].split()[:2] == ["0", "Input"]
+    assert " ".join(lines[3].split()) == "1 Convolution 64 x 224 x 224 3,211,264 1,792"
+
+
+def test_layer_row_is_frozen() -> None:
+    row = LayerRow(index=1, kind="Convolution", output_shape=(6, 28, 28), neurons=4704, params=156)
+    with pytest.raises(AttributeError):
+        row.params = 0  # type: ignore[misc]
+
+
+# --- registry behaviour ---------------------------------------------------------------
+
+
+def test_unknown_model_lists_the_choices() -> None:
+    with pytest.raises(UnknownModelError, match=r"unknown model 'foo'; choose one of: cnn, "):
+        build_model("foo")
+    with pytest.raises(ValueError, match="lenet5"):  # UnknownModelError is a ValueError
+        resolve_model_args("foo")
+
+
+def test_bad_norm_lists_the_choices() -> None:
+    with pytest.raises(ValueError, match=r"unknown norm 'bn'; choose one of: none, batch, "):
+        build_model("cnn", norm="bn")
+
+
+def test_none_kwargs_are_dropped() -> None:
+    args = resolve_model_args(
+        "cnn", num_classes=None, in_channels=None, image_size=None, norm=None
+    )
+    assert args == {"num_classes": 10, "in_channels": 1, "image_size": [28, 28], "norm": "none"}
+
+
+def test_resolved_args_include_model_specific_defaults() -> None:
+    assert resolve_model_args("mlp", image_size=32)["hidden_sizes"] == [512, 256]
+    assert resolve_model_args("mlp", image_size=32)["image_size"] == [32, 32]  # int: square
+    assert resolve_model_args("vgg19_imagenet")["dropout"] == 0.5
+    args = resolve_model_args("mlp", hidden_sizes=(64,), norm="layer", num_classes=3)
+    assert args["hidden_sizes"] == [64]
+    out = build_model("mlp", **args)(torch.randn(4, 1, 28, 28))
+    assert out.shape == (4, 3)
+
+
+def test_unknown_kwarg_raises() -> None:
+    with pytest.raises(TypeError, match="hidden_sizes"):
+        resolve_model_args("cnn", hidden_sizes=[64])
+    with pytest.raises(ValueError, match="unknown argument"):  # also a ValueError
+        build_model("vgg11", dropout=0.1)  # only the ImageNet head has dropout
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"num_classes": 0},
+        {"in_channels": -1},
+        {"num_classes": True},
+        {"image_size": (32,)},
+        {"image_size": "32"},
+        {"image_size": (32, 0)},
+        {"image_size": 32.0},
+    ],
+)
+def test_bad_common_values_raise(kwargs: dict) -> None:
+    with pytest.raises(ValueError):
+        resolve_model_args("tutorial_cnn", **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs"),
+    [
+        ("mlp", {"hidden_sizes": [64, 0]}),
+        ("mlp", {"hidden_sizes": 64}),
+        ("vgg16_imagenet", {"dropout": 1.0}),
+    ],
+)
+def test_bad_model_specific_values_raise(name: str, kwargs: dict) -> None:
+    with pytest.raises(ValueError):
+        resolve_model_args(name, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("name", "min_side"),
+    [
+        ("cnn", 4),
+        ("tutorial_cnn", 16),
+        ("lenet5", 28),
+        ("vgg11", 32),
+        ("vgg19", 32),
+        ("vgg19_imagenet", 32),
+    ],
+)
+def test_too_small_image_size_raises(name: str, min_side: int) -> None:
+    with pytest.raises(ValueError, match="too small"):
+        resolve_model_args(name, image_size=min_side - 1)
+    with pytest.raises(ValueError, match="too small"):
+        build_model(name, image_size=(min_side, min_side - 1))
+    resolve_model_args(name, image_size=min_side)  # the minimum itself builds
+
+
+@pytest.mark.parametrize("name", ["mlp", "resnet18"])
+def test_models_without_a_minimum_size_take_tiny_images(name: str) -> None:
+    model = build_model(name, image_size=1, norm="group").eval()
+    assert model(torch.randn(1, get_model_spec(name).in_channels, 1, 1)).shape == (1, 10)
+
+
+def test_non_square_images() -> None:
+    for name in ("cnn", "tutorial_cnn", "lenet5", "vgg11", "resnet18", "mlp"):
+        spec = get_model_spec(name)
+        size = (spec.image_size[0], spec.image_size[1] + 8)
+        model = build_model(name, image_size=size).eval()
+        assert model(torch.randn(1, spec.in_channels, *size)).shape == (1, 10), name
+
+
+def test_register_model_refuses_a_duplicate_name() -> None:
+    with pytest.raises(ValueError, match="already registered"):
+
+        @register_model("cnn", in_channels=1, image_size=(28, 28), description="dup")
+        def cnn(*, num_classes: int, in_channels: int, image_size: tuple, norm: str) -> nn.Module:
+            return nn.Identity()
+
+
+def test_model_catalog() -> None:
+    catalog = model_catalog()
+    assert [entry["name"] for entry in catalog] == list_models()
+    assert json.loads(json.dumps(catalog)) == catalog
+    by_name = {entry["name"]: entry for entry in catalog}
+    assert by_name["vgg19_imagenet"]["parameters"] == 143_667_240
+    assert by_name["vgg19_imagenet"]["input_shape"] == [3, 224, 224]
+    assert by_name["vgg19_imagenet"]["num_classes"] == 1000
+    assert by_name["cnn"]["parameters"] == 28_938
+    assert by_name["cnn"]["input_shape"] == [1, 28, 28]
+    assert all(entry["description"] for entry in catalog)
+
+
+# --- layers -----------------------------------------------------------------------------
+
+
+def test_make_norm() -> None:
+    assert make_norm("none", 64) is None
+    assert isinstance(make_norm("batch", 64), nn.BatchNorm2d)
+    group = make_norm("group", 64)
+    assert isinstance(group, nn.GroupNorm) and group.num_groups == 32
+    assert make_norm("group", 6).num_groups == 6  # fewer channels than 32: one per group
+    assert make_norm("group", 120).num_groups == 30  # largest divisor of 120 up to 32
+    layer = make_norm("layer", 64)
+    assert isinstance(layer, nn.GroupNorm) and layer.num_groups == 1
+    with pytest.raises(ValueError, match="unknown norm"):
+        make_norm("instance", 64)
+
+
+def test_batch_norm_drops_the_conv_bias() -> None:
+    with torch.device("meta"):
+        plain = build_model("vgg11", norm="none")
+        batch = build_model("vgg11", norm="batch")
+    assert all(m.bias is not None for m in plain.modules() if isinstance(m, nn.Conv2d))
+    assert all(m.bias is None for m in batch.modules() if isinstance(m, nn.Conv2d))
+
+
+# --- deep networks without a norm still learn -------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["resnet18", "vgg19"])
+def test_deep_models_without_norm_fit_a_batch(name: str) -> None:
+    torch.manual_seed(0)
+    model = build_model(name, norm="none", image_size=32)
+    x, y = torch.randn(8, 3, 32, 32), torch.arange(8) % 10
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    losses = []
+    for _ in range(8):
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert all(map(torch.isfinite, torch.tensor(losses)))
+    # About 0.3x (resnet18) and 0.75x (vgg19) here; fan_out He init gave 0.97x.
+    assert min(losses) < 0.85 * losses[0], losses

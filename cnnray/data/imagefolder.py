@@ -1,0 +1,238 @@
+"""Image-folder datasets: `<root>/{train,test}/<class>/*.{png,jpg,jpeg,bmp}`, a dir or a tarball.
+
+Archives are read member by member with tarfile, never extracted. Every image is decoded
+once with Pillow into one preallocated uint8 array; cache.py keeps the result, so a
+60,000-JPEG tree costs its decode only on the first load on a node.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from cnnray.data import cache
+from cnnray.data.base import DataError, Dataset, dataset_from_arrays
+
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp"})
+SPLITS = ("train", "test")
+ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
+# Modes decoded as one channel; anything else (RGB, RGBA, P, CMYK, ...) becomes RGB.
+_GRAY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "F"})
+
+_STATS_CHUNK = 4096  # images squared at a time for the std: 25 MB of uint16 for CIFAR
+
+LAYOUT = "<root>/train/<class>/*.png|jpg|jpeg|bmp and <root>/test/<class>/..."
+
+
+@dataclass(frozen=True)
+class ImageItem:
+    """One image file: its split and class, a display name, and a path or in-memory bytes."""
+
+    split: str
+    cls: str
+    name: str  # a path, or "archive.tar.gz:member", for error messages
+    path: Path | None = None
+    data: bytes | None = None
+
+
+def is_archive(path: Path) -> bool:
+    return path.name.lower().endswith(ARCHIVE_SUFFIXES)
+
+
+def _hidden(name: str) -> bool:
+    # ".DS_Store", macOS "._x.jpg" resource forks and "__MACOSX" trees are not images.
+    return name.startswith(".") or name == "__MACOSX"
+
+
+def find_root(data_dir: Path) -> Path | None:
+    """The image-folder source at `data_dir`: itself (tree or tarball), or its single tarball."""
+    if data_dir.is_file():
+        return data_dir if is_archive(data_dir) else None
+    if not data_dir.is_dir():
+        return None
+    if (data_dir / "train").is_dir():
+        return data_dir
+    archives = sorted(p for p in data_dir.iterdir() if p.is_file() and is_archive(p))
+    if len(archives) > 1:
+        names = ", ".join(p.name for p in archives)
+        raise DataError(f"{data_dir} holds several archives ({names}); pass the one to use")
+    return archives[0] if archives else None
+
+
+def list_dir(root: Path) -> list[ImageItem]:
+    """Every image under root/<split>/<class>/, in a deterministic order."""
+    items = []
+    for split in SPLITS:
+        split_dir = root / split
+        if not split_dir.is_dir():
+            continue
+        for cls_entry in sorted(os.scandir(split_dir), key=lambda e: e.name):
+            if not cls_entry.is_dir() or _hidden(cls_entry.name):
+                continue
+            for entry in sorted(os.scandir(cls_entry.path), key=lambda e: e.name):
+                name = entry.name
+                if _hidden(name) or os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
+                    continue
+                if entry.is_file():
+                    path = Path(entry.path)
+                    items.append(ImageItem(split, cls_entry.name, entry.path, path=path))
+    return items
+
+
+def scan_tar(
+    archive: Path, wanted: frozenset[str] = frozenset()
+) -> tuple[list[ImageItem], dict[str, bytes]]:
+    """One pass over a tarball: its images, and the members whose base name is in `wanted`.
+
+    The tree may sit under a top-level folder (`CIFAR-10-images/train/...`), but only one.
+    """
+    items: list[ImageItem] = []
+    extra: dict[str, bytes] = {}
+    prefixes: set[tuple[str, ...]] = set()
+    try:
+        # Stream mode ("r|*"): one sequential read, ~2x faster than random access here.
+        with tarfile.open(archive, "r|*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                parts = tuple(p for p in member.name.split("/") if p not in ("", "."))
+                if not parts or any(_hidden(p) for p in parts):
+                    continue
+                is_image = (
+                    len(parts) >= 3
+                    and parts[-3] in SPLITS
+                    and os.path.splitext(parts[-1])[1].lower() in IMAGE_EXTENSIONS
+                )
+                if parts[-1] not in wanted and not is_image:
+                    continue
+                f = tar.extractfile(member)
+                data = f.read() if f is not None else b""
+                if parts[-1] in wanted:
+                    extra.setdefault(parts[-1], data)
+                else:
+                    prefixes.add(parts[:-3])
+                    items.append(
+                        ImageItem(parts[-3], parts[-2], f"{archive}:{member.name}", data=data)
+                    )
+    except (tarfile.TarError, EOFError, zlib.error) as exc:
+        raise DataError(f"{archive} is not a readable tar archive ({exc})") from exc
+    except OSError as exc:
+        raise DataError(f"cannot read {archive}: {exc.strerror or exc}") from exc
+    if len(prefixes) > 1:
+        roots = ", ".join("/".join(p) or "." for p in sorted(prefixes))
+        raise DataError(f"{archive} holds several image-folder roots ({roots}); expected one")
+    return items, extra
+
+
+def _mean_std(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and std of uint8 N x C x H x W images, in [0, 1] pixel units.
+
+    Exact integer sums (uint64 cannot overflow: 255**2 * 2**40 < 2**64), squared in
+    uint16 chunks so that no float copy of the whole dataset is made.
+    """
+    total = x.sum(axis=(0, 2, 3), dtype=np.uint64)
+    total_sq = np.zeros(x.shape[1], dtype=np.uint64)
+    for start in range(0, len(x), _STATS_CHUNK):
+        chunk = x[start : start + _STATS_CHUNK].astype(np.uint16)
+        total_sq += np.square(chunk, out=chunk).sum(axis=(0, 2, 3), dtype=np.uint64)
+    count = float(max(x.shape[0] * x.shape[2] * x.shape[3], 1))
+    mean = total / count  # in 0..255 pixel units
+    var = np.maximum(total_sq / count - mean**2, 0.0)
+    return mean / 255.0, np.sqrt(var) / 255.0
+
+
+def decode_images(items: Sequence[ImageItem], source: str) -> dict[str, np.ndarray]:
+    """Decode all items into train/test uint8 arrays, labels, class names and stats.
+
+    Classes are the sorted class folders of train. Images are grayscale (C=1) if every
+    image is, else RGB; all are resized (bilinear) to the first train image's size.
+    """
+    train = sorted((it for it in items if it.split == "train"), key=lambda it: (it.cls, it.name))
+    test = sorted((it for it in items if it.split == "test"), key=lambda it: (it.cls, it.name))
+    if not train or not test:
+        split = "train" if not train else "test"
+        raise DataError(f"no {split} images found in {source}; expected {LAYOUT}")
+    classes = sorted({it.cls for it in train})
+    unknown = sorted({it.cls for it in test} - set(classes))
+    if unknown:
+        raise DataError(
+            f"{source}: test classes {unknown} have no train folder; train classes are {classes}"
+        )
+    index = {c: i for i, c in enumerate(classes)}
+    ordered = train + test
+    out: np.ndarray | None = None
+    size = (0, 0)  # (width, height), PIL's order
+    all_gray = True
+    for i, item in enumerate(ordered):
+        try:
+            with Image.open(item.path if item.data is None else io.BytesIO(item.data)) as img:
+                gray = img.mode in _GRAY_MODES
+                img = img.convert("L" if gray else "RGB")  # forces the full decode
+                if out is None:
+                    size = img.size
+                    # Three channels until every image is known to be gray; see below.
+                    out = np.empty((len(ordered), 3, size[1], size[0]), dtype=np.uint8)
+                if img.size != size:
+                    img = img.resize(size, Image.Resampling.BILINEAR)
+                pixels = np.asarray(img)
+        except Exception as exc:  # any decoder failure, reported with the file's name
+            raise DataError(f"cannot read image {item.name}: {type(exc).__name__}: {exc}") from exc
+        if gray:
+            out[i] = pixels  # broadcast H x W onto the three channels, as PIL's L->RGB does
+        else:
+            out[i] = pixels.transpose(2, 0, 1)
+            all_gray = False
+    assert out is not None
+    if all_gray:
+        out = np.ascontiguousarray(out[:, :1])
+    labels = np.array([index[it.cls] for it in ordered], dtype=np.int64)
+    n = len(train)
+    mean, std = _mean_std(out[:n])
+    return {
+        "train_x": out[:n],
+        "train_y": labels[:n],
+        "test_x": out[n:],
+        "test_y": labels[n:],
+        "classes": np.array(classes, dtype=str),  # a unicode array: no pickle needed
+        "mean": mean,
+        "std": std,
+    }
+
+
+def load_arrays(source: Path, cache_dir: Path, kind: str) -> dict[str, np.ndarray]:
+    """Decoded arrays of an image-folder tree or tarball, from the cache when possible."""
+    if is_archive(source) and source.is_file():
+        # Keyed on the archive alone, so a cache hit does not even open it.
+        return cache.cached_arrays(
+            cache_dir, kind, [source], lambda: decode_images(scan_tar(source)[0], str(source))
+        )
+    try:
+        items = list_dir(source)
+    except OSError as exc:
+        raise DataError(f"cannot list {source}: {exc.strerror or exc}") from exc
+    if not items:
+        raise DataError(f"no images found in {source}; expected {LAYOUT}")
+    paths = [it.path for it in items if it.path is not None]
+    return cache.cached_arrays(cache_dir, kind, paths, lambda: decode_images(items, str(source)))
+
+
+def load_imagefolder(data_dir: Path, *, cache_dir: Path) -> Dataset:
+    """Load an image-folder dataset; mean and std are computed from its train images."""
+    source = find_root(data_dir)
+    if source is None:
+        what = "does not exist" if not data_dir.exists() else "holds no image folder"
+        raise DataError(
+            f"imagefolder: {data_dir} {what}; pass --data-dir pointing to a tree {LAYOUT}, "
+            "or to a .tar.gz of it"
+        )
+    arrays = load_arrays(source, cache_dir, "imagefolder")
+    classes = [str(c) for c in arrays["classes"]]
+    return dataset_from_arrays("imagefolder", arrays, classes, arrays["mean"], arrays["std"])

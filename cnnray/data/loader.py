@@ -1,0 +1,173 @@
+"""`ShardedBatches`: one worker's shard of an in-memory dataset, batched with tensor ops only.
+
+The shard is moved to the device once, as uint8 (a quarter of float32's memory). Each
+batch is then one gather, one fused normalisation (`addcmul`) and, when augmenting, one
+more gather that crops and flips every sample at once (as in airbench), so no Python
+runs per sample. All randomness comes from torch.Generators seeded from
+(seed, epoch, rank), so a run is reproducible and every rank sees a different stream.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+AUGMENTS = ("none", "crop", "crop_flip")
+
+# Stream ids mixed into the seed, so the shard split, the per-epoch order and the
+# augmentation draws never share random numbers.
+_SHARD, _ORDER, _AUGMENT = 0, 1, 2
+
+
+def _generator(*parts: int) -> torch.Generator:
+    """A CPU generator seeded by hashing `parts` (SeedSequence), so that nearby tuples such
+    as (seed, epoch=1, rank=0) and (seed, epoch=0, rank=1) give unrelated streams."""
+    entropy = [int(p) % (1 << 64) for p in parts]  # SeedSequence wants non-negative ints
+    state = np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(state) >> 1)  # 63 bits: a valid manual_seed
+
+
+def shard_indices(
+    n: int, rank: int, world_size: int, *, shuffle: bool, drop_last: bool, seed: int
+) -> torch.Tensor:
+    """Indices of `rank`'s shard of n samples (CPU, int64).
+
+    drop_last=True (training): every rank gets exactly n // world_size samples, disjoint,
+    so DDP ranks run the same number of steps; with shuffle the samples left over are a
+    random few, chosen by `seed` (identical on every rank). drop_last=False (evaluation):
+    rank r takes positions r::world_size, so every sample is seen exactly once.
+    """
+    order = torch.randperm(n, generator=_generator(seed, _SHARD)) if shuffle else torch.arange(n)
+    shard = order[rank::world_size]
+    # order[r::w][:n//w] over all r covers exactly order[:n//w * w], disjointly.
+    return shard[: n // world_size] if drop_last else shard
+
+
+class ShardedBatches:
+    """Batches of (normalised float32 images, int64 labels) from one rank's shard, on `device`.
+
+    `len()` is the number of batches per epoch; call `set_epoch(e)` before each epoch to
+    get that epoch's order and augmentation (the same for the same seed, epoch and rank).
+    """
+
+    def __init__(
+        self,
+        images_uint8: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle: bool,
+        drop_last: bool,
+        seed: int = 0,
+        device: torch.device | str = "cpu",
+        mean: Sequence[float],
+        std: Sequence[float],
+        augment: str = "none",
+        pad: int = 4,
+        channels_last: bool = False,
+    ) -> None:
+        if images_uint8.dtype != torch.uint8 or images_uint8.ndim != 4:
+            raise ValueError("images_uint8 must be a uint8 N x C x H x W tensor")
+        if labels.ndim != 1 or len(labels) != len(images_uint8):
+            raise ValueError(f"{len(images_uint8)} images, labels of shape {tuple(labels.shape)}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got {rank=}, {world_size=}")
+        if augment not in AUGMENTS:
+            raise ValueError(f"augment must be one of {AUGMENTS}, got {augment!r}")
+        if pad < 0:
+            raise ValueError(f"pad must be >= 0, got {pad}")
+        channels = images_uint8.shape[1]
+        if not len(mean) == len(std) == channels:
+            raise ValueError(f"mean and std need {channels} values (one per channel)")
+
+        self.batch_size = batch_size
+        self.rank, self.world_size = rank, world_size
+        self.shuffle, self.drop_last = shuffle, drop_last
+        self.seed, self.augment, self.pad = seed, augment, pad
+        self.channels_last = channels_last
+        self.device = torch.device(device)
+        self.epoch = 0
+
+        idx = shard_indices(
+            len(labels), rank, world_size, shuffle=shuffle, drop_last=drop_last, seed=seed
+        )
+        # Select on the source device, then one copy of the shard (uint8) to the target.
+        self._images = images_uint8[idx.to(images_uint8.device)].to(self.device).contiguous()
+        self._labels = labels[idx.to(labels.device)].to(self.device, torch.int64)
+        # (x / 255 - mean) / std == x * scale + shift: one addcmul per batch.
+        mean_t = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        std_t = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+        self._scale = (1.0 / (255.0 * std_t)).to(self.device)
+        self._shift = (-mean_t / std_t).to(self.device)
+        h, w = self._images.shape[2:]
+        self._rows = torch.arange(h, device=self.device)
+        self._cols = torch.arange(w, device=self.device)
+
+    @property
+    def num_samples(self) -> int:
+        """Samples in this rank's shard (per epoch, before dropping a last partial batch)."""
+        return len(self._labels)
+
+    def __len__(self) -> int:
+        n, b = self.num_samples, self.batch_size
+        return n // b if self.drop_last else -(-n // b)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose shuffle and augmentation the next iteration uses."""
+        self.epoch = epoch
+
+    def _crop_flip(
+        self, x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Random crops (offsets dy, dx in [0, 2 * pad]) and optional flips, in one gather.
+
+        Padding is applied after normalisation, so the zero border is the dataset's mean
+        colour rather than black: it adds no artificial edge the first conv could key on.
+        """
+        b, c, h, w = x.shape
+        p = self.pad
+        padded = F.pad(x, (p, p, p, p)) if p else x
+        rows = dy[:, None] + self._rows  # B x H: source row of each output row
+        cols = self._cols.expand(b, w)
+        if flip is not None:
+            # Flipping is reading the columns backwards: choose per sample with torch.where
+            # on the (small) index tensor instead of on the images.
+            cols = torch.where(flip[:, None], self._cols.flip(0).expand(b, w), cols)
+        cols = cols + dx[:, None]  # B x W
+        batch = torch.arange(b, device=x.device).view(b, 1, 1, 1)
+        chan = torch.arange(c, device=x.device).view(1, c, 1, 1)
+        return padded[batch, chan, rows[:, None, :, None], cols[:, None, None, :]]
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n = self.num_samples
+        order = None
+        if self.shuffle:
+            g = _generator(self.seed, _ORDER, self.epoch, self.rank)
+            order = torch.randperm(n, generator=g).to(self.device)
+        if self.augment != "none":
+            # Draw the whole epoch's offsets at once: one small host-to-device copy.
+            g = _generator(self.seed, _AUGMENT, self.epoch, self.rank)
+            dy = torch.randint(0, 2 * self.pad + 1, (n,), generator=g).to(self.device)
+            dx = torch.randint(0, 2 * self.pad + 1, (n,), generator=g).to(self.device)
+            flips = (torch.rand(n, generator=g) < 0.5).to(self.device)
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
+            sl = slice(start, min(start + self.batch_size, n))
+            if order is None:
+                xb, yb = self._images[sl], self._labels[sl]
+            else:
+                idx = order[sl]
+                xb, yb = self._images[idx], self._labels[idx]
+            x = torch.addcmul(self._shift, xb, self._scale)  # uint8 -> float32, normalised
+            if self.augment != "none":
+                flip = flips[sl] if self.augment == "crop_flip" else None
+                x = self._crop_flip(x, dy[sl], dx[sl], flip)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield x, yb

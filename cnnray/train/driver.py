@@ -1,0 +1,207 @@
+"""The driver side of a training run: Ray start-up, the TorchTrainer, the final report.
+
+    from cnnray.config import TrainConfig
+    from cnnray.train.driver import run_training
+    summary = run_training(TrainConfig(model="cnn", dataset="mnist", workers=2, out="runs/x"))
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from cnnray.checkpoint import atomic_write_json, read_meta
+from cnnray.config import ConfigError, TrainConfig
+
+RESULT_FILE = "result.json"
+
+
+class TrainingError(RuntimeError):
+    """The run failed after Ray Train's retries; the message holds the root cause."""
+
+
+def init_ray(address: str | None = None) -> None:
+    """Join `address` (or $RAY_ADDRESS) if given, else start a local single-node Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        # A private local Ray: its dashboard (if installed) listens on loopback only.
+        ray.init(dashboard_host="127.0.0.1", log_to_driver=True)
+
+
+def run_paths(cfg: TrainConfig) -> tuple[Path, str, str]:
+    """(out dir, Ray storage path, run name). The run name is the out dir's name so that
+    several runs can share one storage path on a cluster."""
+    out = Path(cfg.out).expanduser().resolve()
+    storage = cfg.storage_path or str(out / "ray")
+    return out, storage, out.name or "cnnray"
+
+
+def _progress_callback(epochs: int):
+    """One line per epoch, printed by the Ray Train controller after all ranks reported."""
+    from ray.train.v2.api.callback import UserCallback
+
+    from cnnray.train.loop import format_progress
+
+    class Progress(UserCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            if metrics and metrics[0]:
+                print(format_progress(metrics[0], epochs), flush=True)
+
+    return Progress()
+
+
+def _run_exists(storage: str, name: str) -> bool:
+    import pyarrow.fs
+
+    fs, root = pyarrow.fs.FileSystem.from_uri(storage if "://" in storage else str(Path(storage).resolve()))
+    info = fs.get_file_info(f"{root.rstrip('/')}/{name}")
+    return info.type != pyarrow.fs.FileType.NotFound
+
+
+def _evaluate_checkpoint(checkpoint: Any, cfg_dict: dict[str, Any]) -> dict[str, Any]:
+    """Runs as a Ray task next to the data: test-set accuracy of one checkpoint."""
+    import torch
+
+    from cnnray.checkpoint import load_model
+    from cnnray.train.loop import evaluate
+    from cnnray.train.worker_data import held_out_batches
+
+    cfg = TrainConfig.from_dict(cfg_dict)
+    device = torch.device("cuda" if cfg.gpu and torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        torch.set_num_threads(cfg.cpus_per_worker)
+    with checkpoint.as_directory() as d:
+        model, _ = load_model(d, map_location=device)
+    stats = evaluate(model, held_out_batches(cfg, device), device, cfg.amp)
+    return {"test_accuracy": stats.accuracy, "test_loss": stats.loss, "test_samples": stats.count}
+
+
+def preflight(cfg: TrainConfig) -> None:
+    """Fail fast, before any worker starts, on data that cannot be read: on one machine
+    this also downloads and decodes once, so every worker then reads the cache."""
+    from cnnray.train.worker_data import load_for
+
+    load_for(cfg)
+
+
+def run_training(cfg: TrainConfig, echo: Callable[[str], None] = print) -> dict[str, Any]:
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from cnnray.train.loop import train_loop_per_worker
+
+    # Workers run in their own working directory: every local path must be absolute.
+    if cfg.data_dir and "://" not in cfg.data_dir:
+        cfg = cfg.replace(data_dir=str(Path(cfg.data_dir).expanduser().resolve()))
+    out, storage, name = run_paths(cfg)
+    cfg = cfg.replace(out=str(out))
+    exists = _run_exists(storage, name)
+    if exists and not cfg.resume:
+        raise ConfigError(
+            f"{out} already holds a training run: pass --resume to continue it, or choose another --out"
+        )
+    if cfg.resume and not exists:
+        echo(f"[cnnray] no earlier run under {out}: starting a new one")
+    if not (cfg.address or os.environ.get("RAY_ADDRESS")):
+        preflight(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+
+    started = time.perf_counter()
+    init_ray(cfg.address)
+    ray_ready = time.perf_counter()
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=cfg.to_dict(),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.workers,
+            use_gpu=cfg.gpu,
+            resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.gpu else {})},
+        ),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=storage,
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=cfg.keep_checkpoints,
+                checkpoint_score_attribute="val_accuracy",
+                checkpoint_score_order="max",
+            ),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            callbacks=[_progress_callback(cfg.epochs)] if cfg.verbose else [],
+            # Ray Train's per-report INFO lines drown the progress lines; warnings still show.
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+        ),
+    )
+    echo(
+        f"[cnnray] training {cfg.model} on {cfg.dataset}: {cfg.epochs} epochs, {cfg.workers} "
+        f"{'GPU' if cfg.gpu else 'CPU'} worker(s), global batch {cfg.batch_size}"
+    )
+    try:
+        result = trainer.fit()
+    except Exception as e:  # Ray wraps the worker's exception; show its root cause
+        raise TrainingError(f"training failed: {_root_cause(e)}") from e
+    trained = time.perf_counter()
+    if result.error is not None:
+        raise TrainingError(f"training failed: {_root_cause(result.error)}")
+    if not result.best_checkpoints:
+        raise TrainingError("training reported no checkpoint")
+
+    best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1]["val_accuracy"])
+    resources = {"num_cpus": cfg.cpus_per_worker, "num_gpus": 1 if cfg.gpu else 0}
+    test = ray.get(ray.remote(**resources)(_evaluate_checkpoint).remote(best_ckpt, cfg.to_dict()))
+    with result.checkpoint.as_directory() as d:
+        history = read_meta(d).get("history", [])
+
+    epoch_seconds = sum(h["epoch_seconds"] for h in history)
+    samples = sum(h["samples_per_second"] * h["epoch_seconds"] for h in history)
+    summary = {
+        "model": cfg.model,
+        "dataset": cfg.dataset,
+        "epochs": cfg.epochs,
+        "workers": cfg.workers,
+        "gpu": cfg.gpu,
+        "test_accuracy": test["test_accuracy"],
+        "test_loss": test["test_loss"],
+        "test_samples": test["test_samples"],
+        "best_val_accuracy": best_metrics["val_accuracy"],
+        "best_epoch": best_metrics["epoch"],
+        "train_seconds": trained - ray_ready,  # trainer.fit(): workers, data, epochs
+        "epoch_seconds_total": epoch_seconds,  # the training epochs alone
+        "ray_start_seconds": ray_ready - started,
+        "total_seconds": time.perf_counter() - started,
+        "samples_per_second": samples / epoch_seconds if epoch_seconds else 0.0,
+        "checkpoint": best_ckpt.path,
+        "last_checkpoint": result.checkpoint.path,
+        "run_path": result.path,
+        "history": history,
+        "config": cfg.to_dict(),
+    }
+    atomic_write_json(summary, out / RESULT_FILE)
+    echo(
+        f"[cnnray] done: test_accuracy {summary['test_accuracy']:.4f}  best_val_accuracy "
+        f"{summary['best_val_accuracy']:.4f} (epoch {summary['best_epoch']})  train {summary['train_seconds']:.1f}s  "
+        f"{summary['samples_per_second']:,.0f} samples/s\n[cnnray] checkpoint {summary['checkpoint']}\n"
+        f"[cnnray] wrote {out / RESULT_FILE}"
+    )
+    return summary
+
+
+def _root_cause(e: BaseException) -> str:
+    """The innermost exception's message: Ray nests the worker's error in several layers."""
+    seen = set()
+    while id(e) not in seen:
+        seen.add(id(e))
+        nxt = e.__cause__ or getattr(e, "cause", None) or e.__context__
+        if nxt is None:
+            break
+        e = nxt
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[-1] if text else ''}"

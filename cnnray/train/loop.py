@@ -1,0 +1,232 @@
+"""The per-worker training loop that Ray Train runs on every DDP rank.
+
+Ray appears only at the seams: the train context (rank, world size), `prepare_model`
+(DDP: gloo on CPU, NCCL on GPU), `get_checkpoint` (resume after a failure or with
+--resume) and `report` (metrics every epoch; rank 0 attaches the checkpoint).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from cnnray.checkpoint import load_train_state, load_weights, save_checkpoint
+from cnnray.config import TrainConfig
+
+
+@dataclass
+class EpochStats:
+    loss_sum: float  # sum of per-sample losses
+    correct: int
+    count: int
+    seconds: float = 0.0
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / max(1, self.count)
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / max(1, self.count)
+
+
+def autocast_for(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA (no loss scaling needed); a no-op elsewhere."""
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def train_epoch(
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    criterion: nn.Module,
+    device: torch.device,
+    amp: bool,
+) -> EpochStats:
+    model.train()
+    # Running sums stay on the device: one host sync per epoch, not one per batch.
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    correct = torch.zeros((), device=device, dtype=torch.int64)
+    count = 0
+    start = time.perf_counter()
+    for x, y in batches:
+        with autocast_for(device, amp):
+            logits = model(x)
+            loss = criterion(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        loss_sum += loss.detach().double() * y.numel()
+        correct += (logits.detach().argmax(1) == y).sum()
+        count += y.numel()
+    stats = EpochStats(loss_sum.item(), int(correct.item()), count)
+    stats.seconds = time.perf_counter() - start  # after .item(): GPU work has finished
+    return stats
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    device: torch.device,
+    amp: bool,
+) -> EpochStats:
+    model.eval()
+    criterion = nn.CrossEntropyLoss(reduction="sum")
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    correct = torch.zeros((), device=device, dtype=torch.int64)
+    count = 0
+    for x, y in batches:
+        with autocast_for(device, amp):
+            logits = model(x)
+        loss_sum += criterion(logits.float(), y).double()
+        correct += (logits.argmax(1) == y).sum()
+        count += y.numel()
+    return EpochStats(loss_sum.item(), int(correct.item()), count)
+
+
+def all_reduce_stats(stats: EpochStats, device: torch.device) -> EpochStats:
+    """Sum counts over ranks; the epoch takes as long as its slowest rank."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return stats
+    sums = torch.tensor([stats.loss_sum, float(stats.correct), float(stats.count)], device=device, dtype=torch.float64)
+    dist.all_reduce(sums)
+    slowest = torch.tensor([stats.seconds], device=device, dtype=torch.float64)
+    dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+    return EpochStats(sums[0].item(), int(sums[1].item()), int(sums[2].item()), slowest.item())
+
+
+def _quiet_report_log() -> None:
+    """Ray 2.60 logs every report at INFO from a logger named by file path, which
+    LoggingConfig(log_level) does not reach; the controller prints our progress line."""
+    import logging
+
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
+def format_progress(metrics: dict[str, Any], epochs: int) -> str:
+    return (
+        f"[cnnray] epoch {metrics['epoch']}/{epochs}  loss {metrics['train_loss']:.4f}  "
+        f"train_acc {metrics['train_accuracy']:.4f}  val_acc {metrics['val_accuracy']:.4f}  "
+        f"{metrics['samples_per_second']:,.0f} samples/s  {metrics['epoch_seconds']:.1f}s"
+    )
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Entry point of every Ray Train worker: `config` is `TrainConfig.to_dict()`."""
+    import ray.train
+    import ray.train.torch
+
+    from cnnray.models import build_model, resolve_model_args
+    from cnnray.train.optim import build_optimizer, build_scheduler
+    from cnnray.train.worker_data import prepare_worker_data
+
+    cfg = TrainConfig.from_dict(config)
+    _quiet_report_log()
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP broadcasts anyway)
+    if device.type == "cpu":
+        # One intra-op thread per reserved CPU: more threads than cores only thrash.
+        torch.set_num_threads(cfg.cpus_per_worker)
+    else:
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick kernels
+    data = prepare_worker_data(cfg, rank, world, device)
+
+    model_args = resolve_model_args(
+        cfg.model,
+        num_classes=data.num_classes,
+        in_channels=data.input_shape[0],
+        image_size=list(data.input_shape[1:]),
+        norm=cfg.norm,
+        hidden_sizes=list(cfg.hidden_sizes) if cfg.hidden_sizes else None,
+    )
+    net = build_model(cfg.model, **model_args)
+    if device.type == "cuda" and cfg.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    # DDP buckets gradients and overlaps their all-reduce with the backward pass;
+    # gradient_as_bucket_view saves one copy of every gradient per step.
+    model = ray.train.torch.prepare_model(net, parallel_strategy_kwargs={"gradient_as_bucket_view": True})
+    if cfg.compile and device.type == "cuda":
+        model = torch.compile(model)
+    optimizer = build_optimizer(cfg, net, device)
+    scheduler = build_scheduler(cfg, optimizer, len(data.train))
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+
+    start_epoch, best_val, history = 0, 0.0, []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as ckpt_dir:
+            net.load_state_dict(load_weights(ckpt_dir, map_location=device))
+            state = load_train_state(ckpt_dir, map_location=device)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, best_val = int(state["epoch"]), float(state["best_val_accuracy"])
+        history = list(state.get("history", []))
+        if rank == 0 and cfg.verbose:
+            print(f"[cnnray] resumed from the checkpoint of epoch {start_epoch}", flush=True)
+
+    for epoch in range(start_epoch, cfg.epochs):
+        data.train.set_epoch(epoch)
+        train = all_reduce_stats(
+            train_epoch(model, data.train, optimizer, scheduler, criterion, device, cfg.amp), device
+        )
+        val = all_reduce_stats(evaluate(model, data.val, device, cfg.amp), device)
+        best_val = max(best_val, val.accuracy)
+        metrics = {
+            "epoch": epoch + 1,
+            "train_loss": train.loss,
+            "train_accuracy": train.accuracy,
+            "val_loss": val.loss,
+            "val_accuracy": val.accuracy,
+            "best_val_accuracy": best_val,
+            "samples_per_second": train.count / max(train.seconds, 1e-9),
+            "epoch_seconds": train.seconds,
+            "lr": optimizer.param_groups[0]["lr"],
+            "start_epoch": start_epoch,  # > 0 proves this attempt resumed from a checkpoint
+            "world_size": world,
+        }
+        history.append(metrics)
+        # Every rank reports (report is a barrier); only rank 0 writes the checkpoint.
+        if rank == 0:
+            with tempfile.TemporaryDirectory(prefix="cnnray-ckpt-") as tmp:
+                save_checkpoint(
+                    tmp,
+                    model_name=cfg.model,
+                    model_args=model_args,
+                    state_dict=net.state_dict(),
+                    data_info=data.info,
+                    epoch=epoch + 1,
+                    config=cfg.to_dict(),
+                    metrics=metrics,
+                    train_state={
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "epoch": epoch + 1,
+                        "best_val_accuracy": best_val,
+                        "history": history,
+                    },
+                    history=history,
+                )
+                ray.train.report(
+                    metrics,
+                    checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                    checkpoint_dir_name=f"epoch-{epoch + 1:04d}",
+                )
+        else:
+            ray.train.report(metrics)

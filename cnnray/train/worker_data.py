@@ -1,0 +1,86 @@
+"""From a TrainConfig to one worker's in-memory batches (glue between config and data)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from cnnray.config import TrainConfig
+from cnnray.data import Dataset, ShardedBatches, load_dataset, split_train_val, take_subset
+
+# Evaluation batches are larger than training ones: no activations are kept for backward.
+EVAL_BATCH = 1024
+
+
+@dataclass
+class WorkerData:
+    train: ShardedBatches
+    val: ShardedBatches
+    num_classes: int
+    input_shape: tuple[int, int, int]
+    info: dict[str, Any]  # what Serve needs to preprocess inputs exactly as in training
+
+
+def resolve_augment(cfg: TrainConfig, ds: Dataset) -> str:
+    """'auto': crop+flip for colour images (CIFAR practice); none for digits, where a
+    flip changes the class and 3 epochs leave no time to profit from crops."""
+    if cfg.augment != "auto":
+        return cfg.augment
+    return "crop_flip" if ds.input_shape[0] == 3 else "none"
+
+
+def data_info(ds: Dataset) -> dict[str, Any]:
+    return {
+        "dataset": ds.name,
+        "input_shape": list(ds.input_shape),
+        "mean": list(ds.mean),
+        "std": list(ds.std),
+        "classes": list(ds.classes),
+    }
+
+
+def load_for(cfg: TrainConfig) -> Dataset:
+    return load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download)
+
+
+def prepare_worker_data(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> WorkerData:
+    ds = load_for(cfg)
+    # Every rank draws the same subset and split (same seed), then keeps only its shard.
+    x, y = take_subset(ds.train_images, ds.train_labels, cfg.subset, cfg.seed)
+    tx, ty, vx, vy = split_train_val(x, y, cfg.val_fraction, cfg.seed)
+    common = dict(
+        rank=rank,
+        world_size=world,
+        seed=cfg.seed,
+        device=device,
+        mean=ds.mean,
+        std=ds.std,
+        channels_last=cfg.channels_last and device.type == "cuda",
+    )
+    train = ShardedBatches(
+        tx,
+        ty,
+        batch_size=cfg.batch_size_per_worker,
+        shuffle=True,
+        drop_last=True,
+        augment=resolve_augment(cfg, ds),
+        **common,
+    )
+    val = ShardedBatches(vx, vy, batch_size=EVAL_BATCH, shuffle=False, drop_last=False, **common)
+    if len(train) == 0:
+        raise ValueError(
+            f"{len(tx)} training examples give no full batch of {cfg.batch_size_per_worker} per worker: "
+            "use a larger subset or a smaller batch size"
+        )
+    return WorkerData(train, val, ds.num_classes, ds.input_shape, data_info(ds))
+
+
+def held_out_batches(cfg: TrainConfig, device: torch.device) -> ShardedBatches:
+    """The held-out test split (or its subset), only for the final report."""
+    ds = load_for(cfg)
+    x, y = take_subset(ds.test_images, ds.test_labels, cfg.subset, cfg.seed)
+    return ShardedBatches(
+        x, y, batch_size=EVAL_BATCH, shuffle=False, drop_last=False, device=device, mean=ds.mean, std=ds.std
+    )

@@ -1,0 +1,59 @@
+"""Shared fixtures: the real datasets beside the checkout, and one local Ray per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATASETS = REPO.parent / "shared" / "datasets"
+
+
+@pytest.fixture(scope="session")
+def mnist_dir() -> Path:
+    d = SHARED_DATASETS / "mnist"
+    if not (d / "train-images-idx3-ubyte.gz").exists():
+        pytest.skip(f"real MNIST not found in {d}")
+    return d
+
+
+@pytest.fixture(scope="session")
+def cifar_tarball() -> Path:
+    p = SHARED_DATASETS / "cifar10-jpg.tar.gz"
+    if not p.exists():
+        pytest.skip(f"real CIFAR-10 tarball not found at {p}")
+    return p
+
+
+@pytest.fixture(scope="session")
+def data_cache(tmp_path_factory) -> Path:
+    """One decoded-data cache for the whole session, never the user's ~/.cache."""
+    d = tmp_path_factory.mktemp("cnnray-data")
+    os.environ["CNNRAY_DATA"] = str(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def local_ray(data_cache):
+    """A private single-node Ray for in-process tests, stopped at the end (only this one)."""
+    import ray
+
+    os.environ.pop("RAY_ADDRESS", None)
+    # The dashboard (loopback only) serves the state API that the worker-kill test uses.
+    ray.init(num_cpus=2, dashboard_host="127.0.0.1", log_to_driver=True)
+    yield
+    ray.shutdown()
+
+
+def registered_checkpoints(run_dir: Path) -> set[str]:
+    """Checkpoint folders that Ray Train's controller has registered (not merely uploaded):
+    only these are handed back by `get_checkpoint()` after a failure or a restart."""
+    import json
+
+    try:
+        snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+    except (OSError, ValueError):  # not written yet, or caught mid-write
+        return set()
+    return {r["checkpoint_dir_name"] for r in snapshot.get("checkpoint_results", [])}

@@ -95,3 +95,15 @@ def test_real_mnist_cnn_reaches_98_5(local_ray, mnist_dir, tmp_path):
                       out=str(tmp_path / "run"))
     summary = run_training(cfg)
     assert summary["test_accuracy"] >= 0.985
+
+
+@pytest.mark.slow
+def test_real_cifar10_tarball_trains(local_ray, cifar_tarball, tmp_path):
+    """The shared CIFAR-10 JPEG tarball goes through --dataset cifar10 (crop+flip on)."""
+    cfg = TrainConfig(model="tutorial_cnn", dataset="cifar10", data_dir=str(cifar_tarball), epochs=2,
+                      workers=2, subset=10000, lr=0.05, out=str(tmp_path / "run"))
+    summary = run_training(cfg)
+    model, meta = load_model(summary["checkpoint"])
+    assert meta["data"]["classes"][:3] == ["airplane", "automobile", "bird"]
+    assert meta["data"]["input_shape"] == [3, 32, 32]
+    assert summary["test_accuracy"] > 0.25  # well above chance (0.10) after 2 short epochs

@@ -11,7 +11,9 @@ one-line message; a run that fails while training exits 1.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
+import os
 import sys
 from typing import Any, Sequence
 
@@ -106,6 +108,9 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+PLUGINS = ("cnnray.tune.cli", "cnnray.serve.cli", "cnnray.report.cli")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="cnnray", description="Train, sweep and serve classic CNNs on Ray.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -115,6 +120,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="list the registered models", description="List the registered models.")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_models)
+    # The other parts (tune, serve, report) register their subcommands from beside their
+    # code: each module's `add_parsers(sub)` adds parsers whose `func(args) -> int` runs them.
+    for module in PLUGINS:
+        try:
+            plugin = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name and module.startswith(e.name):
+                continue  # that part is not installed in this version
+            raise
+        plugin.add_parsers(sub)
     return parser
 
 
@@ -123,13 +138,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     from cnnray.config import ConfigError
     from cnnray.data import DataError
     from cnnray.models import UnknownModelError
+    from cnnray.store import StoreError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DataError, CheckpointError, UnknownModelError) as e:
+    except (ConfigError, DataError, CheckpointError, UnknownModelError, StoreError) as e:
         print(f"cnnray: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # e.g. `cnnray models | head`: the reader left; not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print("cnnray: interrupted", file=sys.stderr)
         return 130

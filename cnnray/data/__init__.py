@@ -30,7 +30,7 @@ from cnnray.data.base import (
 from cnnray.data.cifar import load_cifar10
 from cnnray.data.idx import load_idx_dataset
 from cnnray.data.imagefolder import load_imagefolder
-from cnnray.data.loader import AUGMENTS, ShardedBatches
+from cnnray.data.loader import AUGMENTS, ShardedBatches, normalize
 
 __all__ = [
     "AUGMENTS",
@@ -41,6 +41,7 @@ __all__ = [
     "default_cache_dir",
     "default_data_dir",
     "load_dataset",
+    "normalize",
     "split_train_val",
     "take_subset",
 ]

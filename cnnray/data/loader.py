@@ -46,6 +46,21 @@ def shard_indices(
     return shard[: n // world_size] if drop_last else shard
 
 
+def normalization(
+    mean: Sequence[float], std: Sequence[float], device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) with (x / 255 - mean) / std == x * scale + shift: one addcmul a batch."""
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+    return (1.0 / (255.0 * std_t)).to(device), (-mean_t / std_t).to(device)
+
+
+def normalize(images_uint8: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """N x C x H x W uint8 -> float32 normalised exactly as training batches are (Serve uses it)."""
+    scale, shift = normalization(mean, std, images_uint8.device)
+    return torch.addcmul(shift, images_uint8, scale)
+
+
 class ShardedBatches:
     """Batches of (normalised float32 images, int64 labels) from one rank's shard, on `device`.
 
@@ -101,11 +116,7 @@ class ShardedBatches:
         # Select on the source device, then one copy of the shard (uint8) to the target.
         self._images = images_uint8[idx.to(images_uint8.device)].to(self.device).contiguous()
         self._labels = labels[idx.to(labels.device)].to(self.device, torch.int64)
-        # (x / 255 - mean) / std == x * scale + shift: one addcmul per batch.
-        mean_t = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
-        std_t = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
-        self._scale = (1.0 / (255.0 * std_t)).to(self.device)
-        self._shift = (-mean_t / std_t).to(self.device)
+        self._scale, self._shift = normalization(mean, std, self.device)
         h, w = self._images.shape[2:]
         self._rows = torch.arange(h, device=self.device)
         self._cols = torch.arange(w, device=self.device)

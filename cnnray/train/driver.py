@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from cnnray.checkpoint import atomic_write_json, read_meta
 from cnnray.config import ConfigError, TrainConfig
@@ -92,13 +92,48 @@ def preflight(cfg: TrainConfig) -> None:
     load_for(cfg)
 
 
-def run_training(cfg: TrainConfig, echo: Callable[[str], None] = print) -> dict[str, Any]:
-    import ray
+def make_trainer(
+    cfg: TrainConfig, *, name: str, storage_path: str, callbacks: Sequence[Any] = ()
+):
+    """The TorchTrainer for one run of `cfg` (also what each Tune trial builds)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
     from cnnray.train.loop import train_loop_per_worker
 
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=cfg.to_dict(),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.workers,
+            use_gpu=cfg.gpu,
+            resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.gpu else {})},
+        ),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=storage_path,
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=cfg.keep_checkpoints,
+                checkpoint_score_attribute="val_accuracy",
+                checkpoint_score_order="max",
+            ),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            callbacks=[*([_progress_callback(cfg.epochs)] if cfg.verbose else []), *callbacks],
+            # Ray Train's per-report INFO lines drown the progress lines; warnings still show.
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+        ),
+    )
+
+
+def evaluate_on_test(checkpoint: Any, cfg: TrainConfig) -> dict[str, Any]:
+    """Test-set accuracy of a Ray Train checkpoint, as a Ray task with a worker's resources."""
+    import ray
+
+    resources = {"num_cpus": cfg.cpus_per_worker, "num_gpus": 1 if cfg.gpu else 0}
+    return ray.get(ray.remote(**resources)(_evaluate_checkpoint).remote(checkpoint, cfg.to_dict()))
+
+
+def run_training(cfg: TrainConfig, echo: Callable[[str], None] = print) -> dict[str, Any]:
     # Workers run in their own working directory: every local path must be absolute.
     if cfg.data_dir and "://" not in cfg.data_dir:
         cfg = cfg.replace(data_dir=str(Path(cfg.data_dir).expanduser().resolve()))
@@ -118,28 +153,7 @@ def run_training(cfg: TrainConfig, echo: Callable[[str], None] = print) -> dict[
     started = time.perf_counter()
     init_ray(cfg.address)
     ray_ready = time.perf_counter()
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=cfg.to_dict(),
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.workers,
-            use_gpu=cfg.gpu,
-            resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.gpu else {})},
-        ),
-        run_config=ray.train.RunConfig(
-            name=name,
-            storage_path=storage,
-            checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=cfg.keep_checkpoints,
-                checkpoint_score_attribute="val_accuracy",
-                checkpoint_score_order="max",
-            ),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
-            callbacks=[_progress_callback(cfg.epochs)] if cfg.verbose else [],
-            # Ray Train's per-report INFO lines drown the progress lines; warnings still show.
-            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
-        ),
-    )
+    trainer = make_trainer(cfg, name=name, storage_path=storage)
     echo(
         f"[cnnray] training {cfg.model} on {cfg.dataset}: {cfg.epochs} epochs, {cfg.workers} "
         f"{'GPU' if cfg.gpu else 'CPU'} worker(s), global batch {cfg.batch_size}"
@@ -155,8 +169,7 @@ def run_training(cfg: TrainConfig, echo: Callable[[str], None] = print) -> dict[
         raise TrainingError("training reported no checkpoint")
 
     best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1]["val_accuracy"])
-    resources = {"num_cpus": cfg.cpus_per_worker, "num_gpus": 1 if cfg.gpu else 0}
-    test = ray.get(ray.remote(**resources)(_evaluate_checkpoint).remote(best_ckpt, cfg.to_dict()))
+    test = evaluate_on_test(best_ckpt, cfg)
     with result.checkpoint.as_directory() as d:
         history = read_meta(d).get("history", [])
 

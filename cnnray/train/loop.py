@@ -132,6 +132,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train.torch
 
     from cnnray.models import build_model, resolve_model_args
+    from cnnray.train.metrics import TrainMetrics
     from cnnray.train.optim import build_optimizer, build_scheduler
     from cnnray.train.worker_data import prepare_worker_data
 
@@ -168,6 +169,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     scheduler = build_scheduler(cfg, optimizer, len(data.train))
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
 
+    exporter = TrainMetrics(run=ctx.get_experiment_name(), rank=rank)
     start_epoch, best_val, history = 0, 0.0, []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -183,10 +185,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     for epoch in range(start_epoch, cfg.epochs):
         data.train.set_epoch(epoch)
-        train = all_reduce_stats(
-            train_epoch(model, data.train, optimizer, scheduler, criterion, device, cfg.amp), device
-        )
+        local = train_epoch(model, data.train, optimizer, scheduler, criterion, device, cfg.amp)
+        train = all_reduce_stats(local, device)
         val = all_reduce_stats(evaluate(model, data.val, device, cfg.amp), device)
+        exporter.record(epoch + 1, local, val.accuracy)
         best_val = max(best_val, val.accuracy)
         metrics = {
             "epoch": epoch + 1,

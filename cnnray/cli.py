@@ -63,7 +63,7 @@ TRAIN_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "--address": ("address", dict(help="Ray cluster to join; default $RAY_ADDRESS or a local Ray")),
     "--resume": ("resume", dict(action=argparse.BooleanOptionalAction, help="continue the run in --out")),
     "--max-failures": ("max_failures", dict(type=int, help="worker failures to recover from; default 2")),
-    "--amp": ("amp", dict(action=argparse.BooleanOptionalAction, help="bf16 autocast on GPU; default on")),
+    "--amp": ("amp", dict(action=argparse.BooleanOptionalAction, help="bf16 autocast where native (GPU, AVX512-BF16/AMX CPU); default on")),
     "--compile": ("compile", dict(action=argparse.BooleanOptionalAction, help="torch.compile on GPU; default off")),
     "--download": ("download", dict(action=argparse.BooleanOptionalAction, help="download missing data; default on")),
 }

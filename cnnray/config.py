@@ -57,8 +57,8 @@ class TrainConfig:
     workers: int = 1  # Ray Train workers, one DDP rank each
     gpu: bool = False  # one GPU per worker (NCCL); else CPU workers (gloo)
     cpus_per_worker: int = 1  # also the torch thread count of a CPU worker
-    amp: bool = True  # bf16 autocast, GPU only
-    channels_last: bool = True  # NHWC memory format, GPU only
+    amp: bool = True  # bf16 autocast where bf16 is native (GPUs, AVX512-BF16/AMX CPUs)
+    channels_last: bool = True  # NHWC memory format, where it pays off (GPU, bf16 CPU)
     compile: bool = False  # torch.compile the model (GPU runs of many epochs)
     # --- run bookkeeping
     out: str = "runs/latest"  # result.json, checkpoints and Ray's run folder go here

@@ -43,7 +43,7 @@ def test_two_workers_learn_and_checkpoint_round_trips(local_ray, mnist_dir, tmp_
     model, meta = load_model(summary["checkpoint"])
     assert meta["data"]["classes"] == [str(i) for i in range(10)]
     assert meta["model"]["args"]["image_size"] == [28, 28]
-    stats = evaluate(model, held_out_batches(cfg, torch.device("cpu")), torch.device("cpu"), amp=False)
+    stats = evaluate(model, held_out_batches(cfg, torch.device("cpu")), torch.device("cpu"))
     assert stats.accuracy == pytest.approx(result["test_accuracy"])
 
 
@@ -57,9 +57,14 @@ def test_existing_run_needs_resume(local_ray, mnist_dir, tmp_path):
 
 
 def _train_worker_pids() -> list[int]:
+    import ray
     from ray.util.state import list_actors
 
-    actors = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    # Name this test's own cluster: other Ray instances may run on the machine.
+    actors = list_actors(
+        address=ray.get_runtime_context().gcs_address,
+        filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
+    )
     return [a.pid for a in actors if a.pid]
 
 

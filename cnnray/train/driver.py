@@ -80,7 +80,7 @@ def _evaluate_checkpoint(checkpoint: Any, cfg_dict: dict[str, Any]) -> dict[str,
         torch.set_num_threads(cfg.cpus_per_worker)
     with checkpoint.as_directory() as d:
         model, _ = load_model(d, map_location=device)
-    stats = evaluate(model, held_out_batches(cfg, device), device, cfg.amp)
+    stats = evaluate(model, held_out_batches(cfg, device), device)
     return {"test_accuracy": stats.accuracy, "test_loss": stats.loss, "test_samples": stats.count}
 
 

@@ -9,6 +9,7 @@ import torch
 
 from cnnray.config import TrainConfig
 from cnnray.data import Dataset, ShardedBatches, load_dataset, split_train_val, take_subset
+from cnnray.train.loop import use_channels_last
 
 # Evaluation batches are larger than training ones: no activations are kept for backward.
 EVAL_BATCH = 1024
@@ -57,7 +58,7 @@ def prepare_worker_data(cfg: TrainConfig, rank: int, world: int, device: torch.d
         device=device,
         mean=ds.mean,
         std=ds.std,
-        channels_last=cfg.channels_last and device.type == "cuda",
+        channels_last=use_channels_last(cfg.channels_last, device),
     )
     train = ShardedBatches(
         tx,

@@ -1,0 +1,1 @@
+"""Benchmarks: cnnray against plain references, side by side in one run."""

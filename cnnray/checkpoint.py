@@ -20,7 +20,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
 import torch
 
@@ -151,31 +151,28 @@ def _safe_torch_load(path: Path, map_location: str | torch.device) -> Any:
         raise CheckpointError(f"cannot load {path}: {str(e).splitlines()[0]}") from None
 
 
-def _atomic_torch_save(obj: Any, path: Path) -> str:
+def _atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Write through a temporary file in the same folder, fsync, then rename into place:
+    readers see the old file or the new one, never a torn one."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> str:
+    _atomic_write(path, lambda f: torch.save(obj, f))
     return _sha256(path)
 
 
 def _atomic_write_bytes(data: bytes, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    _atomic_write(path, lambda f: f.write(data))
 
 
 def atomic_write_json(obj: Any, path: str | Path) -> None:

@@ -90,7 +90,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     from cnnray.train.driver import run_training
 
     cfg = config_from_args(args)
-    run_training(cfg)
+    summary = run_training(cfg)
+    if args.report:
+        from cnnray.report import report_after_training
+
+        report_after_training(summary["config"]["out"])
     return 0
 
 
@@ -116,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     p = sub.add_parser("train", help="train a model with Ray Train (DDP)", description="Train a model with Ray Train.")
     add_train_flags(p)
+    p.add_argument("--no-report", dest="report", action="store_false",
+                   help="skip the report (plots + HTML page) written into --out after training")
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("models", help="list the registered models", description="List the registered models.")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")

@@ -1,0 +1,134 @@
+"""What the report measures from a checkpoint: test-set predictions and conv responses.
+
+    from cnnray.report.evaluate import evaluate_test_set, conv_responses
+    model, meta = load_model(checkpoint_dir)
+    preds = evaluate_test_set(model, cfg)         # the test split exactly as training evaluated it
+    maps = conv_responses(model, preds.normalized(0, meta["data"]))
+
+Everything runs in-process on the CPU: a report needs no Ray and no GPU.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from cnnray.config import TrainConfig
+
+
+@dataclass(frozen=True, eq=False)
+class Predictions:
+    """The evaluated test split: raw images for display, labels and the model's softmax."""
+
+    images: torch.Tensor  # uint8 N x C x H x W, as stored (not normalised)
+    labels: torch.Tensor  # int64 N
+    probs: torch.Tensor  # float32 N x K, softmax of the logits
+
+    @property
+    def preds(self) -> torch.Tensor:
+        return self.probs.argmax(1)
+
+    @property
+    def accuracy(self) -> float:
+        return float((self.preds == self.labels).float().mean()) if len(self.labels) else 0.0
+
+    def confusion(self) -> torch.Tensor:
+        """K x K counts: row = true class, column = predicted class."""
+        k = self.probs.shape[1]
+        flat = self.labels * k + self.preds
+        return torch.bincount(flat, minlength=k * k).view(k, k)
+
+    def most_confident_mistakes(self, n: int) -> torch.Tensor:
+        """Indices of up to n misclassified images, the most confidently wrong first."""
+        wrong = (self.preds != self.labels).nonzero().flatten()
+        confidence = self.probs[wrong, self.preds[wrong]]
+        return wrong[confidence.argsort(descending=True)[:n]]
+
+    def normalized(self, index: int, data_info: dict[str, Any]) -> torch.Tensor:
+        """Image `index` as the model takes it: 1 x C x H x W float32, normalised as in training."""
+        from cnnray.data import normalize
+
+        return normalize(self.images[index : index + 1], data_info["mean"], data_info["std"])
+
+
+def evaluate_test_set(model: nn.Module, cfg: TrainConfig) -> Predictions:
+    """Run `model` over the test split (cfg's subset and seed) on the CPU.
+
+    The batches come from `held_out_batches`, the same function the final test accuracy
+    of a run uses, so the numbers here match result.json's test_accuracy.
+    """
+    from cnnray.data import take_subset
+    from cnnray.train.worker_data import held_out_batches, load_for
+
+    cpu = torch.device("cpu")
+    ds = load_for(cfg)
+    images, labels = take_subset(ds.test_images, ds.test_labels, cfg.subset, cfg.seed)
+    model = model.to(cpu).eval()
+    probs, seen = [], []
+    with torch.no_grad():
+        for x, y in held_out_batches(cfg, cpu):  # unshuffled, one rank: the subset's order
+            probs.append(torch.softmax(model(x).float(), dim=1))
+            seen.append(y)
+    got = torch.cat(seen) if seen else torch.zeros(0, dtype=torch.int64)
+    if not torch.equal(got, labels):  # a bug here would silently mislabel every picture
+        raise RuntimeError("held-out batches and the displayed test images are not in the same order")
+    k = probs[0].shape[1] if probs else len(ds.classes)
+    return Predictions(images=images, labels=labels, probs=torch.cat(probs) if probs else torch.zeros(0, k))
+
+
+def conv_layers(model: nn.Module) -> list[tuple[str, nn.Conv2d]]:
+    """Every Conv2d with its module path, in definition order."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+
+
+def conv_responses(model: nn.Module, x: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    """(module path, C x H x W output) of every Conv2d for the single image x, in the order
+    the layers run (forward hooks), before any norm or activation: the response maps."""
+    out: list[tuple[str, torch.Tensor]] = []
+    handles = [
+        m.register_forward_hook(lambda mod, inp, res, name=name: out.append((name, res.detach()[0].float())))
+        for name, m in conv_layers(model)
+    ]
+    try:
+        with torch.no_grad():
+            model.eval()(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return out
+
+
+def resolve_checkpoint(path: str, run_dir: Path, stack: ExitStack) -> Path:
+    """A local directory for the checkpoint recorded as `path`.
+
+    Tries the path itself, then its last three and two components under `run_dir` (the
+    folder was moved or copied from a cluster: `ray/<run>/epoch-N` of a run,
+    `runs/<trial>/epoch-N` of a sweep), then a `scheme://` URI copied into a temporary
+    directory that lives as long as `stack`.
+    """
+    from cnnray.checkpoint import CheckpointError
+
+    p = Path(path).expanduser()
+    if "://" not in path and p.is_dir():
+        return p
+    parts = Path(path.split("://", 1)[-1].rstrip("/")).parts
+    for k in (3, 2):
+        moved = run_dir.joinpath(*parts[-k:])
+        if len(parts) >= k and moved.is_dir():
+            return moved
+    if "://" in path:
+        import pyarrow.fs
+
+        local = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="cnnray-report-")))
+        try:
+            pyarrow.fs.copy_files(path, str(local))
+        except Exception as e:  # pyarrow raises OSError/ArrowInvalid/... per filesystem
+            raise CheckpointError(f"cannot copy checkpoint {path}: {e}") from None
+        return local
+    raise CheckpointError(f"checkpoint {path} not found (nor at the same place under {run_dir})")

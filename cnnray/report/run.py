@@ -1,0 +1,199 @@
+"""The report of one training run: `<run>/report/report.html` and its PNGs.
+
+    from cnnray.report.run import write_run_report
+    write_run_report("runs/mnist-cnn")        # the folder `cnnray train --out` wrote
+
+Reads `result.json` (history, config, best checkpoint), re-evaluates the best checkpoint
+on the test split on this machine's CPU, and writes the page, the PNGs beside it, the
+layer table as text and (when a writer is installed) TensorBoard event files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from collections.abc import Sequence
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cnnray.config import ConfigError, TrainConfig
+from cnnray.report import html, plots
+
+RESULT_FILE = "result.json"  # cnnray.train.driver.RESULT_FILE (not imported: that pulls in Ray Train)
+REPORT_DIR = "report"
+PAGE = "report.html"
+STILL_RISING = 0.001  # validation accuracy gained in the last epoch that counts as "still rising"
+OVERFIT_GAP = 0.03  # train minus validation accuracy that counts as overfitting
+
+
+def read_json(path: Path, what: str) -> Any:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path} not found: is this a {what}?") from None
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot read {path}: {e}") from None
+
+
+def lr_schedule(cfg: TrainConfig, history: Sequence[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray] | None:
+    """The configured per-step learning rate over the run, x in epochs.
+
+    Steps per epoch come from the history itself (samples per epoch = samples/s x seconds,
+    over the global batch), and the scheduler is the training code's own, stepped on a
+    one-parameter optimizer, so the curve is the schedule the run followed."""
+    import torch
+
+    from cnnray.train.optim import build_optimizer, build_scheduler
+
+    if not history or not all(k in history[0] for k in ("samples_per_second", "epoch_seconds")):
+        return None
+    samples = history[0]["samples_per_second"] * history[0]["epoch_seconds"]
+    steps = int(round(samples / (cfg.batch_size_per_worker * cfg.workers)))
+    if steps < 1:
+        return None
+    optimizer = build_optimizer(cfg, torch.nn.Linear(1, 1), torch.device("cpu"))
+    scheduler = build_scheduler(cfg, optimizer, steps)
+    lrs = []
+    with warnings.catch_warnings():
+        # No optimizer.step(): its first call imports torch._dynamo (seconds), only to do
+        # nothing here; the scheduler's warning about that order is expected, not a bug.
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
+        for _ in range(cfg.epochs * steps):
+            lrs.append(optimizer.param_groups[0]["lr"])
+            scheduler.step()
+    lrs.append(optimizer.param_groups[0]["lr"])
+    return np.arange(len(lrs)) / steps, np.array(lrs)
+
+
+def training_findings(history: Sequence[dict[str, Any]], result: dict[str, Any]) -> list[str]:
+    """Plain statements read off the curves, so the page says how training went."""
+    if not history:
+        return ["No epoch finished: the run recorded no history."]
+    out = []
+    bad = [h["epoch"] for h in history if not all(math.isfinite(h[k]) for k in ("train_loss", "val_loss"))]
+    if bad:
+        out.append(f"Training diverged: the loss is not finite from epoch {bad[0]} on.")
+    val = [h["val_accuracy"] for h in history]
+    best = int(np.argmax(val))
+    last = history[-1]
+    if len(history) == 1:
+        out.append(f"One epoch only: validation accuracy {100 * val[0]:.2f}%.")
+    elif best == len(val) - 1 and val[-1] - val[-2] > STILL_RISING:
+        out.append(
+            f"Validation accuracy was still rising at the last epoch ({100 * val[-2]:.2f}% -> {100 * val[-1]:.2f}%): "
+            "more epochs would probably help."
+        )
+    elif best == len(val) - 1:
+        out.append(f"Validation accuracy levelled off at {100 * val[-1]:.2f}% in the last epoch.")
+    else:
+        out.append(
+            f"Validation accuracy peaked at epoch {history[best]['epoch']} ({100 * val[best]:.2f}%) and ended at "
+            f"{100 * val[-1]:.2f}%; the best checkpoint is the one evaluated on the test set."
+        )
+    gap = last["train_accuracy"] - last["val_accuracy"]
+    if gap > OVERFIT_GAP:
+        out.append(f"Training accuracy is {100 * gap:.1f} points above validation at the end: the model overfits.")
+    elif gap < 0:
+        out.append(
+            "Validation accuracy is above training accuracy: training accuracy is averaged over the epoch while "
+            "the weights still change (and measured on augmented data), so it lags behind."
+        )
+    else:
+        out.append(f"Training and validation accuracy end {100 * gap:.1f} points apart: no sign of overfitting.")
+    if history[0]["train_loss"] > 0 and len(history) > 1:
+        out.append(f"Training loss fell from {history[0]['train_loss']:.3f} to {last['train_loss']:.3f}.")
+    test, best_val = result.get("test_accuracy"), result.get("best_val_accuracy")
+    if test is not None and best_val is not None:
+        out.append(
+            f"Test accuracy {100 * test:.2f}% vs best validation {100 * best_val:.2f}% "
+            f"({100 * (test - best_val):+.2f} points): the validation split was a "
+            f"{'fair' if abs(test - best_val) < 0.02 else 'poor'} guide to unseen data."
+        )
+    speeds = [h["samples_per_second"] for h in history]
+    out.append(
+        f"Throughput {min(speeds):,.0f}-{max(speeds):,.0f} samples/s; {sum(h['epoch_seconds'] for h in history):.1f} s "
+        f"of training epochs in all."
+    )
+    return out
+
+
+def _header(result: dict[str, Any], cfg: TrainConfig, measured: float | None) -> str:
+    test = result.get("test_accuracy", measured)
+    items = []
+    if test is not None:
+        items.append((f"{100 * test:.2f}%", "test accuracy"))
+    if "best_val_accuracy" in result:
+        items.append((f"{100 * result['best_val_accuracy']:.2f}%", f"best validation (epoch {result.get('best_epoch', '?')})"))
+    items.append((f"{len(result.get('history', []))} / {cfg.epochs}", "epochs run / planned"))
+    items.append((f"{cfg.workers} {'GPU' if cfg.gpu else 'CPU'}", "workers"))
+    if "samples_per_second" in result:
+        items.append((f"{result['samples_per_second']:,.0f}", "samples / s"))
+    if "train_seconds" in result:
+        items.append((f"{result['train_seconds']:.0f} s", "training (trainer.fit)"))
+    return html.cards(items)
+
+
+CONFIG_KEYS = ("model", "dataset", "subset", "epochs", "workers", "batch_size", "lr", "lr_scaling", "optimizer",
+               "momentum", "nesterov", "weight_decay", "schedule", "warmup_epochs", "label_smoothing", "augment",
+               "norm", "hidden_sizes", "val_fraction", "seed", "data_dir")
+
+
+def config_table(cfg: TrainConfig) -> str:
+    d = cfg.to_dict()
+    return html.table(("setting", "value"), [(k, d[k]) for k in CONFIG_KEYS if k in d])
+
+
+def write_run_report(
+    run_dir: str | Path,
+    out_dir: str | Path | None = None,
+    *,
+    tensorboard: bool = True,
+) -> Path:
+    """Write the report of the run in `run_dir`; return the HTML page's path."""
+    from cnnray.report import tensorboard as tb
+    from cnnray.report.evaluate import resolve_checkpoint
+    from cnnray.report.sections import checkpoint_report
+
+    run_dir = Path(run_dir).expanduser().resolve()
+    result = read_json(run_dir / RESULT_FILE, "cnnray train --out folder")
+    cfg = TrainConfig.from_dict(result["config"])
+    history = result.get("history", [])
+    out = Path(out_dir).expanduser().resolve() if out_dir else run_dir / REPORT_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    plots.remove_old_pngs(out)
+
+    sections = []
+    findings = training_findings(history, result)
+    if history:
+        curves = plots.plot_curves(history, out / "curves.png", test_accuracy=result.get("test_accuracy"),
+                                   best_epoch=result.get("best_epoch"), label_smoothing=cfg.label_smoothing)
+        speed = plots.plot_schedule_and_speed(history, out / "lr_speed.png", lr_schedule(cfg, history))
+        caption = ("Loss and accuracy per epoch. Validation is measured after each epoch on the held-out "
+                   f"{cfg.val_fraction:.0%} of the training set; the test line is the best checkpoint on the test set.")
+        if cfg.label_smoothing:
+            caption += (f" The training loss includes label smoothing {cfg.label_smoothing:g}, so it stays above "
+                        "the plain cross-entropy of the validation loss even when the model is right.")
+        sections.append(html.Section("Training curves", html.figure(curves, caption)
+                                     + html.figure(speed, "The learning-rate schedule the run followed, and training "
+                                                   "throughput per epoch (all workers together).")))
+    with ExitStack() as stack:
+        ckpt = resolve_checkpoint(str(result["checkpoint"]), run_dir, stack)
+        rep = checkpoint_report(ckpt, cfg, out, recorded_test_accuracy=result.get("test_accuracy"))
+    sections += rep.sections
+    findings += rep.findings
+    sections.append(html.Section("Configuration", config_table(cfg)))
+
+    if tensorboard:
+        tb_dir = tb.write_events(history, run_dir / "tensorboard", test_accuracy=result.get("test_accuracy"))
+        sections[-1] = html.Section("Configuration", sections[-1].body + html.paragraph(
+            f"TensorBoard event files: tensorboard --logdir {tb_dir}" if tb_dir else
+            "No TensorBoard event files: neither tensorboardX nor tensorboard is installed."))
+    summary = html.Section("What happened", html.bullet_list(findings))
+    title = f"{cfg.model} on {cfg.dataset}: {run_dir.name}"
+    subtitle = f"cnnray training report · run folder {run_dir} · checkpoint {Path(str(result['checkpoint'])).name}"
+    page = html.page(title, subtitle, _header(result, cfg, rep.test_accuracy), [summary, *sections])
+    return html.write_page(page, out / PAGE)

@@ -114,8 +114,9 @@ def reference_throughput(data_dir: str, batch_size: int, threads: int, seconds: 
 
 # --- cnnray, as a user runs it ---------------------------------------------------------------
 def run_cnnray(args: list[str], out: Path) -> dict[str, Any]:
-    """`cnnray train ...` in a fresh process: wall time includes Python, Ray start-up, workers."""
-    cmd = [sys.executable, "-m", "cnnray.cli", "train", *args, "--out", str(out)]
+    """`cnnray train ...` in a fresh process: wall time includes Python, Ray start-up, workers,
+    the test evaluation and result.json; not the optional HTML report (--no-report)."""
+    cmd = [sys.executable, "-m", "cnnray.cli", "train", *args, "--out", str(out), "--no-report"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)

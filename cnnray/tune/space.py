@@ -1,0 +1,160 @@
+"""Search spaces over `TrainConfig` fields: the default one, YAML files, Ray Tune domains.
+
+A space file maps TrainConfig fields to one distribution each, or to a plain value that
+fixes the field for every trial:
+
+    lr: {loguniform: [1.0e-3, 0.5]}      # float fields only, low > 0
+    momentum: {uniform: [0.5, 0.99]}     # float fields only
+    norm: {choice: [none, batch]}        # sampled at random
+    batch_size: {grid: [64, 128]}        # every value, each `--samples` times
+    weight_decay: 1.0e-4                 # fixed for every trial
+
+Every bound and value is checked against TrainConfig before any trial starts, so an
+unknown field, an unknown distribution or a value a trial would reject is a ConfigError.
+"""
+
+from __future__ import annotations
+
+import difflib
+import types
+import typing
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+from cnnray.config import ConfigError, TrainConfig, read_yaml_mapping
+
+DISTRIBUTIONS = ("loguniform", "uniform", "choice", "grid")
+# Fields a sweep sets itself (--epochs is ASHA's horizon, --workers-per-trial the trial
+# size) or that do not change what is learned: sweeping them is refused, not ignored.
+NOT_SWEEPABLE = frozenset(
+    {"model", "dataset", "data_dir", "download", "epochs", "workers", "gpu", "cpus_per_worker",
+     "out", "storage_path", "address", "resume", "verbose", "max_failures", "keep_checkpoints"}
+)
+
+
+@dataclass(frozen=True)
+class Dist:
+    kind: str  # one of DISTRIBUTIONS
+    values: tuple[Any, ...]  # (low, high) for the ranges; the candidates for choice/grid
+
+    def to_tune(self) -> Any:
+        """The Ray Tune domain (or grid search) for this distribution."""
+        from ray import tune
+
+        if self.kind == "loguniform":
+            return tune.loguniform(*self.values)
+        if self.kind == "uniform":
+            return tune.uniform(*self.values)
+        if self.kind == "choice":
+            return tune.choice(list(self.values))
+        return tune.grid_search(list(self.values))
+
+    def to_dict(self) -> dict[str, list[Any]]:
+        return {self.kind: list(self.values)}
+
+    def describe(self) -> str:
+        if self.kind in ("loguniform", "uniform"):
+            return f"{self.kind}({self.values[0]:g}, {self.values[1]:g})"
+        return f"{self.kind}({', '.join(str(v) for v in self.values)})"
+
+
+def default_space() -> dict[str, Dist]:
+    """The lecture's three knobs: learning rate, momentum, and batchnorm or not."""
+    return {
+        "lr": Dist("loguniform", (1e-3, 0.5)),  # peak lr of the one-cycle schedule, global batch
+        "momentum": Dist("uniform", (0.5, 0.99)),  # SGD (Nesterov) momentum
+        "norm": Dist("choice", ("none", "batch")),  # no normalisation vs. batchnorm
+    }
+
+
+def load_space(path: str | Path, base: TrainConfig) -> tuple[dict[str, Dist], dict[str, Any]]:
+    """Read a space file: (distributions by field, fixed values by field)."""
+    try:
+        return parse_space(read_yaml_mapping(path), base)
+    except ConfigError as e:
+        raise ConfigError(f"search space {path}: {e}") from None
+
+
+def parse_space(data: Mapping[str, Any], base: TrainConfig) -> tuple[dict[str, Dist], dict[str, Any]]:
+    """Check a space mapping against TrainConfig; `base` is the config trials start from."""
+    known = [f.name for f in fields(TrainConfig)]
+    hints = typing.get_type_hints(TrainConfig)
+    space: dict[str, Dist] = {}
+    fixed: dict[str, Any] = {}
+    for key, spec in data.items():
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            sweepable = ", ".join(k for k in known if k not in NOT_SWEEPABLE)
+            raise ConfigError(f"unknown TrainConfig field '{key}'{hint}; sweepable fields: {sweepable}")
+        if key in NOT_SWEEPABLE:
+            raise ConfigError(f"'{key}' cannot be swept: set it with the tune command's flags")
+        if isinstance(spec, Mapping):
+            space[key] = _parse_dist(key, spec, hints[key], base)
+        else:
+            _check_value(base, key, spec)
+            fixed[key] = spec
+    if not space:
+        raise ConfigError(f"no field is swept: give at least one of {', '.join(DISTRIBUTIONS)}")
+    return space, fixed
+
+
+def _parse_dist(key: str, spec: Mapping[str, Any], hint: Any, base: TrainConfig) -> Dist:
+    if len(spec) != 1:
+        raise ConfigError(f"{key}: give exactly one distribution ({', '.join(DISTRIBUTIONS)}), not {dict(spec)}")
+    kind, values = next(iter(spec.items()))
+    if kind not in DISTRIBUTIONS:
+        close = difflib.get_close_matches(str(kind), DISTRIBUTIONS, n=1)
+        hint_text = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(f"{key}: unknown distribution '{kind}'{hint_text}; choose one of: {', '.join(DISTRIBUTIONS)}")
+    if not isinstance(values, (list, tuple)) or not values:
+        raise ConfigError(f"{key}: {kind} needs a non-empty list, not {values!r}")
+    if kind in ("loguniform", "uniform"):
+        if _strip_optional(hint) is not float:
+            raise ConfigError(f"{key}: {kind} needs a float field; use choice or grid for {key}")
+        if len(values) != 2:
+            raise ConfigError(f"{key}: {kind} needs [low, high], not {list(values)!r}")
+        low, high = (_check_value(base, key, v) for v in values)
+        if not low < high:
+            raise ConfigError(f"{key}: {kind} needs low < high, not {list(values)!r}")
+        if kind == "loguniform" and low <= 0:
+            raise ConfigError(f"{key}: loguniform needs low > 0, not {low!r}")
+        return Dist(kind, (low, high))
+    checked = tuple(_check_value(base, key, v) for v in values)
+    if len(set(map(repr, checked))) != len(checked):
+        raise ConfigError(f"{key}: {kind} lists a value twice: {list(values)!r}")
+    return Dist(kind, checked)
+
+
+def _check_value(base: TrainConfig, key: str, value: Any) -> Any:
+    """The value as a trial's TrainConfig will hold it; raises what that trial would."""
+    try:
+        return getattr(base.replace(**{key: value}), key)
+    except ConfigError as e:
+        raise ConfigError(f"{key}: {e}") from None
+
+
+def _strip_optional(hint: Any) -> Any:
+    """`float | None` -> float; other annotations unchanged."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return args[0] if len(args) == 1 else hint
+    return hint
+
+
+def space_to_tune(space: Mapping[str, Dist]) -> dict[str, Any]:
+    """Ray Tune's `param_space`: one domain per swept field."""
+    return {key: dist.to_tune() for key, dist in space.items()}
+
+
+def space_to_dict(space: Mapping[str, Dist]) -> dict[str, dict[str, list[Any]]]:
+    """JSON/YAML form, the same syntax as a space file (saved in sweep.json)."""
+    return {key: dist.to_dict() for key, dist in space.items()}
+
+
+def space_from_dict(data: Mapping[str, Any], base: TrainConfig) -> dict[str, Dist]:
+    space, fixed = parse_space(data, base)
+    if fixed:
+        raise ConfigError(f"a saved space holds only distributions, not {sorted(fixed)}")
+    return space

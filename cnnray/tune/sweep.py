@@ -1,0 +1,275 @@
+"""A hyperparameter sweep in which every trial is a Ray Train run (Train V2, DDP).
+
+    from cnnray.config import TrainConfig
+    from cnnray.tune.space import default_space
+    from cnnray.tune.sweep import SweepConfig, run_sweep
+    best = run_sweep(SweepConfig(train=TrainConfig(model="cnn", dataset="mnist"),
+                                 space=default_space(), samples=8, out="sweeps/x"))
+
+Ray Tune runs `cnnray.tune.trial.train_trial` once per sampled config: a Ray Train run
+like `cnnray train`, named by the trial id, that reports to Tune after every epoch, so
+ASHA can stop a trial early. Layout of `<out>`:
+
+    sweep.json            the sweep's settings (what --resume reruns)
+    tune/                 Tune's experiment: state, one folder per trial (result.json)
+    runs/<trial_id>/      Ray Train's run folder of each trial: epoch-NNNN checkpoints
+    trials.csv|parquet, histories.json, best.json, sweep.png, models/<name>/<version>/
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from cnnray.checkpoint import atomic_write_json
+from cnnray.config import ConfigError, TrainConfig
+from cnnray.tune.results import RUNS_DIR, TUNE_DIR, finish_sweep, format_value, read_history
+from cnnray.tune.space import Dist, default_space, space_from_dict, space_to_dict, space_to_tune
+from cnnray.tune.trial import train_trial
+
+SWEEP_FILE = "sweep.json"
+SCHEDULERS = ("asha", "none")
+# A Tune trial here only waits on its Train controller, so it must hold no CPU or GPU the
+# workers need. Tune refuses an empty resource request; a small logical memory
+# reservation (bytes) is a non-empty request that takes nothing the workers use.
+TRIAL_DRIVER_MEMORY = 128 * 2**20
+# Seconds between saves of Tune's experiment state (Tune's default is at least 10 s): a
+# driver killed just after a trial finished must still find that trial finished on resume.
+EXPERIMENT_SAVE_PERIOD_S = "2"
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    train: TrainConfig  # every trial starts from this config (flags, --config, fixed space values)
+    space: Mapping[str, Dist] = field(default_factory=default_space)  # swept TrainConfig fields
+    samples: int = 8  # configs drawn from the space (a grid is repeated this many times)
+    max_concurrent: int | None = None  # None: as many trials as the cluster's CPUs/GPUs fit
+    scheduler: str = "asha"  # asha | none (every trial runs all its epochs)
+    grace_period: int = 1  # epochs every trial runs before ASHA may stop it
+    reduction_factor: float = 2.0  # ASHA keeps the best 1/rf of the trials at each rung
+    out: str = "sweeps/latest"
+    model_store: str | None = None  # None: <out>/models
+    name: str | None = None  # exported model name; None: <model>-<dataset>
+    resume: bool = False  # continue the sweep stored in <out> (Tuner.restore)
+
+    def __post_init__(self) -> None:
+        from cnnray.store import check_name
+
+        if self.samples < 1:
+            raise ConfigError(f"samples={self.samples} must be at least 1")
+        if self.scheduler not in SCHEDULERS:
+            raise ConfigError(f"unknown scheduler {self.scheduler!r}; choose one of: {', '.join(SCHEDULERS)}")
+        if not 1 <= self.grace_period <= self.train.epochs:
+            raise ConfigError(f"grace_period={self.grace_period} must be between 1 and epochs={self.train.epochs}")
+        if not self.reduction_factor > 1:
+            raise ConfigError(f"reduction_factor={self.reduction_factor} must be greater than 1")
+        if self.max_concurrent is not None and self.max_concurrent < 1:
+            raise ConfigError(f"max_concurrent={self.max_concurrent} must be at least 1")
+        if not self.space:
+            raise ConfigError("the search space is empty")
+        check_name(self.model_name)
+
+    @property
+    def num_trials(self) -> int:
+        """Tune repeats every grid `samples` times."""
+        return self.samples * math.prod(len(d.values) for d in self.space.values() if d.kind == "grid")
+
+    @property
+    def model_name(self) -> str:
+        return self.name or f"{self.train.model}-{self.train.dataset}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "train": self.train.to_dict(),
+            "space": space_to_dict(self.space),
+            "samples": self.samples,
+            "max_concurrent": self.max_concurrent,
+            "scheduler": self.scheduler,
+            "grace_period": self.grace_period,
+            "reduction_factor": self.reduction_factor,
+            "out": self.out,
+            "model_store": self.model_store,
+            "name": self.name,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], resume: bool = False) -> "SweepConfig":
+        train = TrainConfig.from_dict(data["train"])
+        return cls(**{**data, "train": train, "space": space_from_dict(data["space"], train), "resume": resume})
+
+
+def trial_dirname(trial: Any) -> str:
+    """Tune's folder of a trial is named by its id alone, like its Ray Train run."""
+    return trial.trial_id
+
+
+def concurrency(cfg: TrainConfig, requested: int | None) -> int:
+    """Trials that can run at once: the cluster's CPUs (GPUs) over what one trial's workers take."""
+    import ray
+
+    total = ray.cluster_resources()
+    cpus_per_trial = cfg.workers * cfg.cpus_per_worker
+    fit = int(total.get("CPU", 0) // cpus_per_trial)
+    if cfg.gpu:
+        fit = min(fit, int(total.get("GPU", 0) // cfg.workers))
+    if fit < 1:
+        need = f"{cpus_per_trial} CPUs" + (f" and {cfg.workers} GPUs" if cfg.gpu else "")
+        have = f"{total.get('CPU', 0):g} CPUs" + (f" and {total.get('GPU', 0):g} GPUs" if cfg.gpu else "")
+        raise ConfigError(f"one trial needs {need} but the Ray cluster has {have}: lower --workers-per-trial")
+    return fit if requested is None else min(requested, fit)
+
+
+def _scheduler(sweep: SweepConfig) -> Any:
+    if sweep.scheduler == "none":
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    class ResumableASHA(ASHAScheduler):
+        """Tune saves no scheduler state, so after --resume ASHA would judge new results
+        against empty rungs; replaying each restored trial's saved epochs refills them."""
+
+        def on_trial_add(self, tune_controller, trial):
+            super().on_trial_add(tune_controller, trial)
+            try:
+                path = trial.path
+            except RuntimeError:  # a new trial: no folder yet, nothing to replay
+                return
+            for result in read_history(path) if path else []:
+                super().on_trial_result(tune_controller, trial, result)
+
+    # The epoch (not Tune's iteration count) is the time axis, so a trial resumed from a
+    # checkpoint is judged at the right rung. stop_last_trials=False lets a trial that
+    # reaches the last epoch end on its own instead of being stopped at its final report.
+    return ResumableASHA(
+        time_attr="epoch",
+        max_t=sweep.train.epochs,
+        grace_period=sweep.grace_period,
+        reduction_factor=sweep.reduction_factor,
+        stop_last_trials=False,
+    )
+
+
+def _trial_progress(sweep: SweepConfig, echo: Callable[[str], None]) -> Any:
+    """One line per trial that finishes, is stopped early, or fails."""
+    from ray.tune import Callback
+
+    epochs, swept, total = sweep.train.epochs, list(sweep.space), sweep.num_trials
+
+    class TrialProgress(Callback):
+        def _line(self, trials, trial, what: str) -> None:
+            done = sum(t.status in ("TERMINATED", "ERROR") or t is trial for t in trials)
+            params = "  ".join(f"{k} {format_value(trial.config.get(k))}" for k in swept)
+            best = (trial.last_result or {}).get("best_val_accuracy", math.nan)
+            echo(f"[cnnray] trial {trial.trial_id} {what}: {params}  best val_acc {best:.4f}  ({done}/{total} done)")
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            epoch = int((trial.last_result or {}).get("epoch", 0))
+            what = "finished" if epoch >= epochs else f"stopped early after epoch {epoch}/{epochs}"
+            self._line(trials, trial, what)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._line(trials, trial, "FAILED")
+
+    return TrialProgress()
+
+
+def _resolved(sweep: SweepConfig, out: Path) -> SweepConfig:
+    """Absolute paths (trials run in their own working directories) and the per-trial
+    settings a sweep imposes: what sweep.json stores and --resume compares against."""
+    train = sweep.train
+    if train.data_dir and "://" not in train.data_dir:
+        train = train.replace(data_dir=str(Path(train.data_dir).expanduser().resolve()))
+    store = Path(sweep.model_store).expanduser().resolve() if sweep.model_store else out / "models"
+    return SweepConfig(**{**sweep.__dict__, "train": train.replace(out=str(out), verbose=False, resume=False),
+                          "out": str(out), "model_store": str(store)})
+
+
+def _prepare(sweep: SweepConfig, echo: Callable[[str], None]) -> tuple[SweepConfig, Path, bool]:
+    """The new-or-resume decision: (resolved sweep, out, restore?)."""
+    from ray.tune import Tuner
+
+    out = Path(sweep.out).expanduser().resolve()
+    exists = Tuner.can_restore(str(out / TUNE_DIR))
+    if exists and not sweep.resume:
+        raise ConfigError(f"{out} already holds a sweep: pass --resume to continue it, or choose another --out")
+    wanted = _resolved(sweep, out)
+    if exists:
+        stored = SweepConfig.from_dict(json.loads((out / SWEEP_FILE).read_text()), resume=True)
+        changed = sorted(k for k, v in wanted.to_dict().items() if stored.to_dict()[k] != v)
+        if changed:
+            echo(f"[cnnray] resuming with the settings saved in {out / SWEEP_FILE}; ignoring changed {', '.join(changed)}")
+        return stored, out, True
+    if sweep.resume:
+        echo(f"[cnnray] no earlier sweep under {out}: starting a new one")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(wanted.to_dict(), out / SWEEP_FILE)
+    return wanted, out, False
+
+
+def run_sweep(sweep: SweepConfig, echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run (or resume) the sweep, then write the table, histories, plot, best.json and the
+    exported best model into `<out>`; returns best.json's content."""
+    from ray import tune
+
+    from cnnray.train.driver import init_ray, preflight
+
+    started = time.perf_counter()
+    sweep, out, restore = _prepare(sweep, echo)
+    cfg = sweep.train
+    if not (cfg.address or os.environ.get("RAY_ADDRESS")):
+        preflight(cfg)  # decode the data once here, and fail fast on unreadable data
+    init_ray(cfg.address)
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", EXPERIMENT_SAVE_PERIOD_S)
+    limit = concurrency(cfg, sweep.max_concurrent)
+    if sweep.max_concurrent and limit < sweep.max_concurrent:
+        echo(f"[cnnray] running {limit} trials at once, not {sweep.max_concurrent}: that is what the cluster fits")
+
+    runs_dir = str(out / RUNS_DIR)
+    trainable = tune.with_resources(
+        tune.with_parameters(train_trial, base=cfg.to_dict(), runs_dir=runs_dir),  # keeps its mixins
+        tune.PlacementGroupFactory([{"memory": TRIAL_DRIVER_MEMORY}]),
+    )
+    if restore:
+        echo(f"[cnnray] resuming the sweep in {out / TUNE_DIR}: finished trials are kept, the others continue")
+        # Tune restores its settings (space, scheduler and searcher state, callbacks) from
+        # the experiment; only the trainable is given again.
+        tuner = tune.Tuner.restore(str(out / TUNE_DIR), trainable=trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        from ray.tune.search import BasicVariantGenerator
+
+        tuner = tune.Tuner(
+            trainable,
+            param_space=space_to_tune(sweep.space),
+            tune_config=tune.TuneConfig(
+                metric="val_accuracy",
+                mode="max",
+                scheduler=_scheduler(sweep),
+                # Seeded, so the same command draws the same configs. The concurrency limit
+                # goes here: Tune ignores TuneConfig.max_concurrent_trials with this searcher.
+                search_alg=BasicVariantGenerator(random_state=cfg.seed, max_concurrent=limit),
+                num_samples=sweep.samples,
+                trial_dirname_creator=trial_dirname,
+            ),
+            run_config=tune.RunConfig(
+                name=TUNE_DIR,
+                storage_path=str(out),
+                # Train retries failed workers inside a trial; a trial that still fails is
+                # reported, not rerun from scratch.
+                failure_config=tune.FailureConfig(max_failures=0),
+                callbacks=[_trial_progress(sweep, echo)],
+                verbose=0,  # our progress lines and summary table replace Tune's tables
+            ),
+        )
+    echo(
+        f"[cnnray] sweeping {cfg.model} on {cfg.dataset}: {sweep.num_trials} trials of "
+        f"{', '.join(f'{k} {d.describe()}' for k, d in sweep.space.items())}; {cfg.epochs} epochs, "
+        f"{cfg.workers} {'GPU' if cfg.gpu else 'CPU'} worker(s) per trial, up to {limit} at once, "
+        f"scheduler {sweep.scheduler}"
+    )
+    tuner.fit()
+    return finish_sweep(sweep, out, seconds=time.perf_counter() - started, echo=echo)

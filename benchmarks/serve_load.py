@@ -1,0 +1,354 @@
+"""Load benchmark: `cnnray serve` (Ray Serve, dynamic batching) beside a plain FastAPI server.
+
+    python -m benchmarks.serve_load --checkpoint runs/x/ray/x/epoch-0003 \
+        --data-dir ../shared/datasets/mnist --requests 2000 --concurrency 32
+
+Both servers run the same model with the same routes and preprocessing (cnnray/serve/api.py),
+one after the other on loopback: the plain one is a single uvicorn process without Ray and
+without batching (one forward pass per request); `cnnray serve` is the real command in a
+subprocess. Each gets `--warmup` untimed requests, then N requests of real MNIST test images
+(PNG, TorchServe-style POST /predictions/{name}, or --api kserve) from C concurrent clients.
+The table gives requests/s, p50 and p99 latency (client side), errors and the accuracy of
+the answers; the JSON record (--out) adds the machine, versions and settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import json
+import math
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class LoadResult:
+    server: str
+    requests: int
+    concurrency: int
+    seconds: float
+    requests_per_s: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+    accuracy: float
+    error_samples: list[str] = field(default_factory=list)
+    predictions: list[int] = field(default_factory=list, repr=False)  # class index per request, -1 on error
+
+
+# --- images ---------------------------------------------------------------------------------
+def mnist_test_pngs(data_dir: str | None, count: int) -> tuple[list[bytes], list[int]]:
+    """The first `count` MNIST test images as PNG files (lossless) and their labels."""
+    from PIL import Image
+
+    from cnnray.data import load_dataset
+
+    ds = load_dataset("mnist", data_dir)
+    n = min(count, len(ds.test_labels))
+    pngs = []
+    for img in ds.test_images[:n]:
+        buf = io.BytesIO()
+        Image.fromarray(img[0].numpy(), mode="L").save(buf, format="PNG")
+        pngs.append(buf.getvalue())
+    return pngs, [int(y) for y in ds.test_labels[:n]]
+
+
+# --- load generator ---------------------------------------------------------------------------
+async def _load(url: str, model: str, pngs: list[bytes], n: int, concurrency: int, api: str,
+                timeout_s: float) -> tuple[list[float], list[int], list[str], float]:
+    import aiohttp
+
+    latencies: list[float] = [0.0] * n
+    preds: list[int] = [-1] * n
+    errors: list[str] = []
+    next_i = 0
+
+    async def one(session: aiohttp.ClientSession, i: int) -> None:
+        png = pngs[i % len(pngs)]
+        start = time.perf_counter()
+        try:
+            if api == "kserve":
+                body = {"instances": [{"b64": base64.b64encode(png).decode()}]}
+                async with session.post(f"{url}/v1/models/{model}:predict", json=body) as r:
+                    data = await r.json(content_type=None)
+                    ok, pred = r.status == 200, data.get("predictions", [{}])[0] if r.status == 200 else data
+            else:
+                async with session.post(f"{url}/predictions/{model}", data=png,
+                                        headers={"Content-Type": "image/png"}) as r:
+                    data = await r.json(content_type=None)
+                    ok, pred = r.status == 200, data
+            if ok:
+                preds[i] = int(pred["class_index"])
+            else:
+                errors.append(f"HTTP {r.status}: {data.get('error', data)}")
+        except Exception as e:  # connection reset, timeout, bad JSON: all count as errors
+            errors.append(f"{type(e).__name__}: {e}")
+        latencies[i] = time.perf_counter() - start
+
+    async def worker(session: aiohttp.ClientSession) -> None:
+        nonlocal next_i
+        while next_i < n:
+            i = next_i
+            next_i += 1
+            await one(session, i)
+
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    timeout = aiohttp.ClientTimeout(total=timeout_s)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        start = time.perf_counter()
+        await asyncio.gather(*(worker(session) for _ in range(concurrency)))
+        elapsed = time.perf_counter() - start
+    return latencies, preds, errors, elapsed
+
+
+def run_load(url: str, model: str, pngs: list[bytes], labels: list[int], *, requests: int, concurrency: int,
+             server: str, api: str = "torchserve", timeout_s: float = 60.0) -> LoadResult:
+    """`requests` requests (cycling through the images) from `concurrency` clients."""
+    lat, preds, errors, elapsed = asyncio.run(_load(url, model, pngs, requests, concurrency, api, timeout_s))
+    ms = sorted(x * 1000 for x in lat)
+    correct = sum(p == labels[i % len(labels)] for i, p in enumerate(preds))
+    return LoadResult(
+        server=server,
+        requests=requests,
+        concurrency=concurrency,
+        seconds=round(elapsed, 3),
+        requests_per_s=round(requests / elapsed, 1),
+        p50_ms=round(_quantile(ms, 0.50), 2),
+        p99_ms=round(_quantile(ms, 0.99), 2),
+        errors=len(errors),
+        accuracy=round(correct / requests, 4),
+        error_samples=errors[:5],
+        predictions=preds,
+    )
+
+
+def _quantile(sorted_values: list[float], q: float) -> float:
+    """Nearest-rank quantile (no interpolation): p99 of 1000 values is the 990th."""
+    if not sorted_values:
+        return float("nan")
+    k = max(0, min(len(sorted_values) - 1, math.ceil(q * len(sorted_values)) - 1))
+    return sorted_values[k]
+
+
+# --- servers ----------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with code {proc.returncode} before answering")
+        try:
+            with urllib.request.urlopen(f"{url}/healthz", timeout=5) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"no answer from {url}/healthz after {timeout_s:.0f} s")
+
+
+def stop(proc: subprocess.Popen, timeout_s: float = 90.0) -> int:
+    """Ctrl-C the server (it cleans up what it started), then wait; kill only if it hangs."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
+def start_plain(checkpoint: str, name: str, port: int, log: Any, threads: int = 1) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "benchmarks.serve_load", "--plain-server", "--checkpoint", checkpoint,
+           "--name", name, "--port", str(port), "--threads", str(threads)]
+    return subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+
+
+def start_cnnray(checkpoint: str, name: str, port: int, log: Any, extra: list[str]) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a private local Ray
+    cmd = [sys.executable, "-m", "cnnray.cli", "serve", "--checkpoint", checkpoint, "--name", name,
+           "--port", str(port), "--watch-s", "0", *extra]
+    return subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+
+def serve_plain(checkpoint: str, name: str, port: int, threads: int) -> None:
+    """The baseline: one uvicorn process, the same FastAPI routes, no Ray, no batching."""
+    import torch
+    import uvicorn
+
+    # As many torch threads as a cnnray replica gets (--cpus-per-replica, default 1): on a
+    # busy machine, more threads than free cores make every small forward pass far slower.
+    torch.set_num_threads(threads)
+
+    from cnnray.serve.api import build_http_app
+    from cnnray.serve.engine import LocalBackend
+    from cnnray.serve.schemas import ModelRef
+
+    backend = LocalBackend({name: ModelRef(path=str(Path(checkpoint).resolve()), version=1)})
+    uvicorn.run(build_http_app(backend), host="127.0.0.1", port=port, log_level="warning", access_log=False)
+
+
+def batch_stats(url: str) -> dict[str, float]:
+    """Mean images per forward pass, from the server's own /metrics."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"{url}/metrics", timeout=30) as r:
+        text = r.read().decode()
+    total = count = 0.0
+    for fam in text_string_to_metric_families(text):
+        if fam.name == "cnnray_serve_batch_size":
+            for s in fam.samples:
+                if s.name.endswith("_sum"):
+                    total += s.value
+                elif s.name.endswith("_count"):
+                    count += s.value
+    return {"forward_passes": count, "images": total, "mean_batch_size": round(total / count, 2) if count else 0.0}
+
+
+def machine_info() -> dict[str, Any]:
+    import ray
+    import torch
+
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem_gib = None
+    try:
+        mem_gib = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError):
+        pass
+    return {
+        "cpu": cpu, "cpu_count": os.cpu_count(), "memory_gib": mem_gib, "gpu": torch.cuda.is_available(),
+        "platform": platform.platform(), "python": platform.python_version(),
+        "torch": torch.__version__, "ray": ray.__version__,
+    }
+
+
+def format_table(results: list[LoadResult]) -> str:
+    """A Markdown table, as the README shows it."""
+    width = max([len("server")] + [len(r.server) for r in results])
+    head = f"| {'server':<{width}} | requests | concurrency | requests/s | p50 ms | p99 ms | errors | accuracy |"
+    rule = "|" + "|".join("-" * len(c) for c in head.split("|")[1:-1]) + "|"
+    rows = [
+        f"| {r.server:<{width}} | {r.requests:>8} | {r.concurrency:>11} | {r.requests_per_s:>10.1f} | {r.p50_ms:>6.1f} "
+        f"| {r.p99_ms:>6.1f} | {r.errors:>6} | {r.accuracy:>8.4f} |"
+        for r in results
+    ]
+    return "\n".join([head, rule, *rows])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.serve_load", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True, help="a cnnray checkpoint folder of an MNIST model")
+    p.add_argument("--name", default="mnist", help="model name to serve it under; default mnist")
+    p.add_argument("--data-dir", default=str(REPO.parent / "shared" / "datasets" / "mnist"),
+                   help="MNIST files; default ../shared/datasets/mnist")
+    p.add_argument("--requests", type=int, default=2000, help="timed requests per server; default 2000")
+    p.add_argument("--concurrency", type=int, default=32, help="concurrent clients; default 32")
+    p.add_argument("--warmup", type=int, default=64, help="untimed requests first; default 64")
+    p.add_argument("--api", choices=("torchserve", "kserve"), default="torchserve", help="default torchserve")
+    p.add_argument("--replicas", type=int, default=1, help="replicas for cnnray serve; default 1")
+    p.add_argument("--max-batch-size", type=int, default=32, help="cnnray serve's batch size; default 32")
+    p.add_argument("--batch-wait-ms", type=float, default=5.0, help="cnnray serve's batch wait; default 5")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads per server process (the replica's CPUs); default 1")
+    p.add_argument("--skip-plain", action="store_true", help="only measure cnnray serve")
+    p.add_argument("--out", default="runs/bench/serve_load.json", help="JSON record (a run output, not committed); default %(default)s")
+    p.add_argument("--log", default=None, help="the servers' output; default a file in the temp folder")
+    p.add_argument("--start-timeout", type=float, default=300.0, help="seconds for a server to come up")
+    p.add_argument("--plain-server", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.plain_server:
+        serve_plain(args.checkpoint, args.name, args.port, args.threads)
+        return 0
+    if args.requests < 1 or args.concurrency < 1:
+        p.error("--requests and --concurrency must be at least 1")
+
+    checkpoint = str(Path(args.checkpoint).resolve())
+    pngs, labels = mnist_test_pngs(args.data_dir, 10_000)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    log_path = Path(args.log) if args.log else Path(tempfile.gettempdir()) / f"serve_load-{os.getpid()}.log"
+    results: list[LoadResult] = []
+    extras: dict[str, Any] = {}
+    with open(log_path, "w") as log:
+        servers = [] if args.skip_plain else ["plain"]
+        servers.append("cnnray")
+        for kind in servers:
+            port = free_port()
+            url = f"http://127.0.0.1:{port}"
+            started = time.perf_counter()
+            if kind == "plain":
+                proc = start_plain(checkpoint, args.name, port, log, args.threads)
+                label = "plain FastAPI (1 process, no batching)"
+            else:
+                proc = start_cnnray(checkpoint, args.name, port, log, [
+                    "--replicas", str(args.replicas), "--cpus-per-replica", str(args.threads),
+                    "--max-batch-size", str(args.max_batch_size),
+                    "--batch-wait-ms", str(args.batch_wait_ms)])
+                label = f"cnnray serve ({args.replicas} replica, batch {args.max_batch_size})"
+            try:
+                wait_healthy(url, proc, args.start_timeout)
+                ready_s = time.perf_counter() - started
+                print(f"[bench] {label}: up in {ready_s:.1f} s; {args.warmup} warm-up requests", flush=True)
+                run_load(url, args.name, pngs, labels, requests=args.warmup, concurrency=args.concurrency,
+                         server=label, api=args.api)
+                result = run_load(url, args.name, pngs, labels, requests=args.requests,
+                                  concurrency=args.concurrency, server=label, api=args.api)
+                results.append(result)
+                extras[kind] = {"startup_s": round(ready_s, 1), **batch_stats(url)}
+                print(f"[bench] {label}: {result.requests_per_s} requests/s, p50 {result.p50_ms} ms, "
+                      f"p99 {result.p99_ms} ms, {result.errors} errors", flush=True)
+            finally:
+                code = stop(proc)
+                extras.setdefault(kind, {})["exit_code"] = code
+
+    print()
+    print(format_table(results))
+    record = {
+        "benchmark": "serve_load",
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": machine_info(),
+        "settings": {k: v for k, v in vars(args).items() if k not in ("plain_server", "port")},
+        "checkpoint": checkpoint,
+        "results": [{k: v for k, v in asdict(r).items() if k != "predictions"} for r in results],
+        "servers": extras,
+    }
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"\n[bench] record: {out}; server output: {log_path}")
+    return 1 if any(r.errors for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

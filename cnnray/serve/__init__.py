@@ -1,0 +1,11 @@
+"""Serving: cnnray checkpoints behind an HTTP API on Ray Serve (`cnnray serve`).
+
+    cnnray serve --model-store runs/store                  # newest version of every model
+    cnnray serve --checkpoint runs/x/ray/x/epoch-0003 --name mnist --port 8000
+    cnnray predict --url http://127.0.0.1:8000 --model mnist digit.png
+
+Modules: schemas (pydantic), preprocess (payload -> model input, as in training), engine
+(loading checkpoints, forward passes), api (the FastAPI routes), metrics (Prometheus),
+app (the Serve deployment and its typed app builder), runner (deploy and hot-swap), cli.
+Importing this package does no work.
+"""

@@ -1,0 +1,185 @@
+"""The Ray Serve deployment: cnnray checkpoints behind a FastAPI ingress, with dynamic batching.
+
+Run it with `cnnray serve`, or with Ray Serve's own tools through the typed app builder:
+
+    serve run cnnray.serve.app:build_app model_store=runs/store
+    serve run jobs/configs/serve.yaml            # or: serve deploy jobs/configs/serve.yaml
+
+One deployment class, `ModelServer`: each replica loads every served model in `__init__`,
+answers HTTP through the FastAPI app of api.py (built on the replica), groups images of
+concurrent requests into one forward pass with `@serve.batch`, and takes new model
+versions and batching settings in `reconfigure(user_config)` without a restart: the new
+version is loaded beside the old one, then swapped in; requests already batched finish on
+the version they started with, so none is dropped.
+
+Nothing runs at import: the FastAPI app, the metrics hub and the models are built when a
+replica starts (importing this module does import Ray Serve, for the decorators).
+"""
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import torch
+from ray import serve
+from ray.serve import Application
+
+from cnnray.serve.defaults import BATCH_WAIT_S, DEPLOYMENT, MAX_BATCH_SIZE, MAX_ONGOING_REQUESTS
+from cnnray.serve.engine import LoadedModel, load_served_model, user_config_for
+from cnnray.serve.metrics import MetricsHub, MetricsReporter, ServeMetrics
+from cnnray.serve.schemas import Limits, ModelRef, ServeArgs, ServeUserConfig
+
+# No `from __future__ import annotations` here: Serve reads `build_app`'s annotation as a
+# class to validate its arguments, and a string annotation would bypass that.
+
+METRICS_ACTOR = "metrics"
+
+log = logging.getLogger("ray.serve")
+
+
+@serve.deployment(
+    name=DEPLOYMENT,
+    max_ongoing_requests=MAX_ONGOING_REQUESTS,
+    # A rolling update (new code, builder args or resources; model swaps need none) starts
+    # the new replicas before stopping the old ones, which finish the requests they hold.
+    max_surge_percent=100,
+    graceful_shutdown_timeout_s=30,
+)
+@serve.ingress()
+class ModelServer:
+    def __init__(
+        self, user_config: dict[str, Any], limits: dict[str, Any], device: str = "cpu", threads: int = 1
+    ) -> None:
+        cfg = ServeUserConfig.model_validate(user_config)
+        self.limits = Limits.model_validate(limits)
+        self.metrics = ServeMetrics()
+        self._device = torch.device(device)
+        torch.set_num_threads(max(1, threads))
+        # One inference thread: forward passes run one at a time, off the event loop, so
+        # requests keep being parsed and batched while the model computes.
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cnnray-infer")
+        self._models: dict[str, LoadedModel] = {}
+        self._failures: dict[str, tuple[int, str]] = {}
+        for name, ref in cfg.models.items():
+            self._load(name, ref)
+        self._set_batching(cfg)
+        self.metrics.set_versions({n: m.version for n, m in self._models.items()})
+        ctx = serve.get_replica_context()
+        self._replica = ctx.replica_id.unique_id
+        self._reporter = MetricsReporter(self.metrics, self._replica, lambda: serve.get_deployment_actor(METRICS_ACTOR))
+        log.info("cnnray replica %s serves %s", self._replica, {n: m.version for n, m in self._models.items()})
+
+    def __serve_build_asgi_app__(self):
+        from cnnray.serve.api import build_http_app
+
+        return build_http_app(self)
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Apply a new user_config: load each model whose checkpoint or version changed, swap
+        it in, and drop models no longer listed. A version that fails to load leaves the
+        previous one serving and is reported by GET /v1/models."""
+        cfg = ServeUserConfig.model_validate(user_config)
+        self._set_batching(cfg)
+        for name, ref in cfg.models.items():
+            current = self._models.get(name)
+            if current is not None and current.path == ref.path and current.version == ref.version:
+                self._failures.pop(name, None)  # a failed newer version was withdrawn
+                continue
+            await asyncio.to_thread(self._load, name, ref)
+        for name in set(self._models) - set(cfg.models):
+            del self._models[name]
+        for name in set(self._failures) - set(cfg.models):
+            del self._failures[name]
+        self.metrics.set_versions({n: m.version for n, m in self._models.items()})
+
+    def _load(self, name: str, ref: ModelRef) -> None:
+        """Load one version and swap it in. A failure leaves the previous version serving
+        and is reported by GET /v1/models; it never stops the replica (the bind arguments
+        that a restarted replica starts from may name a version since deleted)."""
+        try:
+            loaded = load_served_model(name, ref, self._device)
+        except Exception as e:
+            self._failures[name] = (ref.version, str(e).splitlines()[0] if str(e) else type(e).__name__)
+            log.error("cnnray: cannot load %s version %s from %s: %s", name, ref.version, ref.path, e)
+            return
+        self._models[name] = loaded  # one assignment: a request sees the old model or the new
+        self._failures.pop(name, None)
+        log.info("cnnray: serving %s version %s (%s)", name, ref.version, ref.path)
+
+    def _set_batching(self, cfg: ServeUserConfig) -> None:
+        self._batched.set_max_batch_size(cfg.max_batch_size)
+        self._batched.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+
+    # --- the backend api.py serves ------------------------------------------------------
+    def replica_name(self) -> str:
+        return self._replica
+
+    def model(self, name: str) -> LoadedModel | None:
+        return self._models.get(name)
+
+    def models(self) -> list[LoadedModel]:
+        return list(self._models.values())
+
+    def failures(self) -> dict[str, tuple[int, str]]:
+        return dict(self._failures)
+
+    async def infer(self, entry: LoadedModel, inputs: list[torch.Tensor]) -> torch.Tensor:
+        """Probabilities for each 1 x C x H x W input; each image joins the replica's batches."""
+        return torch.cat(await asyncio.gather(*(self._batched((entry, x)) for x in inputs)))
+
+    @serve.batch(max_batch_size=MAX_BATCH_SIZE, batch_wait_timeout_s=BATCH_WAIT_S)
+    async def _batched(self, items: list[tuple[LoadedModel, torch.Tensor]]) -> list[torch.Tensor]:
+        # Items name their model version: a batch may mix models, or the versions before
+        # and after a swap, so it runs one forward pass per (model, version).
+        groups: dict[int, list[int]] = {}
+        for i, (entry, _) in enumerate(items):
+            groups.setdefault(id(entry), []).append(i)
+        out: list[torch.Tensor] = [torch.empty(0)] * len(items)
+        loop = asyncio.get_running_loop()
+        for idx in groups.values():
+            entry = items[idx[0]][0]
+            x = torch.cat([items[i][1] for i in idx])
+            self.metrics.batch_size.labels(entry.name).observe(len(idx))
+            probs = await loop.run_in_executor(self._pool, entry.predict, x)
+            for j, i in enumerate(idx):
+                out[i] = probs[j : j + 1]
+        return out
+
+    async def metrics_text(self) -> bytes:
+        return await self._reporter.text()
+
+    async def start(self) -> None:
+        self._reporter.start()
+
+    async def stop(self) -> None:
+        await self._reporter.stop()
+
+
+def build_app(args: ServeArgs) -> Application:
+    """Typed app builder: `serve run cnnray.serve.app:build_app model_store=DIR` validates
+    the arguments against `ServeArgs` (unknown keys are errors) and resolves the newest
+    version of every model in the store."""
+    import ray
+
+    if isinstance(args, dict):  # called directly with plain arguments
+        args = ServeArgs.model_validate(args)
+    from ray.serve.config import DeploymentActorConfig
+
+    user_config = user_config_for(args)
+    return ModelServer.options(
+        num_replicas=args.replicas,
+        max_ongoing_requests=max(args.max_ongoing_requests, args.max_batch_size),
+        ray_actor_options={"num_cpus": args.cpus_per_replica, "num_gpus": 1 if args.gpu else 0},
+        user_config=user_config,
+        deployment_actors=[
+            DeploymentActorConfig(
+                name=METRICS_ACTOR, actor_class=ray.remote(MetricsHub), actor_options={"num_cpus": 0}
+            )
+        ],
+    ).bind(
+        user_config,
+        args.limits.model_dump(),
+        device="cuda" if args.gpu else "cpu",
+        threads=max(1, int(args.cpus_per_replica)),
+    )

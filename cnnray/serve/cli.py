@@ -1,0 +1,205 @@
+"""`cnnray serve` and `cnnray predict` (registered by cnnray/cli.py's plug-in list).
+
+    cnnray serve --model-store runs/store [--port 8000] [--replicas 2] [--gpu]
+    cnnray serve --checkpoint runs/x/ray/x/epoch-0003 --name mnist
+    cnnray serve --model-store runs/store --print-config > serve.yaml   # for `serve deploy`
+    cnnray predict --url http://127.0.0.1:8000 --model mnist digit.png other.jpg
+
+`serve` runs until interrupted (Ctrl-C or SIGTERM), then removes what it started. Every
+`--watch-s` seconds it looks for new versions in the model store and swaps them in without
+dropping requests. Bad input (no model, a broken checkpoint, a bad value) exits 2 with one
+line before Ray starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import signal
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+PREDICT_CHUNK = 32  # images per :predict request (the server's default limit is 64)
+
+
+def add_parsers(sub: Any) -> None:
+    from cnnray.serve import defaults as s
+
+    p = sub.add_parser(
+        "serve",
+        help="serve checkpoints over HTTP with Ray Serve",
+        description="Serve cnnray checkpoints over HTTP (KServe v1 and TorchServe-style APIs, "
+        "a page at /, Prometheus metrics at /metrics) until interrupted.",
+    )
+    p.add_argument("--model-store", metavar="DIR", help="serve the newest version of every model in this store")
+    p.add_argument("--checkpoint", metavar="PATH", help="serve one checkpoint folder directly (as version 1)")
+    p.add_argument("--name", help="model name for --checkpoint (letters, digits, '.', '_', '-')")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on; default 127.0.0.1 (this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port; default 8000")
+    p.add_argument("--replicas", type=int, default=1, help="replicas of the deployment; default 1")
+    p.add_argument("--gpu", action="store_true", help="one GPU per replica")
+    p.add_argument("--cpus-per-replica", type=float, default=1.0, help="CPUs per replica (torch threads); default 1")
+    p.add_argument("--max-batch-size", type=int, default=s.MAX_BATCH_SIZE,
+                   help=f"images per forward pass; default {s.MAX_BATCH_SIZE}")
+    p.add_argument("--batch-wait-ms", type=float, default=s.BATCH_WAIT_S * 1000,
+                   help=f"how long a batch waits to fill, milliseconds; default {s.BATCH_WAIT_S * 1000:g}")
+    p.add_argument("--max-body-mb", type=float, default=s.MAX_BODY_BYTES / 2**20,
+                   help=f"largest request body, MiB; default {s.MAX_BODY_BYTES / 2**20:g}")
+    p.add_argument("--max-instances", type=int, default=s.MAX_INSTANCES,
+                   help=f"instances per :predict request; default {s.MAX_INSTANCES}")
+    p.add_argument("--watch-s", type=float, default=5.0,
+                   help="seconds between looks at the model store for new versions (0: never); default 5")
+    p.add_argument("--address", help="Ray cluster to join; default $RAY_ADDRESS or a new local Ray")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the Serve config YAML for `serve deploy` and exit (starts nothing)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser(
+        "predict",
+        help="classify image files with a running `cnnray serve`",
+        description="Send PNG or JPEG files to a running server and print each one's label and probability.",
+    )
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="PNG or JPEG files")
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="server address; default http://127.0.0.1:8000")
+    p.add_argument("--model", required=True, help="model name (see GET /v1/models)")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for an answer; default 60")
+    p.add_argument("--json", action="store_true", help="print the server's JSON answers instead of a table")
+    p.set_defaults(func=cmd_predict)
+
+
+# --- serve --------------------------------------------------------------------------------
+def serve_args_from(args: argparse.Namespace):
+    """Flags -> ServeArgs; every bad value is a ConfigError (exit 2, one line)."""
+    from pydantic import ValidationError
+
+    from cnnray.config import ConfigError
+    from cnnray.serve.schemas import Limits, ServeArgs
+
+    if bool(args.checkpoint) != bool(args.name):
+        raise ConfigError("--checkpoint and --name go together: --checkpoint PATH --name NAME")
+    if not args.model_store and not args.checkpoint:
+        raise ConfigError("nothing to serve: pass --model-store DIR, or --checkpoint PATH --name NAME")
+    if not 0 < args.port < 65536:
+        raise ConfigError(f"--port {args.port} is not a TCP port (1-65535)")
+    if args.watch_s < 0:
+        raise ConfigError(f"--watch-s {args.watch_s:g} must be 0 (off) or positive")
+    try:
+        return ServeArgs(
+            model_store=str(Path(args.model_store).expanduser().resolve()) if args.model_store else None,
+            checkpoints={args.name: str(Path(args.checkpoint).expanduser().resolve())} if args.checkpoint else {},
+            replicas=args.replicas,
+            gpu=args.gpu,
+            cpus_per_replica=args.cpus_per_replica,
+            max_batch_size=args.max_batch_size,
+            batch_wait_timeout_s=args.batch_wait_ms / 1000,
+            limits=Limits(max_body_bytes=int(args.max_body_mb * 2**20), max_instances=args.max_instances),
+        )
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise ConfigError(f"{where}: {err['msg']}") from None
+
+
+class _Stop(Exception):
+    """SIGTERM, handled like Ctrl-C."""
+
+
+def _raise_stop(signum: int, frame: Any) -> None:
+    raise _Stop()
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from cnnray.serve.engine import resolve_models
+    from cnnray.serve.runner import ServeRunner, serve_config
+
+    sargs = serve_args_from(args)
+    models = resolve_models(sargs)  # bad store or checkpoint: exit 2 before Ray starts
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump(serve_config(sargs, args.host, args.port), sort_keys=False), end="")
+        return 0
+
+    import ray
+
+    from cnnray.train.driver import init_ray
+
+    joined = bool(args.address or os.environ.get("RAY_ADDRESS"))
+    init_ray(args.address)
+    runner = ServeRunner(sargs, host=args.host, port=args.port)
+    previous = signal.signal(signal.SIGTERM, _raise_stop)
+    try:
+        url = runner.start()
+        served = ", ".join(f"{n} (version {r.version})" for n, r in sorted(models.items()))
+        print(f"[cnnray] serving {served} at {url}  (page {url}/, API {url}/v1/models, docs {url}/docs)", flush=True)
+        print("[cnnray] press Ctrl-C to stop", flush=True)
+        while True:
+            time.sleep(args.watch_s or 3600)
+            if args.watch_s:
+                for name, ref in runner.refresh().items():
+                    print(f"[cnnray] now serving {name} version {ref.version} ({ref.path})", flush=True)
+    except (KeyboardInterrupt, _Stop):
+        print("[cnnray] stopping", flush=True)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        try:
+            # On a cluster we joined, remove our app only; a local Ray is ours to stop.
+            runner.stop(shutdown_serve=not joined)
+        finally:
+            if not joined:
+                ray.shutdown()
+    return 0
+
+
+# --- predict ------------------------------------------------------------------------------
+def cmd_predict(args: argparse.Namespace) -> int:
+    from cnnray.config import ConfigError
+
+    if not args.url.startswith(("http://", "https://")):
+        raise ConfigError(f"--url {args.url!r} must start with http:// or https://")
+    files = [Path(p) for p in args.images]
+    payloads = []
+    for f in files:
+        try:
+            payloads.append(base64.b64encode(f.read_bytes()).decode("ascii"))
+        except OSError as e:
+            raise ConfigError(f"cannot read {f}: {e.strerror or e}") from None
+    endpoint = f"{args.url.rstrip('/')}/v1/models/{urllib.request.quote(args.model, safe='')}:predict"
+    width = max(len(str(f)) for f in files)
+    for start in range(0, len(files), PREDICT_CHUNK):
+        chunk = payloads[start : start + PREDICT_CHUNK]
+        status, body = _post_json(endpoint, {"instances": [{"b64": b} for b in chunk]}, args.timeout)
+        if status != 200:
+            said = f"answered {status}" if status else "cannot be reached"
+            print(f"cnnray: error: {endpoint} {said}: {body.get('error', body)}", file=sys.stderr)
+            return 1
+        if args.json:
+            print(json.dumps(body))
+            continue
+        for f, pred in zip(files[start : start + PREDICT_CHUNK], body["predictions"]):
+            prob = pred["probabilities"][pred["class_index"]]
+            print(f"{str(f):<{width}}  {pred['label']}  {prob:.4f}")
+    return 0
+
+
+def _post_json(url: str, obj: Any, timeout: float) -> tuple[int, dict[str, Any]]:
+    req = urllib.request.Request(
+        url, data=json.dumps(obj).encode(), headers={"Content-Type": "application/json"}, method="POST"
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        try:
+            return e.code, json.loads(e.read())
+        except ValueError:
+            return e.code, {"error": e.reason}
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        return 0, {"error": str(reason)}

@@ -1,0 +1,142 @@
+"""Turn request payloads into model inputs exactly as training turned dataset files into batches.
+
+Training decodes an image with Pillow, keeps one channel ("L") for a grayscale dataset and
+three ("RGB") otherwise, resizes it bilinearly to the dataset's size when it differs
+(cnnray/data/imagefolder.py), stores uint8 C x H x W pixels, and normalises a batch with
+`cnnray.data.normalize` ((x / 255 - mean) / std, as one addcmul). Serving does the same
+steps with the same functions, so an image sent over HTTP gets the prediction that the
+offline evaluation gives it.
+
+Every problem with a payload raises `RequestError` with an HTTP status (4xx) and a
+one-line message; nothing here raises anything else for bad input.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from cnnray.data import normalize
+
+ACCEPTED_FORMATS = ("PNG", "JPEG")
+
+
+class RequestError(Exception):
+    """A request the server refuses: `status` is the HTTP status, `message` says why."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def decode_image(data: bytes, input_shape: Sequence[int], max_pixels: int) -> torch.Tensor:
+    """PNG or JPEG bytes -> uint8 C x H x W pixels, converted as training converts images."""
+    channels, height, width = (int(s) for s in input_shape)
+    if not data:
+        raise RequestError(400, "empty image: send the bytes of a PNG or JPEG file")
+    try:
+        img = Image.open(io.BytesIO(data))  # lazy: reads the header only
+    except Exception:  # UnidentifiedImageError, or a header that makes Pillow trip
+        raise RequestError(400, "not an image: send a PNG or JPEG file") from None
+    with img:
+        if img.format not in ACCEPTED_FORMATS:
+            raise RequestError(400, f"{img.format} images are not accepted: send a PNG or JPEG file")
+        if img.width * img.height > max_pixels:
+            # Checked before decoding, so a small file that declares a huge canvas
+            # (a decompression bomb) costs nothing.
+            raise RequestError(
+                413, f"image of {img.width}x{img.height} pixels is larger than the limit of {max_pixels} pixels"
+            )
+        try:
+            # Training's rule: one channel for a grayscale dataset, else RGB (a gray image
+            # is repeated on the three channels, as Pillow's L -> RGB does).
+            img = img.convert("L" if channels == 1 else "RGB")  # forces the full decode
+            if img.size != (width, height):
+                img = img.resize((width, height), Image.Resampling.BILINEAR)
+            pixels = np.asarray(img)
+        except Exception as e:  # truncated or corrupt data: OSError, SyntaxError, ValueError...
+            raise RequestError(400, f"cannot decode the {img.format} image: {_first_line(e)}") from None
+    if channels == 1:
+        pixels = pixels[None]
+    else:
+        pixels = pixels.transpose(2, 0, 1)
+    return torch.from_numpy(pixels.copy())  # a C-contiguous, writable copy of Pillow's buffer
+
+
+def decode_b64(text: str, input_shape: Sequence[int], max_pixels: int, where: str) -> torch.Tensor:
+    """A {"b64": ...} instance -> uint8 C x H x W pixels."""
+    try:
+        # Line breaks are allowed (`base64` tools wrap at 76 columns); other stray characters are not.
+        data = base64.b64decode("".join(text.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise RequestError(400, f"{where}: b64 is not valid base64") from None
+    try:
+        return decode_image(data, input_shape, max_pixels)
+    except RequestError as e:
+        raise RequestError(e.status, f"{where}: {e.message}") from None
+
+
+def array_instance(value: list[Any], input_shape: Sequence[int], where: str) -> torch.Tensor:
+    """A nested list of pixel values in 0..255 of exactly the model's C x H x W shape -> float32."""
+    shape = tuple(int(s) for s in input_shape)
+    try:
+        arr = np.asarray(value)
+    except ValueError:  # ragged nesting, on some numpy versions
+        arr = None
+    if arr is None or arr.dtype == object:
+        raise RequestError(400, f"{where}: not a regular nesting of numbers; expected shape {list(shape)}")
+    if arr.shape != shape:
+        raise RequestError(400, f"{where}: array of shape {list(arr.shape)}; expected {list(shape)}")
+    if arr.dtype.kind not in "iuf":  # booleans, strings, ...
+        raise RequestError(400, f"{where}: array must hold numbers (pixel values 0..255)")
+    arr = arr.astype(np.float64, copy=False)
+    if not np.isfinite(arr).all():
+        raise RequestError(400, f"{where}: array holds NaN or infinity")
+    if arr.min() < 0 or arr.max() > 255:
+        raise RequestError(400, f"{where}: pixel values must lie in 0..255 (got {arr.min():g}..{arr.max():g})")
+    return torch.from_numpy(arr.astype(np.float32))
+
+
+def to_model_input(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """C x H x W pixels (uint8, or float in 0..255) -> 1 x C x H x W normalised float32.
+
+    Uint8 goes through the very call training batches go through; floats through the
+    same formula. Normalising one image at a time gives the same numbers as a batch."""
+    return normalize(pixels.unsqueeze(0), mean, std)
+
+
+def decode_instances(instances: list[Any], input_shape: Sequence[int], max_pixels: int) -> list[torch.Tensor]:
+    """Every instance of a :predict request, as C x H x W pixels (uint8 or float32)."""
+    out = []
+    for i, inst in enumerate(instances):
+        where = f"instance {i}"
+        if isinstance(inst, list):
+            out.append(array_instance(inst, input_shape, where))
+        else:  # a B64Instance (pydantic has checked the alternatives)
+            out.append(decode_b64(inst.b64, input_shape, max_pixels, where))
+    return out
+
+
+def finite_json(obj: Any) -> Any:
+    """Checkpoint metrics as JSON can carry them: NaN and infinity become null."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    return obj
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__

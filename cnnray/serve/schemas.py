@@ -1,0 +1,131 @@
+"""Pydantic schemas of the serving app: its builder arguments, its user_config and its HTTP API.
+
+Three groups:
+- `ServeArgs`: the typed arguments of the app builder (`serve run cnnray.serve.app:build_app
+  model_store=...`, the `args:` of jobs/configs/serve.yaml, or `cnnray serve` flags).
+- `ServeUserConfig`: what `reconfigure(user_config)` receives: the exact checkpoint folder
+  and version of every served model, and the batching settings. A new version in the
+  model store becomes a new user_config, applied in place without restarting replicas.
+- Request and response bodies of the HTTP API (KServe v1 and TorchServe conventions).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from cnnray.serve.defaults import (
+    BATCH_WAIT_S,
+    MAX_BATCH_SIZE,
+    MAX_BODY_BYTES,
+    MAX_IMAGE_PIXELS,
+    MAX_INSTANCES,
+    MAX_ONGOING_REQUESTS,
+)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt key is an error, not a default
+
+
+class Limits(_Strict):
+    """What one request may carry; larger requests get a 4xx answer, never a crash."""
+
+    max_body_bytes: int = Field(MAX_BODY_BYTES, ge=1024)
+    max_instances: int = Field(MAX_INSTANCES, ge=1)
+    max_image_pixels: int = Field(MAX_IMAGE_PIXELS, ge=1)
+
+
+class ServeArgs(_Strict):
+    """Arguments of `build_app`: which models to serve and how."""
+
+    model_store: str | None = Field(None, description="model store: the newest version of every model in it")
+    checkpoints: dict[str, str] = Field(
+        default_factory=dict, description="name -> checkpoint folder, served as version 1"
+    )
+    replicas: int = Field(1, ge=1, description="replicas of the deployment")
+    gpu: bool = Field(False, description="one GPU per replica")
+    cpus_per_replica: float = Field(1.0, ge=0, description="CPUs reserved per replica (and torch threads)")
+    max_batch_size: int = Field(MAX_BATCH_SIZE, ge=1, le=4096)
+    batch_wait_timeout_s: float = Field(BATCH_WAIT_S, ge=0, le=10)
+    max_ongoing_requests: int = Field(MAX_ONGOING_REQUESTS, ge=1)
+    limits: Limits = Field(default_factory=Limits)
+
+
+class ModelRef(_Strict):
+    """One served model version: a checkpoint folder."""
+
+    path: str
+    version: int = Field(ge=1)
+
+
+class ServeUserConfig(_Strict):
+    """The deployment's user_config; `reconfigure` loads whatever differs from what it serves."""
+
+    models: dict[str, ModelRef]
+    max_batch_size: int = Field(MAX_BATCH_SIZE, ge=1, le=4096)
+    batch_wait_timeout_s: float = Field(BATCH_WAIT_S, ge=0, le=10)
+
+
+# --- HTTP API ---------------------------------------------------------------------------
+class B64Instance(_Strict):
+    b64: str = Field(description="a PNG or JPEG file, base64-encoded")
+
+
+class PredictRequest(_Strict):
+    """KServe v1: `{"instances": [...]}`; an instance is {"b64": "..."} or a C x H x W array
+    of pixel values in 0..255 (the model's input shape, before normalisation)."""
+
+    instances: list[B64Instance | list[Any]]
+
+
+class Prediction(BaseModel):
+    label: str
+    class_index: int
+    probabilities: list[float]
+
+
+class PredictResponse(BaseModel):
+    predictions: list[Prediction]
+    model_name: str
+    model_version: int
+
+
+class TorchServeResponse(Prediction):
+    model_name: str
+    model_version: int
+
+
+class ModelInfo(BaseModel):
+    name: str
+    version: int
+    ready: bool
+    error: str | None = None  # why a version failed to load (the previous one keeps serving)
+    architecture: str | None = None  # registry name, e.g. "cnn"
+    dataset: str | None = None
+    input_shape: list[int] | None = None  # C, H, W
+    classes: list[str] | None = None
+    epoch: int | None = None
+    metrics: dict[str, Any] = Field(default_factory=dict)  # as stored in the checkpoint
+
+
+class ModelList(BaseModel):
+    models: list[ModelInfo]
+
+
+class ModelStatus(BaseModel):
+    name: str
+    version: int
+    ready: bool
+    error: str | None = None
+
+
+class Health(BaseModel):
+    status: str
+    models: list[str]
+    replica: str
+
+
+class ErrorBody(BaseModel):
+    error: str

@@ -1,0 +1,435 @@
+"""Serving pieces without Ray: preprocessing against training's own decoder, schemas, metrics
+merging, the Serve config file, and the CLI's refusals. Also the helpers the Serve tests share."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.conftest import REPO
+
+MNIST_INFO = {
+    "dataset": "mnist",
+    "input_shape": [1, 28, 28],
+    "mean": [0.1307],
+    "std": [0.3081],
+    "classes": [str(i) for i in range(10)],
+}
+CIFAR_INFO = {
+    "dataset": "cifar10",
+    "input_shape": [3, 32, 32],
+    "mean": [0.4914, 0.4822, 0.4465],
+    "std": [0.2470, 0.2435, 0.2616],
+    "classes": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"],
+}
+
+
+# --- helpers shared by the Serve test modules ---------------------------------------------------
+@contextlib.contextmanager
+def one_thread():
+    """torch on one thread: on a busy shared machine, two threads on two loaded cores make
+    small conv steps ten times slower, not faster."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def save_model(directory: Path, model_name: str, data_info: dict, *, seed: int = 0,
+               model: torch.nn.Module | None = None, metrics: dict | None = None, **overrides) -> Path:
+    """A real cnnray checkpoint of `model` (or of freshly initialised weights)."""
+    from cnnray.checkpoint import save_checkpoint
+    from cnnray.models import build_model, resolve_model_args
+
+    c, h, w = data_info["input_shape"]
+    args = resolve_model_args(model_name, num_classes=len(data_info["classes"]), in_channels=c, image_size=(h, w))
+    if model is None:
+        torch.manual_seed(seed)
+        model = build_model(model_name, **args)
+    return save_checkpoint(
+        directory, model_name=model_name, model_args=args, state_dict=model.state_dict(),
+        data_info={**data_info, **overrides}, epoch=1, config={"seed": seed},
+        metrics=metrics if metrics is not None else {"val_accuracy": 0.1, "val_loss": float("nan")},
+    )
+
+
+def train_cnn(images: torch.Tensor, labels: torch.Tensor, *, steps: int, seed: int = 0) -> torch.nn.Module:
+    """The lecture's `cnn`, trained for `steps` SGD steps with training's own batches."""
+    from cnnray.data import ShardedBatches
+    from cnnray.models import build_model, resolve_model_args
+
+    torch.manual_seed(seed)
+    model = build_model("cnn", **resolve_model_args("cnn"))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    batches = ShardedBatches(images, labels, batch_size=64, shuffle=True, drop_last=True, seed=seed,
+                             mean=MNIST_INFO["mean"], std=MNIST_INFO["std"])
+    done, epoch = 0, 0
+    model.train()
+    with one_thread():
+        while done < steps:
+            batches.set_epoch(epoch)
+            for x, y in batches:
+                opt.zero_grad()
+                torch.nn.functional.cross_entropy(model(x), y).backward()
+                opt.step()
+                done += 1
+                if done == steps:
+                    break
+            epoch += 1
+    return model.eval()
+
+
+def offline_probs(checkpoint: Path, pixels_uint8: torch.Tensor) -> torch.Tensor:
+    """What offline evaluation computes for N x C x H x W uint8 images: training's
+    normalisation, the checkpoint's model, softmax."""
+    from cnnray.checkpoint import load_model
+    from cnnray.data import normalize
+
+    model, meta = load_model(checkpoint)
+    with torch.inference_mode(), one_thread():
+        return torch.softmax(model(normalize(pixels_uint8, meta["data"]["mean"], meta["data"]["std"])), 1)
+
+
+def png(array: np.ndarray, mode: str | None = None) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array, mode=mode).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def encode(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def training_decode(files: list[bytes]) -> np.ndarray:
+    """Decode image files with training's image-folder decoder: uint8 N x C x H x W, every
+    image converted and resized as the first one sets (what `cnnray train` would store)."""
+    from cnnray.data.imagefolder import ImageItem, decode_images
+
+    items = [ImageItem("train", "a", f"train{i}", data=d) for i, d in enumerate(files)]
+    items.append(ImageItem("test", "a", "test0", data=files[0]))
+    # decode_images sorts train items by name: keep the given order with zero-padded names
+    items = [ImageItem(it.split, it.cls, f"{it.split}{i:04d}", data=it.data) for i, it in enumerate(items)]
+    return decode_images(items, "test")["train_x"]
+
+
+NOISE_PNG = png(np.random.default_rng(0).integers(0, 256, (28, 28), dtype=np.uint8))
+
+
+# --- preprocessing is training's conversion --------------------------------------------------------
+def test_png_decodes_to_the_training_pixels():
+    from cnnray.serve.preprocess import decode_image
+
+    rng = np.random.default_rng(0)
+    digit = rng.integers(0, 256, (28, 28), dtype=np.uint8)
+    data = png(digit)
+    served = decode_image(data, [1, 28, 28], 10**6)
+    assert served.dtype == torch.uint8 and served.shape == (1, 28, 28)
+    assert torch.equal(served[0], torch.from_numpy(digit))
+    assert np.array_equal(served.numpy(), training_decode([data])[0])
+
+
+def test_colour_jpeg_of_another_size_is_resized_as_training_resizes():
+    from cnnray.serve.preprocess import decode_image
+
+    rng = np.random.default_rng(1)
+    first = encode(Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)), "PNG")
+    photo = encode(Image.fromarray(rng.integers(0, 256, (36, 40, 3), dtype=np.uint8)), "JPEG", quality=90)
+    gray = encode(Image.fromarray(rng.integers(0, 256, (32, 32), dtype=np.uint8)), "PNG")
+    expected = training_decode([first, photo, gray])
+    assert np.array_equal(decode_image(photo, [3, 32, 32], 10**6).numpy(), expected[1])
+    # a grayscale file for a colour model: repeated on the three channels, as training does
+    assert np.array_equal(decode_image(gray, [3, 32, 32], 10**6).numpy(), expected[2])
+
+
+def test_colour_image_for_a_grayscale_model_becomes_one_channel():
+    from cnnray.serve.preprocess import decode_image
+
+    rgba = Image.fromarray(np.full((28, 28, 4), 200, dtype=np.uint8), mode="RGBA")
+    out = decode_image(encode(rgba, "PNG"), [1, 28, 28], 10**6)
+    assert out.shape == (1, 28, 28) and int(out[0, 0, 0]) == 200
+
+
+def test_normalisation_is_the_training_batches():
+    from cnnray.data import ShardedBatches
+    from cnnray.serve.preprocess import to_model_input
+
+    x = torch.randint(0, 256, (5, 1, 28, 28), dtype=torch.uint8)
+    (batch, _), = list(ShardedBatches(x, torch.zeros(5, dtype=torch.long), batch_size=5, shuffle=False,
+                                      drop_last=False, mean=(0.1307,), std=(0.3081,)))
+    for i in range(5):
+        assert torch.equal(to_model_input(x[i], (0.1307,), (0.3081,))[0], batch[i])
+        # an array instance of the same pixel values gives the same input
+        assert torch.equal(to_model_input(x[i].float(), (0.1307,), (0.3081,))[0], batch[i])
+
+
+@pytest.mark.parametrize(
+    "data, fragment, status",
+    [
+        (b"", "empty image", 400),
+        (b"hello, this is not an image", "not an image", 400),
+        (NOISE_PNG[: len(NOISE_PNG) // 2], "cannot decode", 400),
+        (encode(Image.new("L", (28, 28)), "GIF"), "GIF images are not accepted", 400),
+        (encode(Image.new("L", (28, 28)), "BMP"), "BMP images are not accepted", 400),
+        (encode(Image.new("L", (3000, 3000)), "PNG"), "larger than the limit", 413),
+    ],
+    ids=["empty", "text", "truncated", "gif", "bmp", "too-many-pixels"],
+)
+def test_bad_images_raise_request_errors(data, fragment, status):
+    from cnnray.serve.preprocess import RequestError, decode_image
+
+    with pytest.raises(RequestError) as info:
+        decode_image(data, [1, 28, 28], 2000 * 2000)
+    assert info.value.status == status and fragment in info.value.message
+
+
+@pytest.mark.parametrize(
+    "value, fragment",
+    [
+        (np.zeros((28, 28)).tolist(), "shape [28, 28]; expected [1, 28, 28]"),
+        ([[[0.0] * 28] * 27 + [[0.0] * 27]], "not a regular nesting"),
+        (np.full((1, 28, 28), np.nan).tolist(), "NaN or infinity"),
+        (np.full((1, 28, 28), np.inf).tolist(), "NaN or infinity"),
+        (np.full((1, 28, 28), 256.0).tolist(), "must lie in 0..255"),
+        (np.full((1, 28, 28), -1).tolist(), "must lie in 0..255"),
+        (np.full((1, 28, 28), True).tolist(), "must hold numbers"),
+        (np.full((1, 28, 28), "7").tolist(), "must hold numbers"),
+    ],
+    ids=["shape", "ragged", "nan", "inf", "over-255", "negative", "bool", "strings"],
+)
+def test_bad_arrays_raise_request_errors(value, fragment):
+    from cnnray.serve.preprocess import RequestError, array_instance
+
+    with pytest.raises(RequestError) as info:
+        array_instance(value, [1, 28, 28], "instance 0")
+    assert info.value.status == 400 and fragment in info.value.message, info.value.message
+
+
+def test_b64_instances():
+    from cnnray.serve.preprocess import RequestError, decode_b64
+
+    with pytest.raises(RequestError, match="not valid base64"):
+        decode_b64("***", [1, 28, 28], 10**6, "instance 3")
+    import base64
+
+    with pytest.raises(RequestError, match="instance 3: not an image"):
+        decode_b64(base64.b64encode(b"abc").decode(), [1, 28, 28], 10**6, "instance 3")
+
+
+def test_checkpoint_metrics_become_valid_json():
+    from cnnray.serve.preprocess import finite_json
+
+    out = finite_json({"a": float("nan"), "b": [1.0, float("inf")], "c": {"d": 2}})
+    assert json.loads(json.dumps(out, allow_nan=False)) == {"a": None, "b": [1.0, None], "c": {"d": 2}}
+
+
+# --- metrics -----------------------------------------------------------------------------------------
+def _parse(text: bytes) -> dict:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for fam in text_string_to_metric_families(text.decode())
+        for s in fam.samples
+    }
+
+
+def test_replica_metrics_add_up():
+    from cnnray.serve.metrics import ServeMetrics, merge, render
+
+    replicas = [ServeMetrics(), ServeMetrics()]
+    for m, (ok, bad) in zip(replicas, [(3, 1), (5, 0)]):
+        m.set_versions({"mnist": 2 if m is replicas[0] else 3})
+        for _ in range(ok):
+            with m.track("mnist", "kserve") as t:
+                t.status = 200
+        for _ in range(bad):
+            with m.track("mnist", "torchserve") as t:
+                t.status = 400
+        m.batch_size.labels("mnist").observe(ok)
+    with pytest.raises(RuntimeError):
+        with replicas[1].track("mnist", "kserve"):
+            raise RuntimeError("a bug in a handler counts as 500")
+    text = render(merge(r.snapshot() for r in replicas))
+    got = _parse(text)
+    assert got[("cnnray_serve_requests_total", (("api", "kserve"), ("model", "mnist"), ("status", "200")))] == 8
+    assert got[("cnnray_serve_requests_total", (("api", "torchserve"), ("model", "mnist"), ("status", "400")))] == 1
+    assert got[("cnnray_serve_requests_total", (("api", "kserve"), ("model", "mnist"), ("status", "500")))] == 1
+    assert got[("cnnray_serve_request_latency_seconds_count", (("model", "mnist"),))] == 10
+    assert got[("cnnray_serve_batch_size_sum", (("model", "mnist"),))] == 8
+    assert got[("cnnray_serve_batch_size_count", (("model", "mnist"),))] == 2
+    assert got[("cnnray_serve_in_flight_requests", (("model", "mnist"),))] == 0
+    assert got[("cnnray_serve_model_version", (("model", "mnist"),))] == 3  # max, not sum
+    assert got[("cnnray_serve_replicas", ())] == 2
+    assert b"# TYPE cnnray_serve_request_latency_seconds histogram" in text
+    assert not any(name.endswith("_created") for name, _ in got)
+
+
+def test_metrics_hub_drops_silent_replicas(monkeypatch):
+    from cnnray.serve import metrics
+
+    hub = metrics.MetricsHub()
+    a, b = metrics.ServeMetrics(), metrics.ServeMetrics()
+    a.requests.labels("m", "kserve", "200").inc(2)
+    b.requests.labels("m", "kserve", "200").inc(5)
+    hub.push("a", a.snapshot())
+    hub.push("b", b.snapshot())
+    assert _parse(metrics.render(hub.merged()))[("cnnray_serve_replicas", ())] == 2
+    now = metrics.time.monotonic()
+    monkeypatch.setattr(metrics.time, "monotonic", lambda: now + metrics.STALE_S + 1)
+    hub.push("b", b.snapshot())
+    got = _parse(metrics.render(hub.merged()))
+    assert got[("cnnray_serve_replicas", ())] == 1
+    assert got[("cnnray_serve_requests_total", (("api", "kserve"), ("model", "m"), ("status", "200")))] == 5
+
+
+# --- schemas, config, store resolution ---------------------------------------------------------------
+def test_serve_args_refuse_unknown_keys():
+    from pydantic import ValidationError
+
+    from cnnray.serve.schemas import ServeArgs
+
+    with pytest.raises(ValidationError, match="max_batch"):
+        ServeArgs.model_validate({"model_store": "/x", "max_batch": 8})
+    with pytest.raises(ValidationError):
+        ServeArgs.model_validate({"model_store": "/x", "replicas": 0})
+
+
+def test_serve_yaml_is_a_valid_serve_config_of_this_app():
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from cnnray.serve.defaults import APP_NAME
+    from cnnray.serve.runner import APP_IMPORT_PATH
+    from cnnray.serve.schemas import ServeArgs
+
+    config = yaml.safe_load((REPO / "jobs" / "configs" / "serve.yaml").read_text())
+    schema = ServeDeploySchema.model_validate(config)
+    (app,) = schema.applications
+    assert app.import_path == APP_IMPORT_PATH and app.name == APP_NAME
+    assert config["http_options"]["host"] == "127.0.0.1"
+    ServeArgs.model_validate(app.args)  # what Serve does before calling the builder
+
+
+def test_store_resolution_takes_the_newest_version(tmp_path):
+    from cnnray.config import ConfigError
+    from cnnray.serve.engine import resolve_models
+    from cnnray.serve.schemas import ServeArgs
+    from cnnray.store import export
+
+    a = save_model(tmp_path / "a", "cnn", MNIST_INFO, seed=1)
+    b = save_model(tmp_path / "b", "cnn", MNIST_INFO, seed=2)
+    store = tmp_path / "store"
+    export(a, store, "digits")
+    export(b, store, "digits")
+    refs = resolve_models(ServeArgs(model_store=str(store), checkpoints={"direct": str(a)}))
+    assert refs["digits"].version == 2 and refs["digits"].path == str(store / "digits" / "2")
+    assert refs["direct"].version == 1
+    with pytest.raises(ConfigError, match="both in the model store"):
+        resolve_models(ServeArgs(model_store=str(store), checkpoints={"digits": str(a)}))
+    with pytest.raises(ConfigError, match="names no model"):
+        resolve_models(ServeArgs(model_store=str(tmp_path / "a")))
+
+
+def test_a_model_that_fails_its_declared_input_is_refused_at_load(tmp_path):
+    from cnnray.checkpoint import CheckpointError
+    from cnnray.serve.engine import load_served_model
+    from cnnray.serve.schemas import ModelRef
+
+    ck = save_model(tmp_path / "bad", "cnn", MNIST_INFO, input_shape=[1, 20, 20])
+    with pytest.raises(CheckpointError, match="fails on a \\[1, 20, 20\\] input"):
+        load_served_model("bad", ModelRef(path=str(ck), version=1))
+
+
+# --- CLI refusals (no Ray started) --------------------------------------------------------------------
+def run_cli(capsys, *args: str) -> tuple[int, str, str]:
+    """`cnnray ARGS` in this process (the same `main` the command runs), without Ray."""
+    from cnnray.cli import main
+
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, [line for line in err.splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    return save_model(tmp_path_factory.mktemp("ck") / "cnn", "cnn", MNIST_INFO)
+
+
+def test_cli_serve_refuses_bad_input_in_one_line(checkpoint, tmp_path, capsys):
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    for f in checkpoint.iterdir():
+        (corrupt / f.name).write_bytes(f.read_bytes())
+    (corrupt / "model.pt").write_bytes(b"not the weights")
+    cases = [
+        ([], "nothing to serve"),
+        (["--checkpoint", str(checkpoint)], "--checkpoint and --name go together"),
+        (["--model-store", str(tmp_path / "missing")], "is not a directory"),
+        (["--checkpoint", str(corrupt), "--name", "x"], "model.pt is corrupt"),
+        (["--checkpoint", str(checkpoint), "--name", "bad/name"], "invalid model name"),
+        (["--checkpoint", str(checkpoint), "--name", "x", "--max-batch-size", "0"], "max_batch_size"),
+        (["--checkpoint", str(checkpoint), "--name", "x", "--port", "70000"], "not a TCP port"),
+    ]
+    for args, fragment in cases:
+        code, _, lines = run_cli(capsys, "serve", *args)
+        assert code == 2 and len(lines) == 1 and fragment in lines[0], (args, lines)
+
+
+def test_cli_serve_refusal_through_the_command():
+    proc = subprocess.run([sys.executable, "-m", "cnnray.cli", "serve", "--name", "x"], capture_output=True,
+                          text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr
+    assert "--checkpoint and --name go together" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cli_print_config_is_a_deployable_serve_config(checkpoint, capsys):
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from cnnray.serve.schemas import ServeArgs
+
+    code, out, _ = run_cli(capsys, "serve", "--checkpoint", str(checkpoint), "--name", "mnist", "--port", "8123",
+                           "--print-config")
+    assert code == 0
+    config = yaml.safe_load(out)
+    (app,) = ServeDeploySchema.model_validate(config).applications
+    args = ServeArgs.model_validate(app.args)
+    assert args.checkpoints == {"mnist": str(checkpoint.resolve())}
+    assert config["http_options"] == {"host": "127.0.0.1", "port": 8123}
+
+
+def test_cli_predict_refusals(tmp_path, capsys):
+    code, _, lines = run_cli(capsys, "predict", "--model", "m", str(tmp_path / "none.png"))
+    assert code == 2 and "cannot read" in lines[0]
+    img = tmp_path / "a.png"
+    img.write_bytes(png(np.zeros((28, 28), np.uint8)))
+    code, _, lines = run_cli(capsys, "predict", "--url", "ftp://x", "--model", "m", str(img))
+    assert code == 2 and "must start with http://" in lines[0]
+    # nothing listens on port 9 (discard) of loopback: the error says so in one line
+    code, _, lines = run_cli(capsys, "predict", "--url", "http://127.0.0.1:9", "--model", "m", str(img),
+                             "--timeout", "5")
+    assert code == 1 and len(lines) == 1 and "cannot be reached" in lines[0], lines
+
+
+def test_wrapped_base64_is_accepted():
+    import base64
+
+    from cnnray.serve.preprocess import decode_b64
+
+    text = base64.encodebytes(NOISE_PNG).decode()  # wrapped at 76 columns, as `base64` tools write it
+    assert "\n" in text
+    assert torch.equal(decode_b64(text, [1, 28, 28], 10**6, "instance 0")[0], torch.from_numpy(
+        np.random.default_rng(0).integers(0, 256, (28, 28), dtype=np.uint8)))

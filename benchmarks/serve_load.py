@@ -21,7 +21,6 @@ import io
 import json
 import math
 import os
-import platform
 import signal
 import socket
 import subprocess
@@ -31,6 +30,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from benchmarks.machine import machine_info
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -228,30 +229,6 @@ def batch_stats(url: str) -> dict[str, float]:
                 elif s.name.endswith("_count"):
                     count += s.value
     return {"forward_passes": count, "images": total, "mean_batch_size": round(total / count, 2) if count else 0.0}
-
-
-def machine_info() -> dict[str, Any]:
-    import ray
-    import torch
-
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem_gib = None
-    try:
-        mem_gib = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
-    except (ValueError, OSError):
-        pass
-    return {
-        "cpu": cpu, "cpu_count": os.cpu_count(), "memory_gib": mem_gib, "gpu": torch.cuda.is_available(),
-        "platform": platform.platform(), "python": platform.python_version(),
-        "torch": torch.__version__, "ray": ray.__version__,
-    }
 
 
 def format_table(results: list[LoadResult]) -> str:

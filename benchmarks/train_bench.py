@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -28,6 +27,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from benchmarks.machine import machine_info
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -129,35 +130,10 @@ def run_cnnray(args: list[str], out: Path) -> dict[str, Any]:
 
 
 # --- records ---------------------------------------------------------------------------------
-def machine() -> dict[str, Any]:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import ray
-
-    from cnnray.train.loop import native_bf16
-
-    info = {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "cpu_native_bf16": native_bf16(torch.device("cpu")),
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "ray": ray.__version__,
-    }
-    return info
-
-
 def save_record(out_dir: Path, kind: str, settings: dict[str, Any], results: dict[str, Any]) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps({"kind": kind, "machine": machine(), "settings": settings, "results": results}, indent=2))
+    path.write_text(json.dumps({"kind": kind, "machine": machine_info(), "settings": settings, "results": results}, indent=2))
     return path
 
 

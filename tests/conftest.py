@@ -57,3 +57,15 @@ def registered_checkpoints(run_dir: Path) -> set[str]:
     except (OSError, ValueError):  # not written yet, or caught mid-write
         return set()
     return {r["checkpoint_dir_name"] for r in snapshot.get("checkpoint_results", [])}
+
+
+def spawn_cnnray(args: list[str], data_home: Path):
+    """Start `python -m cnnray.cli ARGS` as a user would, with a private data cache and no
+    RAY_ADDRESS (it starts its own local Ray); output merged into proc.stdout."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "CNNRAY_DATA": str(data_home)}
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.Popen([sys.executable, "-m", "cnnray.cli", *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.conftest import REPO, registered_checkpoints
+from tests.conftest import REPO, registered_checkpoints, spawn_cnnray
 
 
 def cnnray(*args: str, env_extra: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -92,10 +92,7 @@ def test_stopped_run_continues_with_resume(mnist_dir, tmp_path):
     out = tmp_path / "run"
     args = ["train", "--model", "cnn", "--data-dir", str(mnist_dir), "--subset", "6000", "--workers", "2",
             "--batch-size", "64", "--epochs", "6", "--out", str(out)]
-    env = {**os.environ, "CNNRAY_DATA": str(tmp_path / "cache")}
-    env.pop("RAY_ADDRESS", None)
-    proc = subprocess.Popen([sys.executable, "-m", "cnnray.cli", *args], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = spawn_cnnray(args, tmp_path / "cache")
     try:
         deadline = time.time() + 240
         while "epoch-0002" not in registered_checkpoints(out / "ray" / "run"):

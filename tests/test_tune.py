@@ -14,7 +14,7 @@ import pytest
 
 from cnnray.config import ConfigError, TrainConfig
 from cnnray.tune.space import Dist, default_space, parse_space, space_from_dict, space_to_dict
-from tests.conftest import REPO
+from tests.conftest import REPO, spawn_cnnray
 
 # A subset on which lr 0.05 clearly beats lr 1e-4 after one epoch, in seconds per epoch.
 SMOKE = dict(model="cnn", dataset="mnist", subset=2000, epochs=2, batch_size=64, seed=0)
@@ -218,10 +218,7 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(mnist_dir, tmp_p
     args = ["tune", "--model", "cnn", "--data-dir", str(mnist_dir), "--subset", "2000", "--epochs", "2",
             "--batch-size", "64", "--samples", "1", "--workers-per-trial", "2", "--space", str(space),
             "--out", str(out)]
-    env = {**os.environ, "CNNRAY_DATA": str(tmp_path / "cache")}
-    env.pop("RAY_ADDRESS", None)
-    proc = subprocess.Popen([sys.executable, "-m", "cnnray.cli", *args], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = spawn_cnnray(args, tmp_path / "cache")
     try:
         deadline = time.time() + 400
         statuses = _trial_statuses(out / "tune")

@@ -15,7 +15,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from cnnray.checkpoint import CheckpointError, verify_checkpoint
+from cnnray.checkpoint import CheckpointError, atomic_write_json, verify_checkpoint
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -70,10 +70,12 @@ def export(checkpoint_dir: str | Path, store: str | Path, name: str) -> Path:
     model_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=model_dir, prefix=".incoming-"))
     try:
-        for f in ["meta.json", *meta["files"]]:
-            if f != "train_state.pt":  # serving needs the weights, not the optimizer
-                shutil.copy2(src / f, tmp / f)
-        _drop_train_state(tmp)
+        # Serving needs the weights, not the optimizer: leave train_state.pt behind and
+        # list only the copied files (meta.json is not itself listed, so digests stay valid).
+        meta["files"].pop("train_state.pt", None)
+        for f in meta["files"]:
+            shutil.copy2(src / f, tmp / f)
+        atomic_write_json(meta, tmp / "meta.json")
         verify_checkpoint(tmp)
         while True:  # another exporter may take a number first: retry with the next
             target = model_dir / str((versions(store, name) or [0])[-1] + 1)
@@ -86,15 +88,3 @@ def export(checkpoint_dir: str | Path, store: str | Path, name: str) -> Path:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _drop_train_state(d: Path) -> None:
-    """Rewrite meta.json without the train_state entry (the file was not copied)."""
-    import json
-
-    from cnnray.checkpoint import atomic_write_json
-
-    meta = json.loads((d / "meta.json").read_text())
-    if meta["files"].pop("train_state.pt", None) is not None:
-        # meta.json is not itself listed in "files", so rewriting it keeps the digests valid.
-        atomic_write_json(meta, d / "meta.json")

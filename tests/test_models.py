@@ -7,6 +7,7 @@ Parameter counts and shape bookkeeping use the meta device: no memory, no init c
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -96,6 +97,58 @@ def test_layer_table_accounts_for_every_parameter(name: str, norm: str) -> None:
 
 
 # --- the lecture's numbers ------------------------------------------------------------
+
+
+def _in_lecture_order(model: nn.Module) -> nn.Module:
+    """A copy with every Sequential's (MaxPool2d, ReLU) pair put back as the lecture
+    writes it, ReLU then pool: the models pool first because it is cheaper."""
+    twin = copy.deepcopy(model)
+    for seq in twin.modules():
+        if isinstance(seq, nn.Sequential):
+            mods = list(seq)
+            for i in range(len(mods) - 1):
+                if isinstance(mods[i], nn.MaxPool2d) and isinstance(mods[i + 1], nn.ReLU):
+                    mods[i], mods[i + 1] = mods[i + 1], mods[i]
+            for i, mod in enumerate(mods):
+                seq[i] = mod
+    return twin
+
+
+def _values_and_grads(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    model.train()
+    out = model(x)
+    F.cross_entropy(out, torch.arange(len(x)) % out.shape[1]).backward()
+    return out.detach(), [p.grad for p in model.parameters()]
+
+
+@pytest.mark.parametrize("name", ["cnn", "vgg11", "vgg16"])
+@pytest.mark.parametrize("norm", ["none", "batch"])
+def test_pool_before_relu_equals_the_lecture_order(name: str, norm: str) -> None:
+    torch.manual_seed(0)
+    spec = get_model_spec(name)
+    model = build_model(name, norm=norm)
+    lecture = _in_lecture_order(model)
+    assert [type(m) for m in lecture.modules()] != [type(m) for m in model.modules()]
+    x = torch.randn(4, spec.in_channels, *spec.image_size)
+    out, grads = _values_and_grads(model, x)
+    ref_out, ref_grads = _values_and_grads(lecture, x)
+    assert torch.equal(out, ref_out)
+    assert all(torch.equal(g, r) for g, r in zip(grads, ref_grads))
+
+
+def test_tutorial_cnn_equals_the_lecture_forward() -> None:
+    torch.manual_seed(0)
+    m = build_model("tutorial_cnn")
+    x = torch.randn(4, 3, 32, 32)
+
+    def lecture_forward(x: torch.Tensor) -> torch.Tensor:  # the PyTorch tutorial's forward
+        x = m.pool(F.relu(m.conv1(x)))
+        x = m.pool(F.relu(m.conv2(x)))
+        x = torch.flatten(x, 1)
+        return m.fc3(F.relu(m.fc2(F.relu(m.fc1(x)))))
+
+    with torch.no_grad():
+        assert torch.equal(m(x), lecture_forward(x))
 
 
 @pytest.mark.parametrize(

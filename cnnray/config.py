@@ -68,6 +68,9 @@ class TrainConfig:
     max_failures: int = 2  # worker failures tolerated, each resumed from the last checkpoint
     keep_checkpoints: int = 2  # best by validation accuracy (the latest is kept as well)
     verbose: bool = True  # one progress line per epoch
+    # After the last epoch the workers (data loaded, processes warm) evaluate the test split
+    # with the best-validation weights; off for Tune trials, whose winner is evaluated once.
+    test_at_end: bool = True
 
     def __post_init__(self) -> None:
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)

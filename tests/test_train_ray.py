@@ -13,7 +13,7 @@ import torch
 
 from cnnray.checkpoint import load_model
 from cnnray.config import TrainConfig
-from cnnray.train.driver import run_training
+from cnnray.train.driver import pick_best, run_training
 from cnnray.train.loop import evaluate
 from cnnray.train.worker_data import held_out_batches
 from tests.conftest import registered_checkpoints
@@ -45,6 +45,22 @@ def test_two_workers_learn_and_checkpoint_round_trips(local_ray, mnist_dir, tmp_
     assert meta["model"]["args"]["image_size"] == [28, 28]
     stats = evaluate(model, held_out_batches(cfg, torch.device("cpu")), torch.device("cpu"))
     assert stats.accuracy == pytest.approx(result["test_accuracy"])
+    # The workers measured it (each on its shard of the test set), on the best epoch.
+    assert history[-1]["test_epoch"] == result["best_epoch"] == meta["epoch"]
+    assert history[-1]["test_samples"] == stats.count
+
+
+def test_pick_best_prefers_the_epoch_the_workers_named():
+    ckpts = [("c1", {"epoch": 1, "val_accuracy": 0.9}), ("c2", {"epoch": 2, "val_accuracy": 0.95}),
+             ("c3", {"epoch": 3, "val_accuracy": 0.95})]
+    test = {"test_accuracy": 0.96, "test_loss": 0.2, "test_samples": 100}
+    # A tie on validation: the workers name the first epoch that reached it, and tested it.
+    assert pick_best(ckpts, {"best_epoch": 2, "test_epoch": 2, **test}) == ("c2", ckpts[1][1], test)
+    # The named epoch is not among the kept ones: the best kept one, to be tested by the driver.
+    assert pick_best(ckpts[2:], {"best_epoch": 2, "test_epoch": 2, **test}) == ("c3", ckpts[2][1], None)
+    # No test in the last report (Tune trials, or a resume past the best epoch).
+    assert pick_best(ckpts, {"best_epoch": 3}) == ("c3", ckpts[2][1], None)
+    assert pick_best(ckpts, {}) == ("c2", ckpts[1][1], None)
 
 
 def test_existing_run_needs_resume(local_ray, mnist_dir, tmp_path):

@@ -16,24 +16,34 @@ from cnnray.checkpoint import atomic_write_json, read_meta
 from cnnray.config import ConfigError, TrainConfig
 
 RESULT_FILE = "result.json"
+# Ray Train settings for a local single-node Ray (see init_ray); the user's own values win.
+LOCAL_RAY_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 
 class TrainingError(RuntimeError):
     """The run failed after Ray Train's retries; the message holds the root cause."""
 
 
-def init_ray(address: str | None = None) -> None:
-    """Join `address` (or $RAY_ADDRESS) if given, else start a local single-node Ray."""
+def init_ray(address: str | None = None) -> bool:
+    """Join `address` (or $RAY_ADDRESS) if given, else start a local single-node Ray.
+    True when this call started a local Ray (the caller may shut it down when done)."""
     import ray
 
     if ray.is_initialized():
-        return
+        return False
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
+        return False
     else:
-        # A private local Ray: its dashboard (if installed) listens on loopback only.
+        # A private local Ray, so Ray Train's cluster-scale defaults can be set for it: poll
+        # the workers every 0.5 s, not 2 s (a run's end is seen ~1.5 s sooner), and no
+        # preemption watcher (no spot nodes here: it would be one more idle process).
+        for var, value in LOCAL_RAY_TRAIN_ENV.items():
+            os.environ.setdefault(var, value)
+        # Its dashboard (if installed) listens on loopback only.
         ray.init(dashboard_host="127.0.0.1", log_to_driver=True)
+        return True
 
 
 def run_paths(cfg: TrainConfig) -> tuple[Path, str, str]:
@@ -133,6 +143,20 @@ def evaluate_on_test(checkpoint: Any, cfg: TrainConfig) -> dict[str, Any]:
     return ray.get(ray.remote(**resources)(_evaluate_checkpoint).remote(checkpoint, cfg.to_dict()))
 
 
+def pick_best(
+    best_checkpoints: Sequence[tuple[Any, dict[str, Any]]], last_metrics: dict[str, Any]
+) -> tuple[Any, dict[str, Any], dict[str, Any] | None]:
+    """(checkpoint, its metrics, test metrics or None): the epoch the workers named best
+    (the first with the highest validation accuracy), else the best Ray kept. The test
+    metrics come from the last report when the workers tested that same epoch."""
+    named = [cm for cm in best_checkpoints if cm[1].get("epoch") == last_metrics.get("best_epoch")]
+    ckpt, metrics = named[0] if named else max(best_checkpoints, key=lambda cm: cm[1]["val_accuracy"])
+    test = None
+    if "test_accuracy" in last_metrics and last_metrics.get("test_epoch") == metrics.get("epoch"):
+        test = {k: last_metrics[k] for k in ("test_accuracy", "test_loss", "test_samples")}
+    return ckpt, metrics, test
+
+
 def run_training(cfg: TrainConfig, echo: Callable[[str], None] = print) -> dict[str, Any]:
     # Workers run in their own working directory: every local path must be absolute.
     if cfg.data_dir and "://" not in cfg.data_dir:
@@ -151,7 +175,20 @@ def run_training(cfg: TrainConfig, echo: Callable[[str], None] = print) -> dict[
     out.mkdir(parents=True, exist_ok=True)
 
     started = time.perf_counter()
-    init_ray(cfg.address)
+    own_ray = init_ray(cfg.address)
+    try:
+        return _fit(cfg, out, storage, name, started, echo)
+    finally:
+        if own_ray:  # now rather than at exit: ~1 s sooner, and the CPUs are free for the report
+            import ray
+
+            ray.shutdown()
+
+
+def _fit(
+    cfg: TrainConfig, out: Path, storage: str, name: str, started: float, echo: Callable[[str], None]
+) -> dict[str, Any]:
+    """trainer.fit() on a running Ray, the test accuracy of the best checkpoint, result.json."""
     ray_ready = time.perf_counter()
     trainer = make_trainer(cfg, name=name, storage_path=storage)
     echo(
@@ -168,8 +205,9 @@ def run_training(cfg: TrainConfig, echo: Callable[[str], None] = print) -> dict[
     if not result.best_checkpoints:
         raise TrainingError("training reported no checkpoint")
 
-    best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1]["val_accuracy"])
-    test = evaluate_on_test(best_ckpt, cfg)
+    best_ckpt, best_metrics, test = pick_best(result.best_checkpoints, result.metrics or {})
+    if test is None:  # not measured by the workers (a resume past the best epoch, say)
+        test = evaluate_on_test(best_ckpt, cfg)
     with result.checkpoint.as_directory() as d:
         history = read_meta(d).get("history", [])
 

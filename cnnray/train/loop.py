@@ -8,6 +8,7 @@ Ray appears only at the seams: the train context (rank, world size), `prepare_mo
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import tempfile
 import time
@@ -121,6 +122,20 @@ def evaluate(
     return EpochStats(loss_sum.item(), int(correct.item()), count)
 
 
+def evaluate_weights(
+    net: nn.Module,
+    weights: dict[str, torch.Tensor] | None,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    device: torch.device,
+) -> EpochStats:
+    """`evaluate` on a plain NCHW copy of `net` holding `weights` (None: net's own), the
+    way Serve and the report rebuild a checkpoint, so all three give the same numbers."""
+    model = copy.deepcopy(net).to(memory_format=torch.contiguous_format)
+    if weights is not None:
+        model.load_state_dict(weights)
+    return evaluate(model, batches, device)
+
+
 def all_reduce_stats(stats: EpochStats, device: torch.device) -> EpochStats:
     """Sum counts over ranks; the epoch takes as long as its slowest rank."""
     import torch.distributed as dist
@@ -196,7 +211,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
 
     exporter = TrainMetrics(run=ctx.get_experiment_name(), rank=rank)
-    start_epoch, best_val, history = 0, 0.0, []
+    # best_val starts below any accuracy: the first epoch is always the best so far.
+    start_epoch, best_val, best_epoch, history = 0, -1.0, 0, []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
@@ -205,17 +221,28 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, best_val = int(state["epoch"]), float(state["best_val_accuracy"])
+        best_epoch = int(state.get("best_epoch", 0))
         history = list(state.get("history", []))
         if rank == 0 and cfg.verbose:
             print(f"[cnnray] resumed from the checkpoint of epoch {start_epoch}", flush=True)
 
+    # A CPU copy of the best-validation weights of this attempt, for the test at the end
+    # (the checkpoint of that epoch holds the same weights, but only on the storage).
+    best_weights, best_weights_epoch = None, 0
     for epoch in range(start_epoch, cfg.epochs):
+        last = epoch + 1 == cfg.epochs
         data.train.set_epoch(epoch)
         local = train_epoch(model, data.train, optimizer, scheduler, criterion, device, cfg.amp)
         train = all_reduce_stats(local, device)
         val = all_reduce_stats(evaluate(model, data.val, device), device)
         exporter.record(epoch + 1, local, val.accuracy)
-        best_val = max(best_val, val.accuracy)
+        # Strictly better only: on ties the earlier epoch stays best (val stats are
+        # all-reduced, so every rank takes the same decision).
+        if val.accuracy > best_val:
+            best_val, best_epoch = val.accuracy, epoch + 1
+            if data.test is not None and not last:
+                best_weights = {k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()}
+                best_weights_epoch = epoch + 1
         metrics = {
             "epoch": epoch + 1,
             "train_loss": train.loss,
@@ -223,6 +250,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "val_loss": val.loss,
             "val_accuracy": val.accuracy,
             "best_val_accuracy": best_val,
+            "best_epoch": best_epoch,
             "samples_per_second": train.count / max(train.seconds, 1e-9),
             "epoch_seconds": train.seconds,
             "lr": optimizer.param_groups[0]["lr"],
@@ -231,6 +259,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "bf16": bool(cfg.amp and native_bf16(device)),  # training precision actually used
             "channels_last": use_channels_last(cfg.channels_last, device),
         }
+        if last and data.test is not None and best_epoch > 0 and best_epoch in (epoch + 1, best_weights_epoch):
+            # Unknown only after a resume past the best epoch: the driver then tests its checkpoint.
+            weights = None if best_epoch == epoch + 1 else best_weights
+            test = all_reduce_stats(evaluate_weights(net, weights, data.test, device), device)
+            metrics.update(test_accuracy=test.accuracy, test_loss=test.loss, test_samples=test.count,
+                           test_epoch=best_epoch)
         history.append(metrics)
         # Every rank reports (report is a barrier); only rank 0 writes the checkpoint.
         if rank == 0:
@@ -249,6 +283,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                         "scheduler": scheduler.state_dict(),
                         "epoch": epoch + 1,
                         "best_val_accuracy": best_val,
+                        "best_epoch": best_epoch,
                         "history": history,
                     },
                     history=history,

@@ -19,6 +19,7 @@ EVAL_BATCH = 1024
 class WorkerData:
     train: ShardedBatches
     val: ShardedBatches
+    test: ShardedBatches | None  # this rank's shard of the test split, if cfg.test_at_end
     num_classes: int
     input_shape: tuple[int, int, int]
     info: dict[str, Any]  # what Serve needs to preprocess inputs exactly as in training
@@ -75,13 +76,18 @@ def prepare_worker_data(cfg: TrainConfig, rank: int, world: int, device: torch.d
             f"{len(tx)} training examples give no full batch of {cfg.batch_size_per_worker} per worker: "
             "use a larger subset or a smaller batch size"
         )
-    return WorkerData(train, val, ds.num_classes, ds.input_shape, data_info(ds))
+    test = held_out_batches(cfg, device, rank, world, ds) if cfg.test_at_end else None
+    return WorkerData(train, val, test, ds.num_classes, ds.input_shape, data_info(ds))
 
 
-def held_out_batches(cfg: TrainConfig, device: torch.device) -> ShardedBatches:
-    """The held-out test split (or its subset), only for the final report."""
-    ds = load_for(cfg)
+def held_out_batches(
+    cfg: TrainConfig, device: torch.device, rank: int = 0, world: int = 1, ds: Dataset | None = None
+) -> ShardedBatches:
+    """The held-out test split (or its subset), only for the final evaluation and report;
+    with `world` > 1 this rank's shard of it. NCHW, as Serve and the report feed it."""
+    ds = ds or load_for(cfg)
     x, y = take_subset(ds.test_images, ds.test_labels, cfg.subset, cfg.seed)
     return ShardedBatches(
-        x, y, batch_size=EVAL_BATCH, shuffle=False, drop_last=False, device=device, mean=ds.mean, std=ds.std
+        x, y, batch_size=EVAL_BATCH, rank=rank, world_size=world, shuffle=False, drop_last=False,
+        device=device, mean=ds.mean, std=ds.std,
     )

@@ -54,7 +54,8 @@ def train_trial(config: dict[str, Any], *, base: dict[str, Any], runs_dir: str) 
     from cnnray.train.driver import make_trainer
 
     trial_id = ray.tune.get_context().get_trial_id()
-    cfg = TrainConfig.from_dict({**base, **config, "out": f"{runs_dir}/{trial_id}"})
+    # No test pass per trial: the sweep tests its winner once (results.finish_sweep).
+    cfg = TrainConfig.from_dict({**base, **config, "out": f"{runs_dir}/{trial_id}", "test_at_end": False})
     handle_queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
     # Same name and storage on a rerun (Tuner.restore): Ray Train continues the run from
     # its last checkpoint instead of epoch 0.

@@ -8,9 +8,15 @@ Each prints a table and the ratios, and writes a JSON record (machine, versions,
 results) into --out (default runs/bench/). The machines are noisy: compare the two sides
 of one run, never figures from different runs.
 
-Reference = the lecture's training loop, written here: its MNIST CNN, SGD lr 0.01 momentum
-0.9, batch 64, cross-entropy, data already in memory as normalised float tensors, all
-cores for intra-op threads, test accuracy after every epoch.
+Reference = the lecture's training loop and its MNIST CNN class, copied here verbatim: SGD
+lr 0.01 momentum 0.9, batch 64, cross-entropy, PyTorch's default init, data already in
+memory as normalised float tensors, all cores for intra-op threads, test accuracy after
+every epoch.
+
+Throughput compares cnnray's Ray Train loop with two plain loops on the same global batch,
+optimizer and threads: the lecture's CNN as written (what a user would run), and cnnray's
+own model and precision without Ray (pool before ReLU, channels-last, bf16 where native),
+whose ratio is the cost of Ray Train alone.
 """
 
 from __future__ import annotations
@@ -34,6 +40,30 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 # --- the plain PyTorch reference ----------------------------------------------------------
+class LectureCNN(nn.Module):
+    """The lecture's MNIST CNN, as its "CNN(s) in pytorch" slide writes it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Sequential(
+            nn.Conv2d(in_channels=1, out_channels=16, kernel_size=5, stride=1, padding=2),
+            nn.ReLU(),
+            nn.MaxPool2d(kernel_size=2),
+        )
+        self.conv2 = nn.Sequential(
+            nn.Conv2d(16, 32, 5, 1, 2),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+        )
+        self.out = nn.Linear(32 * 7 * 7, 10)  # fully connected layer, output 10 classes
+
+    def forward(self, x):
+        x = self.conv1(x)
+        x = self.conv2(x)
+        x = torch.flatten(x, start_dim=1)  # (batch_size, 32 * 7 * 7)
+        return self.out(x)
+
+
 def _mnist_tensors(data_dir: str) -> tuple[torch.Tensor, ...]:
     from cnnray.data import load_dataset, normalize
 
@@ -52,13 +82,11 @@ def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 def reference_time_to_accuracy(data_dir: str, target: float, max_epochs: int, seed: int) -> dict[str, Any]:
     """The lecture's loop until test accuracy >= target; training time excludes evaluation."""
-    from cnnray.models import build_model
-
     start = time.perf_counter()
     torch.set_num_threads(os.cpu_count() or 1)
     xtr, ytr, xte, yte = _mnist_tensors(data_dir)
     torch.manual_seed(seed)
-    model = build_model("cnn")
+    model = LectureCNN()
     criterion = nn.CrossEntropyLoss()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     train_seconds, epochs, acc = 0.0, [], 0.0
@@ -88,22 +116,30 @@ def reference_time_to_accuracy(data_dir: str, target: float, max_epochs: int, se
     }
 
 
-def reference_throughput(data_dir: str, batch_size: int, threads: int, seconds: float) -> float:
-    """Samples/s of a plain loop on cnnray's default recipe (same model, optimizer, batch)."""
+def reference_throughput(data_dir: str, batch_size: int, threads: int, seconds: float, *, model: str,
+                         bf16: bool = False) -> float:
+    """Samples/s of a plain loop with cnnray's default optimizer, loss and batch, on
+    `model` "lecture" (LectureCNN, fp32 NCHW) or "cnnray" (its registered cnn in
+    channels-last, with bf16 autocast if `bf16`): cnnray's step without Ray."""
     from cnnray.models import build_model
 
     torch.set_num_threads(threads)
     xtr, ytr, _, _ = _mnist_tensors(data_dir)
-    model = build_model("cnn")
+    net = LectureCNN() if model == "lecture" else build_model("cnn")
+    if model == "cnnray":
+        net = net.to(memory_format=torch.channels_last)
+        xtr = xtr.contiguous(memory_format=torch.channels_last)
     criterion = nn.CrossEntropyLoss(label_smoothing=0.1)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
     order = torch.randperm(len(ytr))
     done, start, i = 0, None, 0
     while True:
         idx = order[i : i + batch_size]
         i = (i + batch_size) % (len(ytr) - batch_size)
         optimizer.zero_grad()
-        criterion(model(xtr[idx]), ytr[idx]).backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = criterion(net(xtr[idx]), ytr[idx])
+        loss.backward()
         optimizer.step()
         if start is None:  # the first step warms up allocators and kernels
             start = time.perf_counter()
@@ -141,11 +177,13 @@ def save_record(out_dir: Path, kind: str, settings: dict[str, Any], results: dic
 def time_to_accuracy(a: argparse.Namespace) -> dict[str, Any]:
     print(f"reference: the lecture's loop, until test accuracy >= {a.target}", flush=True)
     ref = reference_time_to_accuracy(a.data_dir, a.target, a.max_epochs, a.seed)
-    print(f"cnnray: cnnray train --workers {a.workers} --epochs {a.epochs} (default recipe)", flush=True)
+    cpus = a.cpus_per_worker or max(1, (os.cpu_count() or 1) // a.workers)
+    print(f"cnnray: cnnray train --workers {a.workers} --cpus-per-worker {cpus} --epochs {a.epochs} "
+          "(default recipe)", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         res = run_cnnray(
             ["--model", "cnn", "--dataset", "mnist", "--data-dir", a.data_dir, "--epochs", str(a.epochs),
-             "--workers", str(a.workers), "--seed", str(a.seed)],
+             "--workers", str(a.workers), "--cpus-per-worker", str(cpus), "--seed", str(a.seed)],
             Path(tmp) / "run",
         )
     ours = {
@@ -175,32 +213,61 @@ def time_to_accuracy(a: argparse.Namespace) -> dict[str, Any]:
 
 def throughput(a: argparse.Namespace) -> dict[str, Any]:
     """Ray Train loop vs a plain loop, same model, global batch and total threads."""
+    from cnnray.train.loop import native_bf16
+
     threads = a.threads or (os.cpu_count() or 1)
-    results: dict[str, Any] = {"batch_size": a.batch_size, "threads": threads, "workers": {}}
-    ref = reference_throughput(a.data_dir, a.batch_size, threads, a.seconds)
-    results["reference_samples_per_second"] = ref
-    print(f"reference plain loop: {ref:,.0f} samples/s ({threads} threads, batch {a.batch_size}, fp32)")
-    for flags, label in (([], "cnnray default"), (["--no-amp"], "cnnray fp32")):
+    bf16 = native_bf16(torch.device("cpu"))
+    results: dict[str, Any] = {"batch_size": a.batch_size, "threads": threads, "bf16_native": bf16, "workers": {}}
+    plain = {
+        "plain lecture fp32": dict(model="lecture"),
+        "plain cnnray-model fp32": dict(model="cnnray"),
+        **({"plain cnnray-model bf16": dict(model="cnnray", bf16=True)} if bf16 else {}),
+    }
+    print(f"{threads} threads, global batch {a.batch_size}, SGD nesterov + label smoothing, samples/s:")
+    for label, kw in plain.items():
+        results[label] = reference_throughput(a.data_dir, a.batch_size, threads, a.seconds, **kw)
+        print(f"  {label:32} {results[label]:>8,.0f}", flush=True)
+    # The same plain loop again with an idle local Ray beside it (its daemons: GCS, raylet,
+    # dashboard agent...): what a Ray worker's neighbours cost, apart from Ray Train.
+    same = "plain cnnray-model bf16" if bf16 else "plain cnnray-model fp32"
+    import ray
+
+    ray.init(include_dashboard=False, log_to_driver=False)
+    try:
+        label = same + ", idle Ray up"
+        results[label] = reference_throughput(a.data_dir, a.batch_size, threads, a.seconds, **plain[same])
+        print(f"  {label:32} {results[label]:>8,.0f}", flush=True)
+    finally:
+        ray.shutdown()
+    # An epoch of 2 is timed: the first pays one-off costs (kernel choice, allocator warm-up).
+    for flags, label in ((["--no-amp"], "cnnray fp32"), ([], "cnnray default")):
         with tempfile.TemporaryDirectory() as tmp:
             res = run_cnnray(
-                ["--model", "cnn", "--data-dir", a.data_dir, "--epochs", "1", "--workers", "1",
+                ["--model", "cnn", "--data-dir", a.data_dir, "--epochs", "2", "--workers", "1",
                  "--cpus-per-worker", str(threads), "--batch-size", str(a.batch_size), *flags],
                 Path(tmp) / "run",
             )
-        results[label] = res["samples_per_second"]
-        print(f"{label}, 1 worker x {threads} threads: {res['samples_per_second']:,.0f} samples/s"
-              f"  ratio {res['samples_per_second'] / ref:.2f}")
+        results[label] = res["history"][-1]["samples_per_second"]
+        print(f"  {label + ', 1 worker (Ray Train)':32} {results[label]:>8,.0f}", flush=True)
     for n in a.workers:
         with tempfile.TemporaryDirectory() as tmp:
             res = run_cnnray(
-                ["--model", "cnn", "--data-dir", a.data_dir, "--epochs", "1", "--workers", str(n),
+                ["--model", "cnn", "--data-dir", a.data_dir, "--epochs", "2", "--workers", str(n),
                  "--cpus-per-worker", str(max(1, threads // n)), "--batch-size", str(a.batch_size)],
                 Path(tmp) / "run",
             )
-        results["workers"][n] = res["samples_per_second"]
-        print(f"cnnray {n} worker(s): {res['samples_per_second']:,.0f} samples/s")
-    results["fp32_ratio"] = results["cnnray fp32"] / ref
-    results["default_ratio"] = results["cnnray default"] / ref
+        results["workers"][n] = res["history"][-1]["samples_per_second"]
+        print(f"  {f'cnnray default, {n} worker(s)':32} {results['workers'][n]:>8,.0f}", flush=True)
+    results["ratios"] = {
+        "cnnray fp32 / plain lecture fp32": results["cnnray fp32"] / results["plain lecture fp32"],
+        "cnnray default / plain lecture fp32": results["cnnray default"] / results["plain lecture fp32"],
+        "cnnray fp32 / plain cnnray-model fp32 (Ray Train's cost)": results["cnnray fp32"] / results["plain cnnray-model fp32"],
+        f"cnnray default / {same} (Ray Train's cost)": results["cnnray default"] / results[same],
+        f"{same}: with an idle Ray up / without": results[same + ", idle Ray up"] / results[same],
+    }
+    print("ratios:")
+    for k, v in results["ratios"].items():
+        print(f"  {k:60} {v:.2f}")
     return results
 
 
@@ -229,8 +296,11 @@ def main(argv: list[str] | None = None) -> int:
     t = sub.add_parser("time-to-accuracy", help="MNIST: time until test accuracy >= target")
     t.add_argument("--data-dir", default=str(REPO.parent / "shared" / "datasets" / "mnist"))
     t.add_argument("--target", type=float, default=0.99)
-    t.add_argument("--workers", type=int, default=2)
-    t.add_argument("--epochs", type=int, default=3, help="cnnray's recipe length (one-cycle over these)")
+    # One worker with every core is the fastest layout of one small machine (no gradient
+    # all-reduce, one process fewer to start); --workers 2 measures DDP instead.
+    t.add_argument("--workers", type=int, default=1)
+    t.add_argument("--cpus-per-worker", type=int, default=0, help="default: all cores / workers")
+    t.add_argument("--epochs", type=int, default=2, help="cnnray's recipe length (one-cycle over these)")
     t.add_argument("--max-epochs", type=int, default=8, help="reference gives up after these")
     t.add_argument("--seed", type=int, default=0)
     t.set_defaults(func=time_to_accuracy)

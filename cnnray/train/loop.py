@@ -226,9 +226,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if rank == 0 and cfg.verbose:
             print(f"[cnnray] resumed from the checkpoint of epoch {start_epoch}", flush=True)
 
-    # A CPU copy of the best-validation weights of this attempt, for the test at the end
-    # (the checkpoint of that epoch holds the same weights, but only on the storage).
-    best_weights, best_weights_epoch = None, 0
+    # A CPU copy of the weights of best_epoch when this attempt reached it before its last
+    # epoch, for the test at the end (that epoch's checkpoint holds them, but on the storage).
+    best_weights = None
     for epoch in range(start_epoch, cfg.epochs):
         last = epoch + 1 == cfg.epochs
         data.train.set_epoch(epoch)
@@ -242,7 +242,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             best_val, best_epoch = val.accuracy, epoch + 1
             if data.test is not None and not last:
                 best_weights = {k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()}
-                best_weights_epoch = epoch + 1
         metrics = {
             "epoch": epoch + 1,
             "train_loss": train.loss,
@@ -259,8 +258,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "bf16": bool(cfg.amp and native_bf16(device)),  # training precision actually used
             "channels_last": use_channels_last(cfg.channels_last, device),
         }
-        if last and data.test is not None and best_epoch > 0 and best_epoch in (epoch + 1, best_weights_epoch):
-            # Unknown only after a resume past the best epoch: the driver then tests its checkpoint.
+        if last and data.test is not None and (best_epoch == epoch + 1 or best_weights is not None):
+            # Neither only after a resume past the best epoch: the driver then tests its checkpoint.
             weights = None if best_epoch == epoch + 1 else best_weights
             test = all_reduce_stats(evaluate_weights(net, weights, data.test, device), device)
             metrics.update(test_accuracy=test.accuracy, test_loss=test.loss, test_samples=test.count,

@@ -72,7 +72,7 @@ def evaluate_test_set(model: nn.Module, cfg: TrainConfig) -> Predictions:
     model = model.to(cpu).eval()
     probs, seen = [], []
     with torch.no_grad():
-        for x, y in held_out_batches(cfg, cpu):  # unshuffled, one rank: the subset's order
+        for x, y in held_out_batches(cfg, cpu, ds=ds):  # unshuffled, one rank: the subset's order
             probs.append(torch.softmax(model(x).float(), dim=1))
             seen.append(y)
     got = torch.cat(seen) if seen else torch.zeros(0, dtype=torch.int64)

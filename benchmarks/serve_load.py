@@ -273,7 +273,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--requests and --concurrency must be at least 1")
 
     checkpoint = str(Path(args.checkpoint).resolve())
-    pngs, labels = mnist_test_pngs(args.data_dir, 10_000)
+    # Requests i = 0..N-1 send image i (cycling past 10,000): encode only those.
+    pngs, labels = mnist_test_pngs(args.data_dir, max(args.requests, args.warmup))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     log_path = Path(args.log) if args.log else Path(tempfile.gettempdir()) / f"serve_load-{os.getpid()}.log"

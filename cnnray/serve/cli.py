@@ -135,7 +135,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     runner = ServeRunner(sargs, host=args.host, port=args.port)
     previous = signal.signal(signal.SIGTERM, _raise_stop)
     try:
-        url = runner.start()
+        url = runner.start(models=models)
         served = ", ".join(f"{n} (version {r.version})" for n, r in sorted(models.items()))
         print(f"[cnnray] serving {served} at {url}  (page {url}/, API {url}/v1/models, docs {url}/docs)", flush=True)
         print("[cnnray] press Ctrl-C to stop", flush=True)

@@ -18,8 +18,8 @@ from typing import Any
 
 from cnnray.checkpoint import verify_checkpoint
 from cnnray.serve.defaults import APP_NAME, DEPLOYMENT
-from cnnray.serve.engine import resolve_models
-from cnnray.serve.schemas import ModelRef, ServeArgs, ServeUserConfig
+from cnnray.serve.engine import resolve_models, user_config_for
+from cnnray.serve.schemas import ModelRef, ServeArgs
 
 APP_IMPORT_PATH = "cnnray.serve.app:build_app"
 
@@ -72,11 +72,12 @@ class ServeRunner:
         host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
         return f"http://{host}:{self.port}"
 
-    def start(self, timeout_s: float = 180.0) -> str:
-        """Deploy and wait until every replica answers; returns the base URL."""
+    def start(self, timeout_s: float = 180.0, models: dict[str, ModelRef] | None = None) -> str:
+        """Deploy and wait until every replica answers; returns the base URL. `models`:
+        what `resolve_models(args)` already gave the caller (else resolved, and verified, here)."""
         from ray.serve._private import api as serve_private
 
-        self.models = resolve_models(self.args)
+        self.models = models if models is not None else resolve_models(self.args)
         # serve_start + deploy_apps is what `serve run config.yaml` does (ray/serve/scripts.py).
         self._client = serve_private.serve_start(http_options={"host": self.host, "port": self.port})
         self._deploy()
@@ -84,19 +85,12 @@ class ServeRunner:
         self._wait_http(timeout_s)
         return self.url
 
-    def _user_config(self) -> dict[str, Any]:
-        cfg = ServeUserConfig(
-            models=self.models,
-            max_batch_size=self.args.max_batch_size,
-            batch_wait_timeout_s=self.args.batch_wait_timeout_s,
-        )
-        return cfg.model_dump(mode="json")
-
     def _deploy(self) -> None:
         from ray.serve.schema import ServeDeploySchema
 
         env = _driver_runtime_env()
-        config = serve_config(self.args, self.host, self.port, self._user_config(), self.replicas, env)
+        user_config = user_config_for(self.args, self.models)
+        config = serve_config(self.args, self.host, self.port, user_config, self.replicas, env)
         self._client.deploy_apps(ServeDeploySchema.model_validate(config), _blocking=False)
 
     def scale(self, replicas: int) -> None:

@@ -162,28 +162,25 @@ def build_http_app(backend: Backend) -> FastAPI:
         },
     )
     async def predict(name: str, request: Request) -> Response:
+        # A RequestError leaves the tracker (which counts its status) for the app's handler.
         with backend.metrics.track(_label(backend, name), "kserve") as t:
-            try:
-                entry = _served(backend, name)
-                _require_type(request, JSON_TYPES, "application/json")
-                body = await read_body(request, backend.limits.max_body_bytes)
-                req = parse_predict_request(body)
-                n = len(req.instances)
-                if n == 0:
-                    raise RequestError(400, "no instances: send at least one")
-                if n > backend.limits.max_instances:
-                    most = backend.limits.max_instances
-                    raise RequestError(400, f"too many instances: {n}, at most {most} per request")
-                pixels = await _off_loop_if_large(
-                    len(body), decode_instances, req.instances, entry.input_shape, backend.limits.max_image_pixels
-                )
-                probs = await backend.infer(entry, [to_model_input(p, entry.mean, entry.std) for p in pixels])
-                t.status = 200
-                predictions = [_prediction(entry, p) for p in probs]
-                return JSONResponse({"predictions": predictions, "model_name": name, "model_version": entry.version})
-            except RequestError as e:
-                t.status = e.status
-                return error(e.status, e.message)
+            entry = _served(backend, name)
+            _require_type(request, JSON_TYPES, "application/json")
+            body = await read_body(request, backend.limits.max_body_bytes)
+            req = parse_predict_request(body)
+            n = len(req.instances)
+            if n == 0:
+                raise RequestError(400, "no instances: send at least one")
+            if n > backend.limits.max_instances:
+                most = backend.limits.max_instances
+                raise RequestError(400, f"too many instances: {n}, at most {most} per request")
+            pixels = await _off_loop_if_large(
+                len(body), decode_instances, req.instances, entry.input_shape, backend.limits.max_image_pixels
+            )
+            probs = await backend.infer(entry, [to_model_input(p, entry.mean, entry.std) for p in pixels])
+            t.status = 200
+            predictions = [_prediction(entry, p) for p in probs]
+            return JSONResponse({"predictions": predictions, "model_name": name, "model_version": entry.version})
 
     @app.api_route(
         "/predictions/{name}",
@@ -199,20 +196,16 @@ def build_http_app(backend: Backend) -> FastAPI:
     )
     async def predictions(name: str, request: Request) -> Response:
         with backend.metrics.track(_label(backend, name), "torchserve") as t:
-            try:
-                entry = _served(backend, name)
-                _require_type(request, IMAGE_TYPES, "image/png or image/jpeg", missing_ok=True)
-                body = await read_body(request, backend.limits.max_body_bytes)
-                pixels = await _off_loop_if_large(
-                    len(body), decode_image, body, entry.input_shape, backend.limits.max_image_pixels
-                )
-                probs = await backend.infer(entry, [to_model_input(pixels, entry.mean, entry.std)])
-                t.status = 200
-                answer = {**_prediction(entry, probs[0]), "model_name": name, "model_version": entry.version}
-                return JSONResponse(answer)
-            except RequestError as e:
-                t.status = e.status
-                return error(e.status, e.message)
+            entry = _served(backend, name)
+            _require_type(request, IMAGE_TYPES, "image/png or image/jpeg", missing_ok=True)
+            body = await read_body(request, backend.limits.max_body_bytes)
+            pixels = await _off_loop_if_large(
+                len(body), decode_image, body, entry.input_shape, backend.limits.max_image_pixels
+            )
+            probs = await backend.infer(entry, [to_model_input(pixels, entry.mean, entry.std)])
+            t.status = 200
+            answer = {**_prediction(entry, probs[0]), "model_name": name, "model_version": entry.version}
+            return JSONResponse(answer)
 
     return app
 

@@ -28,6 +28,8 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from cnnray.serve.preprocess import RequestError
+
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)  # seconds
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)  # images per forward pass
 PUSH_S = 2.0  # seconds between a replica's snapshots to the hub
@@ -111,6 +113,8 @@ class _Tracker:
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         if exc_type is asyncio.CancelledError:
             self.status = 499  # the client went away (nginx's convention)
+        elif isinstance(exc, RequestError):  # answered by the app's RequestError handler
+            self.status = exc.status
         self.metrics.in_flight.labels(self.model).dec()
         self.metrics.requests.labels(self.model, self.api, str(self.status)).inc()
         self.metrics.latency.labels(self.model).observe(time.perf_counter() - self.start)

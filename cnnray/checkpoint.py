@@ -67,7 +67,7 @@ def save_checkpoint(
         "files": digests,
         "versions": {"torch": torch.__version__, "cnnray": _cnnray_version()},
     }
-    _atomic_write_bytes(json.dumps(meta, indent=2, sort_keys=True).encode(), d / META_FILE)
+    atomic_write_bytes(json.dumps(meta, indent=2, sort_keys=True).encode(), d / META_FILE)
     return d
 
 
@@ -151,7 +151,7 @@ def _safe_torch_load(path: Path, map_location: str | torch.device) -> Any:
         raise CheckpointError(f"cannot load {path}: {str(e).splitlines()[0]}") from None
 
 
-def _atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
+def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
     """Write through a temporary file in the same folder, fsync, then rename into place:
     readers see the old file or the new one, never a torn one."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
@@ -167,19 +167,20 @@ def _atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> str:
-    _atomic_write(path, lambda f: torch.save(obj, f))
+    atomic_write(path, lambda f: torch.save(obj, f))
     return _sha256(path)
 
 
-def _atomic_write_bytes(data: bytes, path: Path) -> None:
-    _atomic_write(path, lambda f: f.write(data))
+def atomic_write_bytes(data: bytes, path: Path) -> None:
+    """`data` into `path` with `atomic_write` (the folder must exist)."""
+    atomic_write(path, lambda f: f.write(data))
 
 
 def atomic_write_json(obj: Any, path: str | Path) -> None:
     """Write JSON so that readers see the old file or the new one, never half of one."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write_bytes((json.dumps(obj, indent=2, sort_keys=True) + "\n").encode(), p)
+    atomic_write_bytes((json.dumps(obj, indent=2, sort_keys=True) + "\n").encode(), p)
 
 
 def _sha256(path: Path) -> str:

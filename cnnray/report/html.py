@@ -13,6 +13,8 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
+from cnnray.checkpoint import atomic_write_bytes
+
 _CSS = """
 body { font: 15px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; margin: 0 auto;
        max-width: 1200px; padding: 1em 2em 4em; color: #222; }
@@ -124,7 +126,5 @@ def write_page(html_text: str, path: Path) -> Path:
     """Write atomically so a browser refreshing during a rerun never sees half a page."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(html_text, encoding="utf-8")
-    tmp.replace(path)
+    atomic_write_bytes(html_text.encode("utf-8"), path)
     return path

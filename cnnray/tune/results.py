@@ -9,11 +9,17 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from cnnray.checkpoint import CheckpointError, atomic_write_json, read_meta, verify_checkpoint
+from cnnray.checkpoint import (
+    CheckpointError,
+    atomic_write,
+    atomic_write_bytes,
+    atomic_write_json,
+    read_meta,
+    verify_checkpoint,
+)
 from cnnray.config import TrainConfig
 from cnnray.train.driver import TrainingError
 
@@ -105,11 +111,8 @@ def write_table(rows: list[dict[str, Any]], out: Path) -> None:
     frame = pd.DataFrame(rows)
     frame["stopped_early"] = frame["stopped_early"].astype(bool)
     # Written beside the target and renamed, so a reader never sees half a table.
-    for name, write in ((TRIALS_CSV, lambda p: frame.to_csv(p, index=False)),
-                        (TRIALS_PARQUET, lambda p: frame.to_parquet(p, index=False))):
-        tmp = out / f".{name}.tmp"
-        write(tmp)
-        os.replace(tmp, out / name)
+    atomic_write_bytes(frame.to_csv(index=False).encode(), out / TRIALS_CSV)
+    atomic_write(out / TRIALS_PARQUET, lambda f: frame.to_parquet(f, index=False))
 
 
 def format_value(v: Any) -> str:

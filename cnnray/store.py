@@ -15,7 +15,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from cnnray.checkpoint import CheckpointError, atomic_write_json, verify_checkpoint
+from cnnray.checkpoint import META_FILE, STATE_FILE, CheckpointError, atomic_write_json, verify_checkpoint
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -72,10 +72,10 @@ def export(checkpoint_dir: str | Path, store: str | Path, name: str) -> Path:
     try:
         # Serving needs the weights, not the optimizer: leave train_state.pt behind and
         # list only the copied files (meta.json is not itself listed, so digests stay valid).
-        meta["files"].pop("train_state.pt", None)
+        meta["files"].pop(STATE_FILE, None)
         for f in meta["files"]:
             shutil.copy2(src / f, tmp / f)
-        atomic_write_json(meta, tmp / "meta.json")
+        atomic_write_json(meta, tmp / META_FILE)
         verify_checkpoint(tmp)
         while True:  # another exporter may take a number first: retry with the next
             target = model_dir / str((versions(store, name) or [0])[-1] + 1)

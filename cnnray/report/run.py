@@ -22,8 +22,8 @@ import numpy as np
 
 from cnnray.config import ConfigError, TrainConfig
 from cnnray.report import html, plots
+from cnnray.train.driver import RESULT_FILE
 
-RESULT_FILE = "result.json"  # cnnray.train.driver.RESULT_FILE (not imported: that pulls in Ray Train)
 REPORT_DIR = "report"
 PAGE = "report.html"
 STILL_RISING = 0.001  # validation accuracy gained in the last epoch that counts as "still rising"

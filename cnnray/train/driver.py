@@ -93,12 +93,21 @@ def _evaluate_checkpoint(checkpoint: Any, cfg_dict: dict[str, Any]) -> dict[str,
     return {"test_accuracy": stats.accuracy, "test_loss": stats.loss, "test_samples": stats.count}
 
 
+def absolute_data_dir(cfg: TrainConfig) -> TrainConfig:
+    """Workers run in their own working directory: a local data_dir must be absolute."""
+    if cfg.data_dir and "://" not in cfg.data_dir:
+        return cfg.replace(data_dir=str(Path(cfg.data_dir).expanduser().resolve()))
+    return cfg
+
+
 def preflight(cfg: TrainConfig) -> None:
     """Fail fast, before any worker starts, on data that cannot be read: on one machine
-    this also downloads and decodes once, so every worker then reads the cache."""
+    this also downloads and decodes once, so every worker then reads the cache. Skipped
+    when joining a cluster (--address or $RAY_ADDRESS): the data may exist only there."""
     from cnnray.train.worker_data import load_for
 
-    load_for(cfg)
+    if not (cfg.address or os.environ.get("RAY_ADDRESS")):
+        load_for(cfg)
 
 
 def make_trainer(
@@ -157,9 +166,7 @@ def pick_best(
 
 
 def run_training(cfg: TrainConfig, echo: Callable[[str], None] = print) -> dict[str, Any]:
-    # Workers run in their own working directory: every local path must be absolute.
-    if cfg.data_dir and "://" not in cfg.data_dir:
-        cfg = cfg.replace(data_dir=str(Path(cfg.data_dir).expanduser().resolve()))
+    cfg = absolute_data_dir(cfg)
     out, storage, name = run_paths(cfg)
     cfg = cfg.replace(out=str(out))
     exists = _run_exists(storage, name)
@@ -169,8 +176,7 @@ def run_training(cfg: TrainConfig, echo: Callable[[str], None] = print) -> dict[
         )
     if cfg.resume and not exists:
         echo(f"[cnnray] no earlier run under {out}: starting a new one")
-    if not (cfg.address or os.environ.get("RAY_ADDRESS")):
-        preflight(cfg)
+    preflight(cfg)
     out.mkdir(parents=True, exist_ok=True)
 
     started = time.perf_counter()

@@ -181,9 +181,9 @@ def _trial_progress(sweep: SweepConfig, echo: Callable[[str], None]) -> Any:
 def _resolved(sweep: SweepConfig, out: Path) -> SweepConfig:
     """Absolute paths (trials run in their own working directories) and the per-trial
     settings a sweep imposes: what sweep.json stores and --resume compares against."""
-    train = sweep.train
-    if train.data_dir and "://" not in train.data_dir:
-        train = train.replace(data_dir=str(Path(train.data_dir).expanduser().resolve()))
+    from cnnray.train.driver import absolute_data_dir
+
+    train = absolute_data_dir(sweep.train)
     store = Path(sweep.model_store).expanduser().resolve() if sweep.model_store else out / "models"
     return SweepConfig(**{**sweep.__dict__, "train": train.replace(out=str(out), verbose=False, resume=False),
                           "out": str(out), "model_store": str(store)})
@@ -221,8 +221,7 @@ def run_sweep(sweep: SweepConfig, echo: Callable[[str], None] = print) -> dict[s
     started = time.perf_counter()
     sweep, out, restore = _prepare(sweep, echo)
     cfg = sweep.train
-    if not (cfg.address or os.environ.get("RAY_ADDRESS")):
-        preflight(cfg)  # decode the data once here, and fail fast on unreadable data
+    preflight(cfg)  # decode the data once here, and fail fast on unreadable data
     init_ray(cfg.address)
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", EXPERIMENT_SAVE_PERIOD_S)
     limit = concurrency(cfg, sweep.max_concurrent)

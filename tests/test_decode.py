@@ -1,0 +1,448 @@
+"""The one image decoder (cnnray/data/decode.py): every row of the README's "Images" table.
+
+Each variant is generated here from known pixels; the decoded tensor is compared with the
+reference of what an image viewer shows. The same bytes give the same tensor through
+training's image-folder reader, and a served prediction of each (the in-process HTTP app
+over `LocalBackend`) equals the offline prediction of the decoded tensor.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageCms
+
+from cnnray.data.decode import (
+    DECODER_ID,
+    DecodeError,
+    DecodeLimits,
+    count_jpeg_scans,
+    decode_image,
+)
+from tests.image_variants import (
+    SRGB_D50,
+    encode,
+    icc_rgb_profile,
+    on_white,
+    png_bytes,
+    repeat_last_scan,
+    srgb_encode,
+    without_segment,
+)
+
+H, W = 24, 32  # not square, so a wrong rotation cannot pass
+_rng = np.random.default_rng(14)
+GRAY = _rng.integers(0, 256, (H, W), dtype=np.uint8)
+RGB = _rng.integers(0, 256, (H, W, 3), dtype=np.uint8)
+ALPHA = _rng.integers(0, 256, (H, W), dtype=np.uint8)
+ALPHA[:4] = 0  # fully transparent rows
+ALPHA[4:8] = 255  # fully opaque rows
+
+
+def chw(a: np.ndarray) -> np.ndarray:
+    return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
+
+
+def jpeg_pixels(data: bytes) -> np.ndarray:
+    """What libjpeg decodes from a plain JPEG (the reference for JPEG variants)."""
+    with Image.open(io.BytesIO(data)) as im:
+        return np.asarray(im.convert("RGB") if im.mode != "L" else im)
+
+
+def exif(orientation: int) -> Image.Exif:
+    e = Image.Exif()
+    e[0x0112] = orientation
+    return e
+
+
+# --- the variants: name -> () -> (file bytes, reference C x H x W, tolerance in levels) ----------
+def _palette(gray_palette: bool, alphas: bool):
+    idx = (np.arange(H * W).reshape(H, W) * 7) % 16
+    pal = _rng.integers(0, 256, (16, 3), dtype=np.uint8)
+    if gray_palette:
+        pal = np.repeat(pal[:, :1], 3, axis=1)
+    img = Image.fromarray(idx.astype(np.uint8), mode="P")
+    img.putpalette(pal.reshape(-1).tolist())
+    colour = pal[idx]
+    if not alphas:
+        return encode(img, "PNG"), chw(colour[..., 0] if gray_palette else colour), 0
+    alpha = np.linspace(0, 255, 16).astype(np.uint8)
+    out = on_white(colour, alpha[idx][..., None])
+    return encode(img, "PNG", transparency=alpha.tobytes()), chw(out[..., 0] if gray_palette else out), 0
+
+
+def _trns_gray16():
+    v = GRAY.astype(np.uint16) * 257
+    t = int(v[0, 0])
+    ref = GRAY.copy()
+    ref[v == t] = 255
+    return png_bytes(v, 16, chunks=[(b"tRNS", struct.pack(">H", t))]), chw(ref), 0
+
+
+def _trns_rgb():
+    t = RGB[0, 0]
+    ref = RGB.copy()
+    ref[(RGB == t).all(-1)] = 255
+    return png_bytes(RGB, chunks=[(b"tRNS", struct.pack(">3H", *map(int, t)))]), chw(ref), 0
+
+
+def _trns_gray():
+    t = int(GRAY[0, 0])
+    ref = GRAY.copy()
+    ref[GRAY == t] = 255
+    return png_bytes(GRAY, chunks=[(b"tRNS", struct.pack(">H", t))]), chw(ref), 0
+
+
+def _cmyk(adobe: bool):
+    # Flat 8x8-aligned patches (JPEG keeps flat blocks within a level or two): cyan, magenta,
+    # yellow, 50% black. A viewer shows them as these RGB colours.
+    ink = np.zeros((16, 32, 4), np.uint8)
+    ink[:, 0:8, 0] = ink[:, 8:16, 1] = ink[:, 16:24, 2] = 255
+    ink[:, 24:32, 3] = 128
+    ref = np.zeros((16, 32, 3), np.uint8)
+    ref[:, 0:8] = (0, 255, 255)
+    ref[:, 8:16] = (255, 0, 255)
+    ref[:, 16:24] = (255, 255, 0)
+    ref[:, 24:32] = 127
+    data = encode(Image.fromarray(ink, mode="CMYK"), "JPEG", quality=95)
+    if not adobe:
+        data = without_segment(data, 0xEE)  # no APP14 "Adobe" marker
+    return data, chw(ref), 3
+
+
+def _rotated(fmt: str, orientation: int, k: int):
+    base = Image.fromarray(RGB)
+    data = encode(base, fmt, exif=exif(orientation), **({"quality": 90} if fmt == "JPEG" else {}))
+    plain = RGB if fmt == "PNG" else jpeg_pixels(encode(base, fmt, quality=90))
+    return data, chw(np.ascontiguousarray(np.rot90(plain, k))), 0
+
+
+def _mpo():
+    first, second = Image.fromarray(RGB), Image.fromarray(255 - RGB)
+    data = encode(first, "MPO", save_all=True, append_images=[second], quality=90)
+    with Image.open(io.BytesIO(data)) as im:
+        assert im.format == "MPO" and im.n_frames == 2
+    return data, chw(jpeg_pixels(encode(first, "JPEG", quality=90))), 0
+
+
+def _linear_icc():
+    # A linear-light image tagged with a gamma-1.0 profile of sRGB's primaries: a
+    # colour-managed viewer shows sRGB's encoding of the linear values (IEC 61966-2-1).
+    profile = icc_rgb_profile(*SRGB_D50, gamma=1.0, name="linear sRGB")
+    return encode(Image.fromarray(RGB), "PNG", icc_profile=profile), chw(srgb_encode(RGB / 255.0)), 1
+
+
+VARIANTS: dict[str, Callable[[], tuple[bytes, np.ndarray, int]]] = {
+    "png-gray-8bit": lambda: (encode(Image.fromarray(GRAY), "PNG"), chw(GRAY), 0),
+    "png-gray-16bit-twin": lambda: (encode(Image.fromarray(GRAY.astype(np.uint16) * 257), "PNG"), chw(GRAY), 0),
+    "png-gray-16bit-high-byte": lambda: (png_bytes(GRAY.astype(np.uint16) * 256 + 255, 16), chw(GRAY), 0),
+    "png-gray-1bit": lambda: (encode(Image.fromarray(GRAY > 127), "PNG"), chw(np.where(GRAY > 127, 255, 0)), 0),
+    "png-gray-2bit": lambda: (png_bytes(GRAY >> 6, 2), chw((GRAY >> 6) * 85), 0),
+    "png-gray-4bit": lambda: (png_bytes(GRAY >> 4, 4), chw((GRAY >> 4) * 17), 0),
+    "png-rgb-8bit": lambda: (encode(Image.fromarray(RGB), "PNG"), chw(RGB), 0),
+    "png-rgb-16bit": lambda: (png_bytes(RGB.astype(np.uint16) * 257, 16), chw(RGB), 0),
+    "png-palette": lambda: _palette(False, False),
+    "png-palette-gray": lambda: _palette(True, False),
+    "png-palette-transparent": lambda: _palette(False, True),
+    "png-palette-gray-transparent": lambda: _palette(True, True),
+    "png-gray-alpha": lambda: (encode(Image.fromarray(np.dstack([GRAY, ALPHA]), mode="LA"), "PNG"),
+                               chw(on_white(GRAY[..., None], ALPHA[..., None])[..., 0]), 0),
+    "png-rgba": lambda: (encode(Image.fromarray(np.dstack([RGB, ALPHA]), mode="RGBA"), "PNG"),
+                         chw(on_white(RGB, ALPHA[..., None])), 0),
+    "png-rgba-16bit": lambda: (png_bytes(np.dstack([RGB, ALPHA]).astype(np.uint16) * 257, 16),
+                               chw(on_white(RGB, ALPHA[..., None])), 0),
+    "png-gray-trns": _trns_gray,
+    "png-gray-16bit-trns": _trns_gray16,
+    "png-rgb-trns": _trns_rgb,
+    "png-interlaced-gray": lambda: (png_bytes(GRAY, interlace=True), chw(GRAY), 0),
+    "png-interlaced-rgb": lambda: (png_bytes(RGB, interlace=True), chw(RGB), 0),
+    "png-gamma-chunk-ignored": lambda: (png_bytes(RGB, chunks=[(b"gAMA", struct.pack(">I", 100000))]), chw(RGB), 0),
+    "png-icc-srgb": lambda: (encode(Image.fromarray(RGB), "PNG", icc_profile=ImageCms.ImageCmsProfile(
+        ImageCms.createProfile("sRGB")).tobytes()), chw(RGB), 0),
+    "png-icc-linear": _linear_icc,
+    "png-exif-rotate-90": lambda: _rotated("PNG", 6, -1),
+    "png-exif-rotate-180": lambda: _rotated("PNG", 3, 2),
+    "jpeg-exif-rotate-270": lambda: _rotated("JPEG", 8, 1),
+    "jpeg-baseline": lambda: (encode(Image.fromarray(RGB), "JPEG", quality=90),
+                              chw(jpeg_pixels(encode(Image.fromarray(RGB), "JPEG", quality=90))), 0),
+    "jpeg-progressive": lambda: (encode(Image.fromarray(RGB), "JPEG", quality=90, progressive=True),
+                                 chw(jpeg_pixels(encode(Image.fromarray(RGB), "JPEG", quality=90))), 0),
+    "jpeg-gray": lambda: (encode(Image.fromarray(GRAY), "JPEG", quality=90),
+                          chw(jpeg_pixels(encode(Image.fromarray(GRAY), "JPEG", quality=90))), 0),
+    "jpeg-cmyk-adobe": lambda: _cmyk(True),
+    "jpeg-cmyk-no-adobe-marker": lambda: _cmyk(False),
+    "jpeg-mpo": _mpo,
+    "png-apng-first-frame": lambda: (encode(Image.fromarray(RGB), "PNG", save_all=True,
+                                            append_images=[Image.fromarray(255 - RGB)]), chw(RGB), 0),
+    "bmp-rgb": lambda: (encode(Image.fromarray(RGB), "BMP"), chw(RGB), 0),
+    "bmp-gray": lambda: (encode(Image.fromarray(GRAY), "BMP"), chw(GRAY), 0),
+    "bmp-1bit": lambda: (encode(Image.fromarray(GRAY > 127), "BMP"), chw(np.where(GRAY > 127, 255, 0)), 0),
+}
+
+
+def _variant(name: str) -> tuple[bytes, np.ndarray, int]:
+    data, ref, tol = VARIANTS[name]()
+    return data, ref.astype(np.uint8), tol
+
+
+def assert_close(got: np.ndarray, ref: np.ndarray, tol: int) -> None:
+    assert got.dtype == np.uint8 and got.shape == ref.shape, (got.shape, ref.shape)
+    diff = np.abs(got.astype(int) - ref.astype(int))
+    assert diff.max() <= tol, f"max difference {diff.max()} > {tol} at {np.argwhere(diff > tol)[:3].tolist()}"
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_variant_decodes_as_a_viewer_shows_it(name):
+    data, ref, tol = _variant(name)
+    assert_close(decode_image(data), ref, tol)
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_variant_in_the_models_mode_and_size(name):
+    """To one channel by Pillow's luma, to three by repetition, then Pillow's bilinear resize:
+    the reference image put through the same two steps."""
+    data, ref, tol = _variant(name)
+    reference = Image.fromarray(ref[0] if ref.shape[0] == 1 else ref.transpose(1, 2, 0))
+    for channels, size in [(1, (28, 28)), (3, (32, 32)), (3, (ref.shape[1], ref.shape[2]))]:
+        want = reference.convert("L" if channels == 1 else "RGB")
+        if want.size != (size[1], size[0]):
+            want = want.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+        # a resize spreads a level of difference over neighbours: allow one more level
+        assert_close(decode_image(data, channels, size), chw(np.asarray(want)), tol + (1 if tol else 0))
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_training_reads_each_variant_as_serving_does(name):
+    from cnnray.data.imagefolder import ImageItem, decode_images
+
+    data, _, _ = _variant(name)
+    items = [ImageItem("train", "a", "train/a/x", data=data), ImageItem("test", "a", "test/a/x", data=data)]
+    arrays = decode_images(items, "variants")
+    assert np.array_equal(arrays["train_x"][0], decode_image(data))
+
+
+# --- the issue's two examples ---------------------------------------------------------------------
+def test_16bit_gray_digit_gives_its_8bit_twins_tensor():
+    digit = np.zeros((28, 28), np.uint8)
+    digit[4:24, 12:16] = 250  # a stroke, on black as MNIST digits are
+    eight = encode(Image.fromarray(digit), "PNG")
+    sixteen = encode(Image.fromarray(digit.astype(np.uint16) * 257), "PNG")  # Pillow: mode I;16
+    assert np.array_equal(decode_image(sixteen, 1, (28, 28)), decode_image(eight, 1, (28, 28)))
+    assert np.array_equal(decode_image(sixteen)[0], digit)  # not a white square
+
+
+def test_mpo_jpg_is_accepted_by_training_and_serving():
+    from cnnray.data.imagefolder import ImageItem, decode_images
+    from cnnray.serve.preprocess import decode_image as serve_decode
+
+    data, ref, _ = _variant("jpeg-mpo")
+    served = serve_decode(data, [3, H, W], 10**6)
+    items = [ImageItem("train", "a", "photo.jpg", data=data), ImageItem("test", "a", "t.jpg", data=data)]
+    assert np.array_equal(served.numpy(), decode_images(items, "x")["train_x"][0])
+    assert np.array_equal(served.numpy(), ref)
+
+
+# --- refusals and budgets --------------------------------------------------------------------------
+def test_truncated_files_are_refused_not_half_decoded():
+    for name in ("png-rgb-8bit", "jpeg-baseline", "jpeg-progressive", "bmp-rgb"):
+        data, _, _ = _variant(name)
+        with pytest.raises(DecodeError) as info:
+            decode_image(data[: len(data) * 2 // 3])
+        assert not info.value.too_costly and "cannot decode" in info.value.message, (name, info.value.message)
+
+
+def test_jpeg_scans_are_counted_from_the_markers():
+    img = Image.fromarray(RGB)
+    assert count_jpeg_scans(encode(img, "JPEG")) == 1
+    assert count_jpeg_scans(encode(img, "JPEG", progressive=True)) == 10  # libjpeg's colour script
+    assert count_jpeg_scans(encode(Image.fromarray(GRAY), "JPEG", progressive=True)) == 6
+    # SOS bytes inside a comment segment are not scans
+    assert count_jpeg_scans(encode(img, "JPEG", comment=b"\xff\xda\x00\x08\xff\xda")) == 1
+    # an MPO counts only its first image's scans
+    assert count_jpeg_scans(_variant("jpeg-mpo")[0]) == 1
+    attack = repeat_last_scan(encode(img, "JPEG", progressive=True), 5600)
+    assert count_jpeg_scans(attack) == 5610
+    assert count_jpeg_scans(attack, stop_after=100) == 101
+
+
+def test_many_scan_progressive_jpeg_is_refused_before_decoding(monkeypatch):
+    # The issue-12 attack's shape: one tiny scan repeated thousands of times.
+    attack = repeat_last_scan(encode(Image.fromarray(RGB), "JPEG", progressive=True), 5600)
+    monkeypatch.setattr(Image.Image, "load", lambda self: pytest.fail("decoded an over-budget JPEG"))
+    with pytest.raises(DecodeError) as info:
+        decode_image(attack)
+    assert info.value.too_costly and "more than 100 progressive scans" in info.value.message
+
+
+@pytest.mark.parametrize("limits, data, fragment", [
+    (DecodeLimits(max_pixels=1000), encode(Image.new("L", (40, 30)), "PNG"), "larger than the limit of 1000"),
+    (DecodeLimits(max_frames=2), encode(Image.new("L", (8, 8)), "PNG", save_all=True,
+                                        append_images=[Image.new("L", (8, 8), i) for i in (1, 2)]),
+     "3 frames is over the limit of 2"),
+    (DecodeLimits(max_jpeg_scans=5), encode(Image.new("RGB", (8, 8)), "JPEG", progressive=True),
+     "more than 5 progressive scans"),
+], ids=["pixels", "frames", "scans"])
+def test_over_budget_images_are_too_costly(limits, data, fragment):
+    with pytest.raises(DecodeError) as info:
+        decode_image(data, limits=limits)
+    assert info.value.too_costly and fragment in info.value.message
+
+
+@pytest.mark.parametrize("side", [5000, 20000])  # under and over Pillow's own bomb guard
+def test_decompression_bomb_is_refused_from_the_header(side, monkeypatch):
+    # A side x side PNG declared in a hundred bytes: refused before a pixel is inflated.
+    import zlib
+
+    bomb = png_bytes(np.zeros((1, 1), np.uint8))
+    bomb = bomb[:16] + struct.pack(">II", side, side) + bomb[24:]
+    bomb = bomb[:29] + struct.pack(">I", zlib.crc32(bomb[12:29])) + bomb[33:]
+    monkeypatch.setattr(Image.Image, "load", lambda self: pytest.fail("decoded a bomb"))
+    with pytest.raises(DecodeError) as info:
+        decode_image(bomb)
+    assert info.value.too_costly and "larger than the limit of 16777216 pixels" in info.value.message
+
+
+@pytest.mark.parametrize("data, fragment", [
+    (b"", "empty image"),
+    (b"hello", "not an image"),
+    (encode(Image.new("L", (8, 8)), "GIF"), "GIF images are not accepted"),
+    (encode(Image.new("RGB", (8, 8)), "TIFF"), "TIFF images are not accepted"),
+])
+def test_other_bytes_are_refused_in_one_line(data, fragment):
+    with pytest.raises(DecodeError) as info:
+        decode_image(data)
+    assert not info.value.too_costly and fragment in info.value.message and "\n" not in info.value.message
+
+
+def test_training_names_the_file_of_a_refused_image():
+    from cnnray.data.base import DataError
+    from cnnray.data.imagefolder import ImageItem, decode_images
+
+    good = encode(Image.fromarray(GRAY), "PNG")
+    items = [ImageItem("train", "a", "a/ok.png", data=good), ImageItem("train", "a", "a/bad.png", data=good[:60]),
+             ImageItem("test", "a", "t/ok.png", data=good)]
+    with pytest.raises(DataError, match=r"cannot read image a/bad.png: cannot decode the PNG image"):
+        decode_images(items, "x")
+
+
+def test_jpeg_is_decoded_in_full_then_resized_not_drafted():
+    """Pillow's draft() (libjpeg's DCT scaling) would decode a large JPEG at 1/2..1/8 size,
+    cheaper but with other pixels than the full decode a viewer shows, resized: not used."""
+    big = np.kron(RGB[:16, :16], np.ones((16, 16, 1), np.uint8))  # 256 x 256
+    data = encode(Image.fromarray(big), "JPEG", quality=90)
+    full = Image.open(io.BytesIO(data)).resize((32, 32), Image.Resampling.BILINEAR)
+    assert np.array_equal(decode_image(data, 3, (32, 32)), chw(np.asarray(full)))
+    drafted = Image.open(io.BytesIO(data))
+    drafted.draft("RGB", (32, 32))
+    drafted = drafted.convert("RGB").resize((32, 32), Image.Resampling.BILINEAR)
+    assert not np.array_equal(np.asarray(drafted), np.asarray(full))
+
+
+# --- the decoded-image cache is keyed on the decoder ---------------------------------------------
+def test_cache_entries_of_another_decoder_are_not_reused(tmp_path, monkeypatch):
+    from cnnray.data import decode, imagefolder
+
+    root = tmp_path / "tree"
+    for split in ("train", "test"):
+        (root / split / "a").mkdir(parents=True)
+        (root / split / "a" / "x.png").write_bytes(encode(Image.fromarray(GRAY), "PNG"))
+    calls = []
+    real = imagefolder.decode_images
+    monkeypatch.setattr(imagefolder, "decode_images", lambda *a: calls.append(1) or real(*a))
+    imagefolder.load_arrays(root, tmp_path / "cache", "imagefolder")
+    imagefolder.load_arrays(root, tmp_path / "cache", "imagefolder")
+    assert len(calls) == 1  # the second load is a cache hit
+    monkeypatch.setattr(imagefolder, "DECODER_ID", decode.DECODER_ID + "-next")
+    imagefolder.load_arrays(root, tmp_path / "cache", "imagefolder")
+    assert len(calls) == 2  # a new decoder decodes again
+    assert DECODER_ID.startswith("cnnray-decode-")
+
+
+# --- serving: a served prediction of each variant equals the offline prediction -----------------
+@pytest.fixture(scope="module")
+def app_client(tmp_path_factory):
+    from fastapi.testclient import TestClient  # needs httpx2, a test extra
+
+    from cnnray.serve.api import build_http_app
+    from cnnray.serve.engine import LocalBackend
+    from cnnray.serve.schemas import ModelRef
+    from tests.test_serve_units import CIFAR_INFO, MNIST_INFO, save_model
+
+    root = tmp_path_factory.mktemp("decode-serve")
+    gray = save_model(root / "gray", "cnn", MNIST_INFO, seed=4)
+    colour = save_model(root / "colour", "tutorial_cnn", CIFAR_INFO, seed=5)
+    backend = LocalBackend({"gray": ModelRef(path=str(gray), version=1),
+                            "colour": ModelRef(path=str(colour), version=1)})
+    with TestClient(build_http_app(backend)) as client:
+        yield client, {"gray": (gray, (1, 28, 28)), "colour": (colour, (3, 32, 32))}
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_served_prediction_of_each_variant_is_the_offline_prediction(app_client, name):
+    import base64
+
+    from tests.test_serve_units import offline_probs
+
+    client, models = app_client
+    data, _, _ = _variant(name)
+    for model, (checkpoint, (c, h, w)) in models.items():
+        offline = offline_probs(checkpoint, torch.from_numpy(decode_image(data, c, (h, w)))[None])[0]
+        raw = client.post(f"/predictions/{model}", content=data, headers={"Content-Type": "application/octet-stream"})
+        assert raw.status_code == 200, raw.text
+        kserve = client.post(f"/v1/models/{model}:predict",
+                             json={"instances": [{"b64": base64.b64encode(data).decode()}]})
+        assert kserve.status_code == 200, kserve.text
+        for probs in (raw.json()["probabilities"], kserve.json()["predictions"][0]["probabilities"]):
+            assert torch.allclose(torch.tensor(probs), offline, atol=1e-5), (model, name)
+        assert raw.json()["class_index"] == int(offline.argmax())
+
+
+def test_served_16bit_digit_gets_its_8bit_twins_label(app_client):
+    client, _ = app_client
+    digit = np.zeros((28, 28), np.uint8)
+    digit[4:24, 12:16] = 250
+    answers = []
+    for img in (Image.fromarray(digit), Image.fromarray(digit.astype(np.uint16) * 257)):
+        r = client.post("/predictions/gray", content=encode(img, "PNG"), headers={"Content-Type": "image/png"})
+        assert r.status_code == 200, r.text
+        answers.append(r.json())
+    assert answers[0]["label"] == answers[1]["label"]
+    assert answers[0]["probabilities"] == answers[1]["probabilities"]
+
+
+def test_served_mpo_jpg_is_accepted(app_client):
+    client, _ = app_client
+    r = client.post("/predictions/colour", content=_variant("jpeg-mpo")[0], headers={"Content-Type": "image/jpeg"})
+    assert r.status_code == 200, r.text
+
+
+def test_served_over_budget_jpeg_is_413(app_client):
+    client, _ = app_client
+    attack = repeat_last_scan(encode(Image.fromarray(RGB), "JPEG", progressive=True), 500)
+    r = client.post("/predictions/colour", content=attack, headers={"Content-Type": "image/jpeg"})
+    assert r.status_code == 413 and "progressive scans" in r.json()["error"]
+
+
+# --- the page shows no broken-image placeholder before the first prediction -----------------------
+def test_page_hides_the_sent_image_until_there_is_one(app_client):
+    from html.parser import HTMLParser
+
+    client, _ = app_client
+    page = client.get("/").text
+    found = {}
+
+    class Finder(HTMLParser):
+        def handle_starttag(self, tag, attrs):
+            if tag == "img" and dict(attrs).get("id") == "sent":
+                found.update(dict(attrs))
+
+    Finder().feed(page)
+    assert "hidden" in found and not found.get("src")  # no src, and not displayed
+    # shown only once the browser has decoded what was sent; hidden again for a non-image
+    assert 'els.sent.addEventListener("load", () => { els.sent.hidden = false; })' in page
+    assert 'els.sent.addEventListener("error", () => { els.sent.hidden = true; })' in page

@@ -276,7 +276,21 @@ def test_many_scan_progressive_jpeg_is_refused_before_decoding(monkeypatch):
     monkeypatch.setattr(Image.Image, "load", lambda self: pytest.fail("decoded an over-budget JPEG"))
     with pytest.raises(DecodeError) as info:
         decode_image(attack)
-    assert info.value.too_costly and "more than 100 progressive scans" in info.value.message
+    assert info.value.too_costly and "in more than 100 progressive scans" in info.value.message
+
+
+def test_scan_budget_shrinks_as_the_canvas_grows():
+    """scans x pixels is bounded: an image at the pixel limit gets 20 scans, smaller ones more."""
+    limits = DecodeLimits(max_pixels=64 * 64)
+    assert [limits.jpeg_scan_limit(p) for p in (64 * 64, 32 * 32, 8 * 8, 10**9)] == [20, 80, 100, 1]
+    for side, ok in ((32, True), (64, False)):
+        data = repeat_last_scan(encode(Image.new("RGB", (side, side), (9, 99, 199)), "JPEG", progressive=True), 20)
+        assert count_jpeg_scans(data) == 30
+        if ok:
+            assert decode_image(data, limits=limits).shape == (3, side, side)
+        else:
+            with pytest.raises(DecodeError, match="64x64 pixels in more than 20 progressive scans"):
+                decode_image(data, limits=limits)
 
 
 @pytest.mark.parametrize("limits, data, fragment", [
@@ -285,7 +299,7 @@ def test_many_scan_progressive_jpeg_is_refused_before_decoding(monkeypatch):
                                         append_images=[Image.new("L", (8, 8), i) for i in (1, 2)]),
      "3 frames is over the limit of 2"),
     (DecodeLimits(max_jpeg_scans=5), encode(Image.new("RGB", (8, 8)), "JPEG", progressive=True),
-     "more than 5 progressive scans"),
+     "in more than 5 progressive scans"),
 ], ids=["pixels", "frames", "scans"])
 def test_over_budget_images_are_too_costly(limits, data, fragment):
     with pytest.raises(DecodeError) as info:

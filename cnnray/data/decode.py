@@ -20,9 +20,9 @@ Then the image becomes the caller's mode ("L": Pillow's ITU-R 601-2 luma of RGB;
 gray image repeated on three channels) and size (Pillow's bilinear resize), in that order.
 
 Decode cost is bounded from the header before any pixel is decoded (`DecodeLimits`):
-canvas pixels (the decompression-bomb guard), frames, and progressive-JPEG scans (each
-scan re-reads the whole coefficient buffer: a 250 KB 4096x4096 JPEG of ~5,600 tiny scans
-takes 7 s to decode). Over budget raises `DecodeError` with `too_costly=True`.
+canvas pixels (the decompression-bomb guard), frames, and progressive-JPEG scans times
+pixels (each scan re-reads the whole coefficient buffer: a 280 KB 4096x4096 JPEG of 5,600
+tiny scans took 7 s to decode in issue 12's measurement, 130 s on this loaded machine). Over budget raises `DecodeError` with `too_costly=True`.
 """
 
 from __future__ import annotations
@@ -60,14 +60,23 @@ class DecodeLimits:
     max_pixels: width x height of the canvas (memory is ~4 bytes per pixel per copy).
     max_frames: frames the file declares (APNG acTL, MPO index); only the first is decoded,
         so this refuses crafted files rather than bounding work.
-    max_jpeg_scans: scans of a JPEG. Encoders write 1 (baseline) or ~6-12 (libjpeg's
-        progressive script: 10 for colour); libjpeg-turbo's TurboJPEG API defaults its
-        scan limit to 500 against this attack; 100 keeps the worst case ~0.1 s here.
+    max_jpeg_scans, full_canvas_scans: a JPEG may have at most
+        min(max_jpeg_scans, full_canvas_scans x max_pixels / its pixels) scans. Each scan
+        is a pass over the whole coefficient buffer (measured here: ~25 ms per tiny scan
+        at 4096x4096, where a plain progressive photo of that size, 10 scans, decodes in
+        ~1 s), so an image at the pixel limit gets 20 scans, a smaller one more. Encoders
+        write 1 (baseline) or 6-10 (libjpeg's progressive scripts); libjpeg-turbo's
+        TurboJPEG API limits scans too (TJPARAM_SCANLIMIT) against this attack.
     """
 
     max_pixels: int = 4096 * 4096
     max_frames: int = 1000
     max_jpeg_scans: int = 100
+    full_canvas_scans: int = 20
+
+    def jpeg_scan_limit(self, pixels: int) -> int:
+        """Scans allowed to a JPEG of `pixels` pixels (at least 1)."""
+        return max(1, min(self.max_jpeg_scans, self.full_canvas_scans * self.max_pixels // max(pixels, 1)))
 
 
 # Training reads the user's own files: any size Pillow itself accepts without calling it a
@@ -153,11 +162,11 @@ def open_image(data: bytes, limits: DecodeLimits) -> Image.Image:
                 f"image of {frames} frames is over the limit of {limits.max_frames}", too_costly=True
             )
         if img.format in ("JPEG", "MPO"):
-            scans = count_jpeg_scans(data, stop_after=limits.max_jpeg_scans)
-            if scans > limits.max_jpeg_scans:
+            allowed = limits.jpeg_scan_limit(img.width * img.height)
+            if count_jpeg_scans(data, stop_after=allowed) > allowed:
                 raise DecodeError(
-                    f"JPEG of more than {limits.max_jpeg_scans} progressive scans is refused "
-                    "(decoding cost grows with every scan)",
+                    f"JPEG of {img.width}x{img.height} pixels in more than {allowed} progressive "
+                    "scans is refused (decoding cost grows with every scan)",
                     too_costly=True,
                 )
     except BaseException:

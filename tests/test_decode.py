@@ -115,11 +115,23 @@ def _cmyk(adobe: bool):
     return data, chw(ref), 3
 
 
-def _rotated(fmt: str, orientation: int, k: int):
+# EXIF orientation -> how the stored H x W x C pixels are shown (EXIF 2.3, tag 0x0112).
+SHOWN = {
+    2: lambda a: a[:, ::-1],  # mirrored left-right
+    3: lambda a: np.rot90(a, 2),
+    4: lambda a: a[::-1],  # mirrored top-bottom
+    5: lambda a: a.transpose(1, 0, 2),  # mirrored along the main diagonal
+    6: lambda a: np.rot90(a, -1),  # rotated 90 degrees clockwise
+    7: lambda a: np.rot90(a, 2).transpose(1, 0, 2),  # mirrored along the other diagonal
+    8: lambda a: np.rot90(a, 1),  # rotated 90 degrees counter-clockwise
+}
+
+
+def _rotated(fmt: str, orientation: int):
     base = Image.fromarray(RGB)
     data = encode(base, fmt, exif=exif(orientation), **({"quality": 90} if fmt == "JPEG" else {}))
     plain = RGB if fmt == "PNG" else jpeg_pixels(encode(base, fmt, quality=90))
-    return data, chw(np.ascontiguousarray(np.rot90(plain, k))), 0
+    return data, chw(np.ascontiguousarray(SHOWN[orientation](plain))), 0
 
 
 def _mpo():
@@ -154,6 +166,8 @@ VARIANTS: dict[str, Callable[[], tuple[bytes, np.ndarray, int]]] = {
                                chw(on_white(GRAY[..., None], ALPHA[..., None])[..., 0]), 0),
     "png-rgba": lambda: (encode(Image.fromarray(np.dstack([RGB, ALPHA]), mode="RGBA"), "PNG"),
                          chw(on_white(RGB, ALPHA[..., None])), 0),
+    "png-gray-alpha-16bit": lambda: (png_bytes(np.dstack([GRAY, ALPHA]).astype(np.uint16) * 257, 16),
+                                     chw(on_white(GRAY[..., None], ALPHA[..., None])[..., 0]), 0),
     "png-rgba-16bit": lambda: (png_bytes(np.dstack([RGB, ALPHA]).astype(np.uint16) * 257, 16),
                                chw(on_white(RGB, ALPHA[..., None])), 0),
     "png-gray-trns": _trns_gray,
@@ -165,9 +179,9 @@ VARIANTS: dict[str, Callable[[], tuple[bytes, np.ndarray, int]]] = {
     "png-icc-srgb": lambda: (encode(Image.fromarray(RGB), "PNG", icc_profile=ImageCms.ImageCmsProfile(
         ImageCms.createProfile("sRGB")).tobytes()), chw(RGB), 0),
     "png-icc-linear": _linear_icc,
-    "png-exif-rotate-90": lambda: _rotated("PNG", 6, -1),
-    "png-exif-rotate-180": lambda: _rotated("PNG", 3, 2),
-    "jpeg-exif-rotate-270": lambda: _rotated("JPEG", 8, 1),
+    **{f"png-exif-orientation-{o}": (lambda o=o: _rotated("PNG", o)) for o in SHOWN},
+    "jpeg-exif-orientation-6": lambda: _rotated("JPEG", 6),
+    "jpeg-exif-orientation-8": lambda: _rotated("JPEG", 8),
     "jpeg-baseline": lambda: (encode(Image.fromarray(RGB), "JPEG", quality=90),
                               chw(jpeg_pixels(encode(Image.fromarray(RGB), "JPEG", quality=90))), 0),
     "jpeg-progressive": lambda: (encode(Image.fromarray(RGB), "JPEG", quality=90, progressive=True),

@@ -175,8 +175,11 @@ def open_image(data: bytes, limits: DecodeLimits) -> Image.Image:
     return img
 
 
-def is_gray(img: Image.Image) -> bool:
-    """Whether a viewer shows `img` in gray: a gray mode, or a palette of gray entries only."""
+def is_gray(img: Image.Image, data: bytes = b"") -> bool:
+    """Whether a viewer shows `img` in gray: a gray mode, a palette of gray entries only, or
+    a PNG whose header says gray (colour type 0 or 4: Pillow opens 16-bit gray+alpha as RGBA)."""
+    if img.format == "PNG" and data[12:16] == b"IHDR" and data[25:26] in (b"\x00", b"\x04"):
+        return True
     if img.mode in ("P", "PA"):
         palette = np.asarray(img.getpalette("RGB") or [], dtype=np.uint8).reshape(-1, 3)
         return bool((palette == palette[:, :1]).all())
@@ -202,7 +205,7 @@ def decode_image(
         fmt = img.format
         try:
             img.load()  # the full decode of the first frame; truncated data raises here
-            rgb_or_l = _as_viewed(img)
+            rgb_or_l = _as_viewed(img, is_gray(img, data))
         except DecodeError:
             raise
         except Exception as e:  # OSError (truncated), SyntaxError, ValueError, zlib.error...
@@ -222,9 +225,9 @@ def decode_image(
     return np.array(pixels, dtype=np.uint8, order="C")  # a writable copy of Pillow's buffer
 
 
-def _as_viewed(img: Image.Image) -> Image.Image:
-    """A loaded image -> an "L" or "RGB" image of what a viewer shows (see the module doc)."""
-    gray = is_gray(img)
+def _as_viewed(img: Image.Image, gray: bool) -> Image.Image:
+    """A loaded image -> an "L" or "RGB" image of what a viewer shows (see the module doc);
+    `gray`: its pixels are gray (`is_gray`), so one channel of RGB is kept."""
     img = _oriented(img)
     mode = img.mode
     has_trns = "transparency" in img.info
@@ -249,7 +252,7 @@ def _as_viewed(img: Image.Image) -> Image.Image:
         img = _icc_to_srgb(img, icc, "RGB")
     if img.mode in ("LA", "RGBA"):
         img = _on_white(img)
-    if gray and img.mode == "RGB":  # a gray palette: R = G = B
+    if gray and img.mode == "RGB":  # a gray palette or 16-bit gray+alpha: R = G = B
         img = img.getchannel(0)
     return img
 

@@ -1,6 +1,6 @@
 """The one image decoder (cnnray/data/decode.py): every row of the README's "Images" table.
 
-Each variant is generated here from known pixels; the decoded tensor is compared with the
+Each variant is generated from known pixels (tests/image_variants.py); the decoded tensor is compared with the
 reference of what an image viewer shows. The same bytes give the same tensor through
 training's image-folder reader, and a served prediction of each (the in-process HTTP app
 over `LocalBackend`) equals the offline prediction of the decoded tensor.
@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import io
 import struct
-from collections.abc import Callable
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageCms
+from PIL import Image
 
 from cnnray.data.decode import (
     DECODER_ID,
@@ -25,194 +24,23 @@ from cnnray.data.decode import (
     decode_image,
 )
 from tests.image_variants import (
-    SRGB_D50,
+    GRAY,
+    RGB,
+    H,
+    W,
+    VARIANTS,
+    assert_close,
+    chw,
     encode,
-    icc_rgb_profile,
-    on_white,
     png_bytes,
     repeat_last_scan,
-    srgb_encode,
-    without_segment,
+    variant,
 )
-
-H, W = 24, 32  # not square, so a wrong rotation cannot pass
-_rng = np.random.default_rng(14)
-GRAY = _rng.integers(0, 256, (H, W), dtype=np.uint8)
-RGB = _rng.integers(0, 256, (H, W, 3), dtype=np.uint8)
-ALPHA = _rng.integers(0, 256, (H, W), dtype=np.uint8)
-ALPHA[:4] = 0  # fully transparent rows
-ALPHA[4:8] = 255  # fully opaque rows
-
-
-def chw(a: np.ndarray) -> np.ndarray:
-    return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
-
-
-def jpeg_pixels(data: bytes) -> np.ndarray:
-    """What libjpeg decodes from a plain JPEG (the reference for JPEG variants)."""
-    with Image.open(io.BytesIO(data)) as im:
-        return np.asarray(im.convert("RGB") if im.mode != "L" else im)
-
-
-def exif(orientation: int) -> Image.Exif:
-    e = Image.Exif()
-    e[0x0112] = orientation
-    return e
-
-
-# --- the variants: name -> () -> (file bytes, reference C x H x W, tolerance in levels) ----------
-def _palette(gray_palette: bool, alphas: bool):
-    idx = (np.arange(H * W).reshape(H, W) * 7) % 16
-    pal = _rng.integers(0, 256, (16, 3), dtype=np.uint8)
-    if gray_palette:
-        pal = np.repeat(pal[:, :1], 3, axis=1)
-    img = Image.fromarray(idx.astype(np.uint8), mode="P")
-    img.putpalette(pal.reshape(-1).tolist())
-    colour = pal[idx]
-    if not alphas:
-        return encode(img, "PNG"), chw(colour[..., 0] if gray_palette else colour), 0
-    alpha = np.linspace(0, 255, 16).astype(np.uint8)
-    out = on_white(colour, alpha[idx][..., None])
-    return encode(img, "PNG", transparency=alpha.tobytes()), chw(out[..., 0] if gray_palette else out), 0
-
-
-def _trns_gray16():
-    v = GRAY.astype(np.uint16) * 257
-    t = int(v[0, 0])
-    ref = GRAY.copy()
-    ref[v == t] = 255
-    return png_bytes(v, 16, chunks=[(b"tRNS", struct.pack(">H", t))]), chw(ref), 0
-
-
-def _trns_rgb():
-    t = RGB[0, 0]
-    ref = RGB.copy()
-    ref[(RGB == t).all(-1)] = 255
-    return png_bytes(RGB, chunks=[(b"tRNS", struct.pack(">3H", *map(int, t)))]), chw(ref), 0
-
-
-def _trns_gray():
-    t = int(GRAY[0, 0])
-    ref = GRAY.copy()
-    ref[GRAY == t] = 255
-    return png_bytes(GRAY, chunks=[(b"tRNS", struct.pack(">H", t))]), chw(ref), 0
-
-
-def _cmyk(adobe: bool):
-    # Flat 8x8-aligned patches (JPEG keeps flat blocks within a level or two): cyan, magenta,
-    # yellow, 50% black. A viewer shows them as these RGB colours.
-    ink = np.zeros((16, 32, 4), np.uint8)
-    ink[:, 0:8, 0] = ink[:, 8:16, 1] = ink[:, 16:24, 2] = 255
-    ink[:, 24:32, 3] = 128
-    ref = np.zeros((16, 32, 3), np.uint8)
-    ref[:, 0:8] = (0, 255, 255)
-    ref[:, 8:16] = (255, 0, 255)
-    ref[:, 16:24] = (255, 255, 0)
-    ref[:, 24:32] = 127
-    data = encode(Image.fromarray(ink, mode="CMYK"), "JPEG", quality=95)
-    if not adobe:
-        data = without_segment(data, 0xEE)  # no APP14 "Adobe" marker
-    return data, chw(ref), 3
-
-
-# EXIF orientation -> how the stored H x W x C pixels are shown (EXIF 2.3, tag 0x0112).
-SHOWN = {
-    2: lambda a: a[:, ::-1],  # mirrored left-right
-    3: lambda a: np.rot90(a, 2),
-    4: lambda a: a[::-1],  # mirrored top-bottom
-    5: lambda a: a.transpose(1, 0, 2),  # mirrored along the main diagonal
-    6: lambda a: np.rot90(a, -1),  # rotated 90 degrees clockwise
-    7: lambda a: np.rot90(a, 2).transpose(1, 0, 2),  # mirrored along the other diagonal
-    8: lambda a: np.rot90(a, 1),  # rotated 90 degrees counter-clockwise
-}
-
-
-def _rotated(fmt: str, orientation: int):
-    base = Image.fromarray(RGB)
-    data = encode(base, fmt, exif=exif(orientation), **({"quality": 90} if fmt == "JPEG" else {}))
-    plain = RGB if fmt == "PNG" else jpeg_pixels(encode(base, fmt, quality=90))
-    return data, chw(np.ascontiguousarray(SHOWN[orientation](plain))), 0
-
-
-def _mpo():
-    first, second = Image.fromarray(RGB), Image.fromarray(255 - RGB)
-    data = encode(first, "MPO", save_all=True, append_images=[second], quality=90)
-    with Image.open(io.BytesIO(data)) as im:
-        assert im.format == "MPO" and im.n_frames == 2
-    return data, chw(jpeg_pixels(encode(first, "JPEG", quality=90))), 0
-
-
-def _linear_icc():
-    # A linear-light image tagged with a gamma-1.0 profile of sRGB's primaries: a
-    # colour-managed viewer shows sRGB's encoding of the linear values (IEC 61966-2-1).
-    profile = icc_rgb_profile(*SRGB_D50, gamma=1.0, name="linear sRGB")
-    return encode(Image.fromarray(RGB), "PNG", icc_profile=profile), chw(srgb_encode(RGB / 255.0)), 1
-
-
-VARIANTS: dict[str, Callable[[], tuple[bytes, np.ndarray, int]]] = {
-    "png-gray-8bit": lambda: (encode(Image.fromarray(GRAY), "PNG"), chw(GRAY), 0),
-    "png-gray-16bit-twin": lambda: (encode(Image.fromarray(GRAY.astype(np.uint16) * 257), "PNG"), chw(GRAY), 0),
-    "png-gray-16bit-high-byte": lambda: (png_bytes(GRAY.astype(np.uint16) * 256 + 255, 16), chw(GRAY), 0),
-    "png-gray-1bit": lambda: (encode(Image.fromarray(GRAY > 127), "PNG"), chw(np.where(GRAY > 127, 255, 0)), 0),
-    "png-gray-2bit": lambda: (png_bytes(GRAY >> 6, 2), chw((GRAY >> 6) * 85), 0),
-    "png-gray-4bit": lambda: (png_bytes(GRAY >> 4, 4), chw((GRAY >> 4) * 17), 0),
-    "png-rgb-8bit": lambda: (encode(Image.fromarray(RGB), "PNG"), chw(RGB), 0),
-    "png-rgb-16bit": lambda: (png_bytes(RGB.astype(np.uint16) * 257, 16), chw(RGB), 0),
-    "png-palette": lambda: _palette(False, False),
-    "png-palette-gray": lambda: _palette(True, False),
-    "png-palette-transparent": lambda: _palette(False, True),
-    "png-palette-gray-transparent": lambda: _palette(True, True),
-    "png-gray-alpha": lambda: (encode(Image.fromarray(np.dstack([GRAY, ALPHA]), mode="LA"), "PNG"),
-                               chw(on_white(GRAY[..., None], ALPHA[..., None])[..., 0]), 0),
-    "png-rgba": lambda: (encode(Image.fromarray(np.dstack([RGB, ALPHA]), mode="RGBA"), "PNG"),
-                         chw(on_white(RGB, ALPHA[..., None])), 0),
-    "png-gray-alpha-16bit": lambda: (png_bytes(np.dstack([GRAY, ALPHA]).astype(np.uint16) * 257, 16),
-                                     chw(on_white(GRAY[..., None], ALPHA[..., None])[..., 0]), 0),
-    "png-rgba-16bit": lambda: (png_bytes(np.dstack([RGB, ALPHA]).astype(np.uint16) * 257, 16),
-                               chw(on_white(RGB, ALPHA[..., None])), 0),
-    "png-gray-trns": _trns_gray,
-    "png-gray-16bit-trns": _trns_gray16,
-    "png-rgb-trns": _trns_rgb,
-    "png-interlaced-gray": lambda: (png_bytes(GRAY, interlace=True), chw(GRAY), 0),
-    "png-interlaced-rgb": lambda: (png_bytes(RGB, interlace=True), chw(RGB), 0),
-    "png-gamma-chunk-ignored": lambda: (png_bytes(RGB, chunks=[(b"gAMA", struct.pack(">I", 100000))]), chw(RGB), 0),
-    "png-icc-srgb": lambda: (encode(Image.fromarray(RGB), "PNG", icc_profile=ImageCms.ImageCmsProfile(
-        ImageCms.createProfile("sRGB")).tobytes()), chw(RGB), 0),
-    "png-icc-linear": _linear_icc,
-    **{f"png-exif-orientation-{o}": (lambda o=o: _rotated("PNG", o)) for o in SHOWN},
-    "jpeg-exif-orientation-6": lambda: _rotated("JPEG", 6),
-    "jpeg-exif-orientation-8": lambda: _rotated("JPEG", 8),
-    "jpeg-baseline": lambda: (encode(Image.fromarray(RGB), "JPEG", quality=90),
-                              chw(jpeg_pixels(encode(Image.fromarray(RGB), "JPEG", quality=90))), 0),
-    "jpeg-progressive": lambda: (encode(Image.fromarray(RGB), "JPEG", quality=90, progressive=True),
-                                 chw(jpeg_pixels(encode(Image.fromarray(RGB), "JPEG", quality=90))), 0),
-    "jpeg-gray": lambda: (encode(Image.fromarray(GRAY), "JPEG", quality=90),
-                          chw(jpeg_pixels(encode(Image.fromarray(GRAY), "JPEG", quality=90))), 0),
-    "jpeg-cmyk-adobe": lambda: _cmyk(True),
-    "jpeg-cmyk-no-adobe-marker": lambda: _cmyk(False),
-    "jpeg-mpo": _mpo,
-    "png-apng-first-frame": lambda: (encode(Image.fromarray(RGB), "PNG", save_all=True,
-                                            append_images=[Image.fromarray(255 - RGB)]), chw(RGB), 0),
-    "bmp-rgb": lambda: (encode(Image.fromarray(RGB), "BMP"), chw(RGB), 0),
-    "bmp-gray": lambda: (encode(Image.fromarray(GRAY), "BMP"), chw(GRAY), 0),
-    "bmp-1bit": lambda: (encode(Image.fromarray(GRAY > 127), "BMP"), chw(np.where(GRAY > 127, 255, 0)), 0),
-}
-
-
-def _variant(name: str) -> tuple[bytes, np.ndarray, int]:
-    data, ref, tol = VARIANTS[name]()
-    return data, ref.astype(np.uint8), tol
-
-
-def assert_close(got: np.ndarray, ref: np.ndarray, tol: int) -> None:
-    assert got.dtype == np.uint8 and got.shape == ref.shape, (got.shape, ref.shape)
-    diff = np.abs(got.astype(int) - ref.astype(int))
-    assert diff.max() <= tol, f"max difference {diff.max()} > {tol} at {np.argwhere(diff > tol)[:3].tolist()}"
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_variant_decodes_as_a_viewer_shows_it(name):
-    data, ref, tol = _variant(name)
+    data, ref, tol = variant(name)
     assert_close(decode_image(data), ref, tol)
 
 
@@ -220,7 +48,7 @@ def test_variant_decodes_as_a_viewer_shows_it(name):
 def test_variant_in_the_models_mode_and_size(name):
     """To one channel by Pillow's luma, to three by repetition, then Pillow's bilinear resize:
     the reference image put through the same two steps."""
-    data, ref, tol = _variant(name)
+    data, ref, tol = variant(name)
     reference = Image.fromarray(ref[0] if ref.shape[0] == 1 else ref.transpose(1, 2, 0))
     for channels, size in [(1, (28, 28)), (3, (32, 32)), (3, (ref.shape[1], ref.shape[2]))]:
         want = reference.convert("L" if channels == 1 else "RGB")
@@ -234,7 +62,7 @@ def test_variant_in_the_models_mode_and_size(name):
 def test_training_reads_each_variant_as_serving_does(name):
     from cnnray.data.imagefolder import ImageItem, decode_images
 
-    data, _, _ = _variant(name)
+    data, _, _ = variant(name)
     items = [ImageItem("train", "a", "train/a/x", data=data), ImageItem("test", "a", "test/a/x", data=data)]
     arrays = decode_images(items, "variants")
     assert np.array_equal(arrays["train_x"][0], decode_image(data))
@@ -254,7 +82,7 @@ def test_mpo_jpg_is_accepted_by_training_and_serving():
     from cnnray.data.imagefolder import ImageItem, decode_images
     from cnnray.serve.preprocess import decode_image as serve_decode
 
-    data, ref, _ = _variant("jpeg-mpo")
+    data, ref, _ = variant("jpeg-mpo")
     served = serve_decode(data, [3, H, W], 10**6)
     items = [ImageItem("train", "a", "photo.jpg", data=data), ImageItem("test", "a", "t.jpg", data=data)]
     assert np.array_equal(served.numpy(), decode_images(items, "x")["train_x"][0])
@@ -264,7 +92,7 @@ def test_mpo_jpg_is_accepted_by_training_and_serving():
 # --- refusals and budgets --------------------------------------------------------------------------
 def test_truncated_files_are_refused_not_half_decoded():
     for name in ("png-rgb-8bit", "jpeg-baseline", "jpeg-progressive", "bmp-rgb"):
-        data, _, _ = _variant(name)
+        data, _, _ = variant(name)
         with pytest.raises(DecodeError) as info:
             decode_image(data[: len(data) * 2 // 3])
         assert not info.value.too_costly and "cannot decode" in info.value.message, (name, info.value.message)
@@ -278,7 +106,7 @@ def test_jpeg_scans_are_counted_from_the_markers():
     # SOS bytes inside a comment segment are not scans
     assert count_jpeg_scans(encode(img, "JPEG", comment=b"\xff\xda\x00\x08\xff\xda")) == 1
     # an MPO counts only its first image's scans
-    assert count_jpeg_scans(_variant("jpeg-mpo")[0]) == 1
+    assert count_jpeg_scans(variant("jpeg-mpo")[0]) == 1
     attack = repeat_last_scan(encode(img, "JPEG", progressive=True), 5600)
     assert count_jpeg_scans(attack) == 5610
     assert count_jpeg_scans(attack, stop_after=100) == 101
@@ -417,7 +245,7 @@ def test_served_prediction_of_each_variant_is_the_offline_prediction(app_client,
     from tests.test_serve_units import offline_probs
 
     client, models = app_client
-    data, _, _ = _variant(name)
+    data, _, _ = variant(name)
     for model, (checkpoint, (c, h, w)) in models.items():
         offline = offline_probs(checkpoint, torch.from_numpy(decode_image(data, c, (h, w)))[None])[0]
         raw = client.post(f"/predictions/{model}", content=data, headers={"Content-Type": "application/octet-stream"})
@@ -445,7 +273,7 @@ def test_served_16bit_digit_gets_its_8bit_twins_label(app_client):
 
 def test_served_mpo_jpg_is_accepted(app_client):
     client, _ = app_client
-    r = client.post("/predictions/colour", content=_variant("jpeg-mpo")[0], headers={"Content-Type": "image/jpeg"})
+    r = client.post("/predictions/colour", content=variant("jpeg-mpo")[0], headers={"Content-Type": "image/jpeg"})
     assert r.status_code == 200, r.text
 
 

@@ -209,7 +209,7 @@ BAD = [
     ("body-over-limit", "POST", "/predictions/digits", b"\x89PNG" + bytes(300 * 1024), "image/png", 413,
      "over the limit"),
     ("wrong-type-torchserve", "POST", "/predictions/digits", png(NOISE), "application/json", 415,
-     "send image/png or image/jpeg"),
+     "send image/png, image/jpeg or image/bmp"),
     ("wrong-type-kserve", "POST", "/v1/models/digits:predict", _json_body({"instances": []}), "text/plain", 415,
      "send application/json"),
     ("unknown-model-torchserve", "POST", "/predictions/nope", png(NOISE), "image/png", 404, "unknown model 'nope'"),
@@ -489,6 +489,8 @@ def test_page_draw_and_upload_show_the_top_3(server, browser, tmp_path):
     WebDriverWait(browser, 60).until(lambda b: len(select.find_elements(By.TAG_NAME, "option")) == 4)
     Select(select).select_by_value("digits")
     assert "cnn, input 1x28x28, accuracy 90.00%" in browser.find_element(By.ID, "model-info").text
+    # Nothing where the sent image goes until there is one (no broken-image placeholder).
+    assert not browser.find_element(By.ID, "sent").is_displayed()
 
     # Draw a "7": a bar, then a diagonal down to the bottom left.
     pad = browser.find_element(By.ID, "pad")
@@ -500,6 +502,7 @@ def test_page_draw_and_upload_show_the_top_3(server, browser, tmp_path):
     assert [p for _, p in top3] == sorted((p for _, p in top3), reverse=True) and sum(p for _, p in top3) <= 1 + 1e-6
     # The page shows what it sent (the drawing framed as MNIST digits are: 28x28, gray on
     # black); the API's answer for those same bytes ranks the same three classes.
+    WebDriverWait(browser, 10).until(lambda b: b.find_element(By.ID, "sent").is_displayed())
     sent = browser.find_element(By.ID, "sent").get_attribute("src")
     assert sent.startswith("data:image/png;base64,")
     data = base64.b64decode(sent.split(",", 1)[1])
@@ -526,7 +529,8 @@ def test_page_draw_and_upload_show_the_top_3(server, browser, tmp_path):
     notes.write_text("not a digit")
     browser.find_element(By.ID, "file").send_keys(str(notes))
     assert _page_result(browser, 3) == []
-    assert "send image/png or image/jpeg" in browser.find_element(By.ID, "error").text
+    WebDriverWait(browser, 10).until(lambda b: not b.find_element(By.ID, "sent").is_displayed())
+    assert "send image/png, image/jpeg or image/bmp" in browser.find_element(By.ID, "error").text
 
 
 # --- several replicas (last: the module's server keeps two from here on) --------------------------------

@@ -157,8 +157,9 @@ def test_colour_jpeg_of_another_size_is_resized_as_training_resizes():
 def test_colour_image_for_a_grayscale_model_becomes_one_channel():
     from cnnray.serve.preprocess import decode_image
 
-    rgba = Image.fromarray(np.full((28, 28, 4), 200, dtype=np.uint8), mode="RGBA")
-    out = decode_image(encode(rgba, "PNG"), [1, 28, 28], 10**6)
+    rgba = np.full((28, 28, 4), 200, dtype=np.uint8)
+    rgba[..., 3] = 255  # opaque (transparency is composited on white: tests/test_decode.py)
+    out = decode_image(encode(Image.fromarray(rgba, mode="RGBA"), "PNG"), [1, 28, 28], 10**6)
     assert out.shape == (1, 28, 28) and int(out[0, 0, 0]) == 200
 
 
@@ -182,10 +183,10 @@ def test_normalisation_is_the_training_batches():
         (b"hello, this is not an image", "not an image", 400),
         (NOISE_PNG[: len(NOISE_PNG) // 2], "cannot decode", 400),
         (encode(Image.new("L", (28, 28)), "GIF"), "GIF images are not accepted", 400),
-        (encode(Image.new("L", (28, 28)), "BMP"), "BMP images are not accepted", 400),
+        (encode(Image.new("L", (28, 28)), "TIFF"), "TIFF images are not accepted", 400),
         (encode(Image.new("L", (3000, 3000)), "PNG"), "larger than the limit", 413),
     ],
-    ids=["empty", "text", "truncated", "gif", "bmp", "too-many-pixels"],
+    ids=["empty", "text", "truncated", "gif", "tiff", "too-many-pixels"],
 )
 def test_bad_images_raise_request_errors(data, fragment, status):
     from cnnray.serve.preprocess import RequestError, decode_image

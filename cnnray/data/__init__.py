@@ -6,8 +6,10 @@
                              drop_last=True, mean=ds.mean, std=ds.std, augment="crop_flip")
 
 Datasets: mnist, fashion_mnist (IDX files), cifar10 (python batches or an image-folder
-tree/tarball), imagefolder (train/<class>/*, test/<class>/*). Every problem with the
-files raises `DataError` with a one-line message. Importing this package does no work.
+tree/tarball), imagefolder (train/<class>/*, test/<class>/*). Image files are read by
+`cnnray.data.decode.decode_image`, the one decoder that serving uses too. Every problem
+with the files raises `DataError` with a one-line message. Importing this package does
+no work.
 """
 
 from __future__ import annotations

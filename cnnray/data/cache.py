@@ -2,8 +2,9 @@
 
 A cache entry is one uncompressed `.npz` of uint8/int64/str arrays, read back with
 `allow_pickle=False`. Its name is a hash of the sources' paths, sizes and mtimes plus
-`FORMAT_VERSION`, so editing or replacing a source, or changing the decoded layout,
-simply misses the old entry. Entries are written atomically under a per-entry file lock
+`FORMAT_VERSION` and the image decoder's id (cnnray/data/decode.py `DECODER_ID`, for
+readers that decode images), so editing or replacing a source, changing the decoded
+layout, or changing how an image is decoded simply misses the old entry. Entries are written atomically under a per-entry file lock
 so that the workers of one node decode once between them.
 """
 
@@ -29,9 +30,10 @@ LOCK_TIMEOUT_S = 3600.0  # a worker waits this long for another worker's decode
 Arrays = dict[str, np.ndarray]
 
 
-def cache_key(kind: str, sources: Iterable[Path]) -> str:
-    """Hash of kind, format version and each source's absolute path, size and mtime (ns)."""
-    h = hashlib.sha256(f"cnnray-data v{FORMAT_VERSION} {kind}".encode())
+def cache_key(kind: str, sources: Iterable[Path], decoder: str = "") -> str:
+    """Hash of kind, format version, decoder id and each source's absolute path, size and
+    mtime (ns)."""
+    h = hashlib.sha256(f"cnnray-data v{FORMAT_VERSION} {kind} {decoder}".encode())
     for path in sources:
         st = path.stat()
         h.update(f"\0{path.absolute()}\0{st.st_size}\0{st.st_mtime_ns}".encode())
@@ -68,14 +70,21 @@ def _try_read(path: Path) -> Arrays | None:
 
 
 def cached_arrays(
-    cache_dir: Path, kind: str, sources: Iterable[Path], build: Callable[[], Arrays]
+    cache_dir: Path,
+    kind: str,
+    sources: Iterable[Path],
+    build: Callable[[], Arrays],
+    decoder: str = "",
 ) -> Arrays:
     """The arrays `build()` returns for these sources, from the cache when possible.
+
+    `decoder` names the image decoder `build` uses (decode.DECODER_ID), so that arrays
+    an older decoder made are never reused.
 
     A cache dir that cannot be created or written only costs speed: the arrays are built
     and returned uncached, with a warning.
     """
-    key = cache_key(kind, sources)
+    key = cache_key(kind, sources, decoder)
     path = cache_dir / f"{key}.npz"
     if (hit := _try_read(path)) is not None:
         log.debug("loaded %s from cache %s", kind, path)

@@ -17,6 +17,7 @@ import numpy as np
 
 from cnnray.data import cache, download, imagefolder
 from cnnray.data.base import DataError, Dataset, dataset_from_arrays
+from cnnray.data.decode import DECODER_ID
 
 URLS: tuple[str, ...] = ("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",)
 ARCHIVE = "cifar-10-python.tar.gz"
@@ -227,7 +228,10 @@ def load_cifar10(data_dir: Path, *, download_ok: bool, cache_dir: Path) -> Datas
 
         arrays = cache.cached_arrays(cache_dir, "cifar10", present, build)
     elif kind == "archive":
-        arrays = cache.cached_arrays(cache_dir, "cifar10", [path], lambda: _decode_archive(path))
+        # The archive may hold JPEG/PNG folders: key on the image decoder too.
+        arrays = cache.cached_arrays(
+            cache_dir, "cifar10", [path], lambda: _decode_archive(path), decoder=DECODER_ID
+        )
     else:
         arrays = _check_folder(imagefolder.load_arrays(path, cache_dir, "cifar10"), str(path))
     classes = [str(c) for c in arrays["classes"]]

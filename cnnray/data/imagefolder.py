@@ -1,13 +1,13 @@
 """Image-folder datasets: `<root>/{train,test}/<class>/*.{png,jpg,jpeg,bmp}`, a dir or a tarball.
 
 Archives are read member by member with tarfile, never extracted. Every image is decoded
-once with Pillow into one preallocated uint8 array; cache.py keeps the result, so a
-60,000-JPEG tree costs its decode only on the first load on a node.
+once by cnnray's one image decoder (decode.py, which serving uses too) into one
+preallocated uint8 array; cache.py keeps the result, keyed also on the decoder's version,
+so a 60,000-JPEG tree costs its decode only on the first load on a node.
 """
 
 from __future__ import annotations
 
-import io
 import os
 import tarfile
 import zlib
@@ -16,17 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from cnnray.data import cache
 from cnnray.data.base import DataError, Dataset, dataset_from_arrays
+from cnnray.data.decode import DECODER_ID, TRAINING_LIMITS, DecodeError, decode_image
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp"})
 SPLITS = ("train", "test")
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
-# Modes decoded as one channel; anything else (RGB, RGBA, P, CMYK, ...) becomes RGB.
-_GRAY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "F"})
-
 _STATS_CHUNK = 4096  # images squared at a time for the std: 25 MB of uint16 for CIFAR
 
 LAYOUT = "<root>/train/<class>/*.png|jpg|jpeg|bmp and <root>/test/<class>/..."
@@ -152,8 +149,10 @@ def _mean_std(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def decode_images(items: Sequence[ImageItem], source: str) -> dict[str, np.ndarray]:
     """Decode all items into train/test uint8 arrays, labels, class names and stats.
 
-    Classes are the sorted class folders of train. Images are grayscale (C=1) if every
-    image is, else RGB; all are resized (bilinear) to the first train image's size.
+    Classes are the sorted class folders of train. Each image is decoded by
+    `cnnray.data.decode.decode_image` (as a viewer shows it); images are grayscale (C=1) if
+    every image is, else RGB; all are resized (bilinear) to the first train image's size.
+    Raises DataError naming the file for an unreadable image or one over TRAINING_LIMITS.
     """
     train = sorted((it for it in items if it.split == "train"), key=lambda it: (it.cls, it.name))
     test = sorted((it for it in items if it.split == "test"), key=lambda it: (it.cls, it.name))
@@ -169,27 +168,23 @@ def decode_images(items: Sequence[ImageItem], source: str) -> dict[str, np.ndarr
     index = {c: i for i, c in enumerate(classes)}
     ordered = train + test
     out: np.ndarray | None = None
-    size = (0, 0)  # (width, height), PIL's order
+    size = (0, 0)  # (height, width) of the first train image
     all_gray = True
     for i, item in enumerate(ordered):
         try:
-            with Image.open(item.path if item.data is None else io.BytesIO(item.data)) as img:
-                gray = img.mode in _GRAY_MODES
-                img = img.convert("L" if gray else "RGB")  # forces the full decode
-                if out is None:
-                    size = img.size
-                    # Three channels until every image is known to be gray; see below.
-                    out = np.empty((len(ordered), 3, size[1], size[0]), dtype=np.uint8)
-                if img.size != size:
-                    img = img.resize(size, Image.Resampling.BILINEAR)
-                pixels = np.asarray(img)
-        except Exception as exc:  # any decoder failure, reported with the file's name
-            raise DataError(f"cannot read image {item.name}: {type(exc).__name__}: {exc}") from exc
-        if gray:
-            out[i] = pixels  # broadcast H x W onto the three channels, as PIL's L->RGB does
-        else:
-            out[i] = pixels.transpose(2, 0, 1)
-            all_gray = False
+            data = item.data if item.data is not None else item.path.read_bytes()
+            # The image's own channels (1 if a viewer shows it gray), at the first image's size.
+            pixels = decode_image(data, None, size if out is not None else None, TRAINING_LIMITS)
+        except DecodeError as exc:
+            raise DataError(f"cannot read image {item.name}: {exc.message}") from None
+        except OSError as exc:
+            raise DataError(f"cannot read image {item.name}: {exc.strerror or exc}") from None
+        if out is None:
+            size = (pixels.shape[1], pixels.shape[2])
+            # Three channels until every image is known to be gray; see below.
+            out = np.empty((len(ordered), 3, *size), dtype=np.uint8)
+        out[i] = pixels  # a gray 1 x H x W broadcasts onto the three channels, as L -> RGB does
+        all_gray = all_gray and pixels.shape[0] == 1
     assert out is not None
     if all_gray:
         out = np.ascontiguousarray(out[:, :1])
@@ -212,7 +207,8 @@ def load_arrays(source: Path, cache_dir: Path, kind: str) -> dict[str, np.ndarra
     if is_archive(source) and source.is_file():
         # Keyed on the archive alone, so a cache hit does not even open it.
         return cache.cached_arrays(
-            cache_dir, kind, [source], lambda: decode_images(scan_tar(source)[0], str(source))
+            cache_dir, kind, [source], lambda: decode_images(scan_tar(source)[0], str(source)),
+            decoder=DECODER_ID,
         )
     try:
         items = list_dir(source)
@@ -221,7 +217,9 @@ def load_arrays(source: Path, cache_dir: Path, kind: str) -> dict[str, np.ndarra
     if not items:
         raise DataError(f"no images found in {source}; expected {LAYOUT}")
     paths = [it.path for it in items if it.path is not None]
-    return cache.cached_arrays(cache_dir, kind, paths, lambda: decode_images(items, str(source)))
+    return cache.cached_arrays(
+        cache_dir, kind, paths, lambda: decode_images(items, str(source)), decoder=DECODER_ID
+    )
 
 
 def load_imagefolder(data_dir: Path, *, cache_dir: Path) -> Dataset:

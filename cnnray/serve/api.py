@@ -6,7 +6,7 @@
     GET  /v1/models                     every served model: version, input shape, classes, metrics
     GET  /v1/models/{name}              {"name", "version", "ready"}: 200 when ready, else 503
     POST /v1/models/{name}:predict      KServe v1: {"instances": [{"b64": ...} | C x H x W array]}
-    POST /predictions/{name}            TorchServe: the raw bytes of one PNG or JPEG (PUT works too)
+    POST /predictions/{name}            TorchServe: the raw bytes of one PNG, JPEG or BMP (PUT works too)
 
 Every refused request answers 4xx with {"error": "..."}: unknown model 404, wrong content
 type 415, body over the limit 413, anything malformed 400. No bad input reaches a 5xx.
@@ -46,7 +46,7 @@ from cnnray.serve.schemas import (
 log = logging.getLogger("cnnray.serve")
 
 JSON_TYPES = ("application/json",)
-IMAGE_TYPES = ("image/png", "image/jpeg", "image/jpg", "application/octet-stream")
+IMAGE_TYPES = ("image/png", "image/jpeg", "image/jpg", "image/bmp", "application/octet-stream")
 _THREAD_DECODE_BYTES = 256 * 1024  # bodies larger than this are decoded off the event loop
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
@@ -197,7 +197,7 @@ def build_http_app(backend: Backend) -> FastAPI:
     async def predictions(name: str, request: Request) -> Response:
         with backend.metrics.track(_label(backend, name), "torchserve") as t:
             entry = _served(backend, name)
-            _require_type(request, IMAGE_TYPES, "image/png or image/jpeg", missing_ok=True)
+            _require_type(request, IMAGE_TYPES, "image/png, image/jpeg or image/bmp", missing_ok=True)
             body = await read_body(request, backend.limits.max_body_bytes)
             pixels = await _off_loop_if_large(
                 len(body), decode_image, body, entry.input_shape, backend.limits.max_image_pixels

@@ -63,9 +63,9 @@ def add_parsers(sub: Any) -> None:
     p = sub.add_parser(
         "predict",
         help="classify image files with a running `cnnray serve`",
-        description="Send PNG or JPEG files to a running server and print each one's label and probability.",
+        description="Send PNG, JPEG or BMP files to a running server and print each one's label and probability.",
     )
-    p.add_argument("images", nargs="+", metavar="IMAGE", help="PNG or JPEG files")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="PNG, JPEG or BMP files")
     p.add_argument("--url", default="http://127.0.0.1:8000", help="server address; default http://127.0.0.1:8000")
     p.add_argument("--model", required=True, help="model name (see GET /v1/models)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for an answer; default 60")

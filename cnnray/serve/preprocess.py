@@ -1,8 +1,9 @@
 """Turn request payloads into model inputs exactly as training turned dataset files into batches.
 
-Training decodes an image with Pillow, keeps one channel ("L") for a grayscale dataset and
-three ("RGB") otherwise, resizes it bilinearly to the dataset's size when it differs
-(cnnray/data/imagefolder.py), stores uint8 C x H x W pixels, and normalises a batch with
+Training decodes an image with cnnray's one decoder (cnnray/data/decode.py: the pixels a
+viewer shows), keeps one channel ("L") for a grayscale dataset and three ("RGB")
+otherwise, resizes it bilinearly to the dataset's size when it differs, stores uint8
+C x H x W pixels, and normalises a batch with
 `cnnray.data.normalize` ((x / 255 - mean) / std, as one addcmul). Serving does the same
 steps with the same functions, so an image sent over HTTP gets the prediction that the
 offline evaluation gives it.
@@ -15,18 +16,15 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
 import math
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
-from cnnray.data import normalize
-
-ACCEPTED_FORMATS = ("PNG", "JPEG")
+from cnnray.data import decode, normalize
+from cnnray.data.decode import DecodeLimits
 
 
 class RequestError(Exception):
@@ -39,37 +37,17 @@ class RequestError(Exception):
 
 
 def decode_image(data: bytes, input_shape: Sequence[int], max_pixels: int) -> torch.Tensor:
-    """PNG or JPEG bytes -> uint8 C x H x W pixels, converted as training converts images."""
+    """PNG, JPEG or BMP bytes -> uint8 C x H x W pixels, by training's own decoder
+    (`cnnray.data.decode.decode_image`: as a viewer shows the image, in the model's mode and
+    size). Raises RequestError: 413 for an image over the decode budget (pixels, frames,
+    progressive scans, all checked from the header), 400 for anything else."""
     channels, height, width = (int(s) for s in input_shape)
-    if not data:
-        raise RequestError(400, "empty image: send the bytes of a PNG or JPEG file")
+    limits = DecodeLimits(max_pixels=max_pixels)
     try:
-        img = Image.open(io.BytesIO(data))  # lazy: reads the header only
-    except Exception:  # UnidentifiedImageError, or a header that makes Pillow trip
-        raise RequestError(400, "not an image: send a PNG or JPEG file") from None
-    with img:
-        if img.format not in ACCEPTED_FORMATS:
-            raise RequestError(400, f"{img.format} images are not accepted: send a PNG or JPEG file")
-        if img.width * img.height > max_pixels:
-            # Checked before decoding, so a small file that declares a huge canvas
-            # (a decompression bomb) costs nothing.
-            raise RequestError(
-                413, f"image of {img.width}x{img.height} pixels is larger than the limit of {max_pixels} pixels"
-            )
-        try:
-            # Training's rule: one channel for a grayscale dataset, else RGB (a gray image
-            # is repeated on the three channels, as Pillow's L -> RGB does).
-            img = img.convert("L" if channels == 1 else "RGB")  # forces the full decode
-            if img.size != (width, height):
-                img = img.resize((width, height), Image.Resampling.BILINEAR)
-            pixels = np.asarray(img)
-        except Exception as e:  # truncated or corrupt data: OSError, SyntaxError, ValueError...
-            raise RequestError(400, f"cannot decode the {img.format} image: {_first_line(e)}") from None
-    if channels == 1:
-        pixels = pixels[None]
-    else:
-        pixels = pixels.transpose(2, 0, 1)
-    return torch.from_numpy(pixels.copy())  # a C-contiguous, writable copy of Pillow's buffer
+        pixels = decode.decode_image(data, channels, (height, width), limits)
+    except decode.DecodeError as e:
+        raise RequestError(413 if e.too_costly else 400, e.message) from None
+    return torch.from_numpy(pixels)
 
 
 def decode_b64(text: str, input_shape: Sequence[int], max_pixels: int, where: str) -> torch.Tensor:
@@ -136,7 +114,3 @@ def finite_json(obj: Any) -> Any:
         return [finite_json(v) for v in obj]
     return obj
 
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__

@@ -132,8 +132,13 @@ def build_http_app(backend: Backend) -> FastAPI:
 
     # --- errors: always {"error": "..."} ------------------------------------------------
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error(exc.status_code, str(exc.detail))
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # No such route or method: the body was never read, so drop it as for a RequestError.
+        try:
+            close = await discard_body(request, backend.limits)
+        except RequestError:
+            close = True
+        return error(exc.status_code, str(exc.detail), close=close)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -241,6 +241,26 @@ def test_decoding_never_runs_on_the_event_loop(local, monkeypatch, route):
     probe.check(f"a 3 s decode ({route})")
 
 
+def test_bodies_held_at_once_are_bounded(tmp_path):
+    """Many large uploads at once cannot exhaust a replica's memory: past `max_buffered_bytes`
+    a request gets 429 with Retry-After, and what was held is given back afterwards."""
+    from cnnray.serve.schemas import Limits, ModelRef
+
+    ref = ModelRef(path=str(save_model(tmp_path / "ck", "cnn", MNIST_INFO)), version=1)
+    server = LocalServer({"digits": ref}, Limits(max_buffered_bytes=8192))
+    try:
+        small, large = png(NOISE), png(NOISE) + bytes(10_000)  # Pillow ignores bytes after the PNG's end
+        r = requests.post(f"{server.url}/predictions/digits", data=large, headers={"Content-Type": "image/png"},
+                          timeout=30)
+        assert r.status_code == 429 and r.headers["retry-after"] == "1" and "retry" in r.json()["error"], r.text
+        for _ in range(3):  # nothing stays held: the budget is given back after each request
+            r = requests.post(f"{server.url}/predictions/digits", data=small, headers={"Content-Type": "image/png"},
+                              timeout=30)
+            assert r.status_code == 200, r.text
+    finally:
+        server.stop()
+
+
 # --- 2. slow clients end with 408 and do not hold the server --------------------------------------
 def stalled_connections(host: str, port: int, path: str, n: int) -> list[socket.socket]:
     """`n` connections that send headers announcing 100 bytes, one byte of body, then nothing."""

@@ -73,7 +73,9 @@ class LoadedModel:
 
 
 MAX_INPUT_CHANNELS = 4  # grayscale, RGB, RGBA: more is no image this server decodes
-PROBE_MAX_VALUES = 3 * 4096 * 4096  # C x H x W of the load-time probe (~200 MB float32 at most)
+# C x H x W of a served model's input: 3 x 1024 x 1024 at most (ImageNet models take 3 x 224 x 224),
+# so the load-time probe and each request's activations stay within a few hundred MB.
+PROBE_MAX_VALUES = 3 * 1024 * 1024
 
 
 def _check_input(loaded: LoadedModel) -> None:
@@ -206,10 +208,9 @@ def _stamp(folder: Path) -> Any:
         return ("unreadable", e.errno)
 
 
-def resolve_models(args: ServeArgs, verify: bool = True) -> dict[str, ModelRef]:
-    """`resolve(args).models`, refused with ConfigError when that is nothing at all (the
-    message says why each store version was skipped). `verify` is kept for callers; store
-    versions are always verified, since an unverifiable one is skipped, not served."""
+def resolve_models(args: ServeArgs) -> dict[str, ModelRef]:
+    """`resolve(args).models` (every one verified), refused with ConfigError when that is
+    nothing at all; the message says why the first store versions were skipped."""
     res = resolve(args)
     if not res.models:
         where = f"model store {args.model_store}" if args.model_store else "the arguments"

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
@@ -72,7 +73,10 @@ def save_checkpoint(
 
 
 def read_meta(directory: str | Path) -> dict[str, Any]:
-    """Read and sanity-check meta.json (no digests checked; see `verify_checkpoint`)."""
+    """Read and check the structure of meta.json (no digests checked; see `verify_checkpoint`).
+
+    Raises CheckpointError for every malformed meta.json: not JSON, not an object, another
+    format, or a field of the wrong type (so that no later reader meets a surprise)."""
     d = Path(directory)
     path = d / META_FILE
     if not d.is_dir():
@@ -90,16 +94,46 @@ def read_meta(directory: str | Path) -> dict[str, Any]:
             f"checkpoint {d}: format version {meta.get('format_version')!r} is not supported "
             f"(this cnnray reads version {FORMAT_VERSION})"
         )
+    problem = _meta_problem(meta)
+    if problem:
+        raise CheckpointError(f"checkpoint {d}: malformed {META_FILE}: {problem}")
     return meta
+
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _meta_problem(meta: dict[str, Any]) -> str | None:
+    """What is wrong with the fields of a parsed meta.json, or None."""
+    model = meta.get("model")
+    if not isinstance(model, dict) or not isinstance(model.get("name"), str) or not isinstance(model.get("args"), dict):
+        return 'model must be {"name": str, "args": {...}}'
+    if not all(isinstance(k, str) for k in model["args"]):
+        return "model args must be keyed by name"
+    files = meta.get("files")
+    if not isinstance(files, dict) or MODEL_FILE not in files:
+        return f"files must list {MODEL_FILE} and its SHA-256"
+    for name, digest in files.items():
+        if name not in (MODEL_FILE, STATE_FILE):
+            return f"unexpected file name {name[:80]!r} (expected {MODEL_FILE} or {STATE_FILE})"
+        if not isinstance(digest, str) or not _SHA256.match(digest):
+            return f"the SHA-256 of {name} is not 64 hexadecimal digits"
+    if not isinstance(meta.get("data", {}), dict):
+        return "data must be an object"
+    epoch = meta.get("epoch")
+    if epoch is not None and (isinstance(epoch, bool) or not isinstance(epoch, int)):
+        return "epoch must be an integer"
+    for key, kind in (("config", dict), ("metrics", dict), ("history", list)):
+        if not isinstance(meta.get(key, kind()), kind):
+            return f"{key} must be a{'n object' if kind is dict else ' list'}"
+    return None
 
 
 def verify_checkpoint(directory: str | Path) -> dict[str, Any]:
     """Check every listed file against its SHA-256; return the metadata."""
     d = Path(directory)
-    meta = read_meta(d)
-    for name, digest in meta.get("files", {}).items():
-        if "/" in name or name.startswith("."):
-            raise CheckpointError(f"checkpoint {d}: unexpected file name {name!r} in {META_FILE}")
+    meta = read_meta(d)  # file names are checked there: model.pt or train_state.pt only
+    for name, digest in meta["files"].items():
         try:
             actual = _sha256(d / name)
         except OSError:
@@ -110,21 +144,51 @@ def verify_checkpoint(directory: str | Path) -> dict[str, Any]:
 
 
 def load_model(directory: str | Path, map_location: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Rebuild the model from the registry and load its verified weights (eval mode)."""
+    """Rebuild the model from the registry and load its verified weights (eval mode).
+
+    The model is first built on the meta device (no memory) and its parameter shapes are
+    compared with the weights', so arguments in meta.json that do not match the weights
+    (say hidden sizes [20000, 20000] beside a 100k-parameter state_dict) are refused before
+    anything of their size is allocated. Every failure is a CheckpointError."""
     from cnnray.models import build_model
 
     d = Path(directory)
     meta = verify_checkpoint(d)
+    name, args = meta["model"]["name"], meta["model"]["args"]
     try:
-        model = build_model(meta["model"]["name"], **meta["model"]["args"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"checkpoint {d}: cannot rebuild the model: {e}") from None
+        with torch.device("meta"):
+            skeleton = build_model(name, **args)
+    except Exception as e:  # unknown name or argument, or values the constructor refuses
+        raise CheckpointError(f"checkpoint {d}: cannot rebuild the model: {_first_line(e)}") from None
     state = _safe_torch_load(d / MODEL_FILE, map_location)
+    mismatch = _shape_mismatch(skeleton.state_dict(), state)
+    if mismatch:
+        raise CheckpointError(f"checkpoint {d}: weights do not fit the model its {META_FILE} describes: {mismatch}")
     try:
+        model = build_model(name, **args)  # now known to be the size of the weights
         model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise CheckpointError(f"checkpoint {d}: weights do not fit the model: {str(e).splitlines()[0]}") from None
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {d}: weights do not fit the model: {_first_line(e)}") from None
     return model.to(map_location).eval(), meta
+
+
+def _shape_mismatch(expected: dict[str, torch.Tensor], state: Any) -> str | None:
+    """The first difference between a model's state_dict (shapes only) and loaded weights."""
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        return f"{MODEL_FILE} is not a dictionary of tensors"
+    missing = sorted(set(expected) - set(state))
+    extra = sorted(set(state) - set(expected), key=str)
+    if missing or extra:
+        return f"missing {missing[:3]}, unexpected {extra[:3]}"
+    for key, tensor in expected.items():
+        if tuple(state[key].shape) != tuple(tensor.shape):
+            return f"{key} is {list(state[key].shape)} in the weights, {list(tensor.shape)} in the model"
+    return None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:300] if text else type(e).__name__
 
 
 def load_train_state(directory: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -151,11 +215,37 @@ def _safe_torch_load(path: Path, map_location: str | torch.device) -> Any:
         raise CheckpointError(f"cannot load {path}: {str(e).splitlines()[0]}") from None
 
 
+def current_umask() -> int:
+    """The process's umask (Linux reads it without changing it; elsewhere set and restore)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The mode `open()` gives a new file: 0666 less the umask (mkstemp would give 0600)."""
+    return 0o666 & ~current_umask()
+
+
+def dir_mode() -> int:
+    """The mode `mkdir` gives a new folder: 0777 less the umask (mkdtemp would give 0700)."""
+    return 0o777 & ~current_umask()
+
+
 def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
     """Write through a temporary file in the same folder, fsync, then rename into place:
-    readers see the old file or the new one, never a torn one."""
+    readers see the old file or the new one, never a torn one. The file gets the mode a
+    plain `open()` would give it (the umask decides who may read it), not mkstemp's 0600."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
+        os.fchmod(fd, file_mode())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

@@ -9,7 +9,15 @@
     POST /predictions/{name}            TorchServe: the raw bytes of one PNG, JPEG or BMP (PUT works too)
 
 Every refused request answers 4xx with {"error": "..."}: unknown model 404, wrong content
-type 415, body over the limit 413, anything malformed 400. No bad input reaches a 5xx.
+type 415, a body that does not arrive within `Limits.body_timeout_s` 408, body, JSON or
+pixels over a budget 413, a model output that is not finite 422, anything malformed 400.
+No bad input reaches a 5xx.
+
+Cost bounds (see `Limits`): each budget is checked before the work it bounds, and the heavy
+work (JSON parsing, image decoding, normalisation) runs on a small thread pool per app,
+never on the event loop, so /healthz and other requests keep answering while it runs. An
+oversized body is read and discarded (up to `max_drain_bytes`) before its 413 is sent, so
+clients that send the whole body before reading the answer read the 413, not a reset.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from functools import lru_cache
 from importlib import resources
@@ -29,9 +38,17 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from cnnray.serve.body import BodyBudget, discard_body
+from cnnray.serve.defaults import DECODE_THREADS
 from cnnray.serve.engine import LoadedModel
 from cnnray.serve.metrics import UNKNOWN_MODEL, ServeMetrics
-from cnnray.serve.preprocess import RequestError, decode_image, decode_instances, to_model_input
+from cnnray.serve.preprocess import (
+    RequestError,
+    decode_image,
+    decode_instances,
+    json_depth,
+    to_model_input,
+)
 from cnnray.serve.schemas import (
     ErrorBody,
     Health,
@@ -47,13 +64,15 @@ log = logging.getLogger("cnnray.serve")
 
 JSON_TYPES = ("application/json",)
 IMAGE_TYPES = ("image/png", "image/jpeg", "image/jpg", "image/bmp", "application/octet-stream")
-_THREAD_DECODE_BYTES = 256 * 1024  # bodies larger than this are decoded off the event loop
+# {"instances": [ [C [H [W values]]] ]} nests 5 deep ({"b64": ...} instances 3): deeper is malformed.
+MAX_JSON_DEPTH = 5
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody, "description": why}
     for code, why in [
-        (400, "malformed request"), (404, "unknown model"), (413, "body or image over the limit"),
-        (415, "wrong content type"),
+        (400, "malformed request"), (404, "unknown model"), (408, "body not received in time"),
+        (413, "body, JSON or pixels over the limit"), (415, "wrong content type"),
+        (422, "the model gives no finite output for this input"),
     ]
 }
 
@@ -66,14 +85,20 @@ class Backend(Protocol):
     def model(self, name: str) -> LoadedModel | None: ...
     def models(self) -> list[LoadedModel]: ...
     def failures(self) -> dict[str, tuple[int, str]]: ...
+    def problems(self) -> list[str]: ...
     async def infer(self, entry: LoadedModel, inputs: list[torch.Tensor]) -> torch.Tensor: ...
     async def metrics_text(self) -> bytes: ...
     async def start(self) -> None: ...
     async def stop(self) -> None: ...
 
 
-def error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
+def error(status: int, message: str, close: bool = False) -> JSONResponse:
+    """{"error": message}; `close` asks the server to close the connection after the answer
+    (a body left unread, or a client too slow to keep)."""
+    headers = {"Connection": "close"} if close else {}
+    if status == 429:
+        headers["Retry-After"] = "1"  # seconds: bodies in flight are read within body_timeout_s
+    return JSONResponse({"error": message}, status_code=status, headers=headers or None)
 
 
 @lru_cache(maxsize=1)
@@ -84,11 +109,20 @@ def index_html() -> str:
 def build_http_app(backend: Backend) -> FastAPI:
     """The FastAPI app (routes, schemas, error handlers) over `backend`."""
 
+    # JSON parsing and image decoding: bounded CPU, off the event loop (Pillow and numpy
+    # release the GIL while they decode and convert, so the loop keeps answering).
+    pool = ThreadPoolExecutor(max_workers=DECODE_THREADS, thread_name_prefix="cnnray-decode")
+    buffered = BodyBudget(backend.limits.max_buffered_bytes)
+
+    async def off_loop(fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+
     @asynccontextmanager
     async def lifespan(_: FastAPI):
         await backend.start()
         yield
         await backend.stop()
+        pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(
         title="cnnray serve",
@@ -99,16 +133,32 @@ def build_http_app(backend: Backend) -> FastAPI:
 
     # --- errors: always {"error": "..."} ------------------------------------------------
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error(exc.status_code, str(exc.detail))
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # No such route or method: the body was never read, so drop it as for a RequestError.
+        try:
+            close = await discard_body(request, backend.limits)
+        except RequestError:
+            close = True
+        return error(exc.status_code, str(exc.detail), close=close)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
         return error(400, _one_line(exc.errors()))
 
     @app.exception_handler(RequestError)
-    async def _request_error(_: Request, exc: RequestError) -> JSONResponse:
-        return error(exc.status, exc.message)
+    async def _request_error(request: Request, exc: RequestError) -> JSONResponse:
+        close = exc.close
+        try:
+            close = await discard_body(request, backend.limits) or close
+        except RequestError:  # the client went away while we drained: nobody reads this
+            close = True
+        return error(exc.status, exc.message, close=close)
+
+    @app.exception_handler(Exception)
+    async def _internal_error(_: Request, exc: Exception) -> JSONResponse:
+        # A bug, not bad input: logged with its traceback, answered without details.
+        log.error("cnnray: unexpected error", exc_info=exc)
+        return error(500, "internal error (logged by the server)")
 
     # --- pages and probes ---------------------------------------------------------------
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
@@ -134,7 +184,7 @@ def build_http_app(backend: Backend) -> FastAPI:
                 described[name]["error"] = f"version {version} failed to load: {why}"
             else:
                 described[name] = {"name": name, "version": version, "ready": False, "error": why}
-        return {"models": [described[n] for n in sorted(described)]}
+        return {"models": [described[n] for n in sorted(described)], "problems": backend.problems()}
 
     @app.get(
         "/v1/models/{name}", response_model=ModelStatus, responses={404: _ERRORS[404], 503: {"model": ModelStatus}}
@@ -166,21 +216,15 @@ def build_http_app(backend: Backend) -> FastAPI:
         with backend.metrics.track(_label(backend, name), "kserve") as t:
             entry = _served(backend, name)
             _require_type(request, JSON_TYPES, "application/json")
-            body = await read_body(request, backend.limits.max_body_bytes)
-            req = parse_predict_request(body)
-            n = len(req.instances)
-            if n == 0:
-                raise RequestError(400, "no instances: send at least one")
-            if n > backend.limits.max_instances:
-                most = backend.limits.max_instances
-                raise RequestError(400, f"too many instances: {n}, at most {most} per request")
-            pixels = await _off_loop_if_large(
-                len(body), decode_instances, req.instances, entry.input_shape, backend.limits.max_image_pixels
+            limits = backend.limits
+            async with buffered.hold(request, limits) as body:
+                inputs = await off_loop(_predict_inputs, body, entry, limits)
+            probs = await backend.infer(entry, inputs)
+            response = JSONResponse(
+                {"predictions": _predictions(entry, probs), "model_name": name, "model_version": entry.version}
             )
-            probs = await backend.infer(entry, [to_model_input(p, entry.mean, entry.std) for p in pixels])
-            t.status = 200
-            predictions = [_prediction(entry, p) for p in probs]
-            return JSONResponse({"predictions": predictions, "model_name": name, "model_version": entry.version})
+            t.status = response.status_code  # counted as sent: built without error
+            return response
 
     @app.api_route(
         "/predictions/{name}",
@@ -198,41 +242,28 @@ def build_http_app(backend: Backend) -> FastAPI:
         with backend.metrics.track(_label(backend, name), "torchserve") as t:
             entry = _served(backend, name)
             _require_type(request, IMAGE_TYPES, "image/png, image/jpeg or image/bmp", missing_ok=True)
-            body = await read_body(request, backend.limits.max_body_bytes)
-            pixels = await _off_loop_if_large(
-                len(body), decode_image, body, entry.input_shape, backend.limits.max_image_pixels
-            )
-            probs = await backend.infer(entry, [to_model_input(pixels, entry.mean, entry.std)])
-            t.status = 200
-            answer = {**_prediction(entry, probs[0]), "model_name": name, "model_version": entry.version}
-            return JSONResponse(answer)
+            async with buffered.hold(request, backend.limits) as body:
+                inputs = await off_loop(_image_input, body, entry, backend.limits)
+            probs = await backend.infer(entry, inputs)
+            answer = {**_predictions(entry, probs)[0], "model_name": name, "model_version": entry.version}
+            response = JSONResponse(answer)
+            t.status = response.status_code
+            return response
 
     return app
 
 
 # --- helpers ------------------------------------------------------------------------------
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused (413) as soon as it is known to pass `limit` bytes."""
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        try:
-            size = int(declared)
-        except ValueError:
-            raise RequestError(400, f"bad Content-Length header {declared!r}") from None
-        if size > limit:
-            raise RequestError(413, f"body of {size} bytes is over the limit of {limit} bytes")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:  # chunked uploads declare no length: count as they come
-            raise RequestError(413, f"body is over the limit of {limit} bytes")
-        chunks.append(chunk)
-    if size == 0:
-        raise RequestError(400, "empty body")
-    return b"".join(chunks)
-
-
-def parse_predict_request(body: bytes) -> PredictRequest:
+def parse_predict_request(body: bytes, max_values: int) -> PredictRequest:
+    """A :predict body -> PredictRequest, its size (JSON values) and depth checked before
+    `json.loads` builds any object: 8 MiB of `[[0],[0],...]` would be ~300 MB of lists."""
+    values = body.count(b",") + body.count(b"[") + body.count(b"{")  # >= JSON values - 1
+    if values > max_values:
+        raise RequestError(413, f"JSON body holds over {max_values} values, more than this model's "
+                                f"largest request can need")
+    depth = json_depth(body)
+    if depth > MAX_JSON_DEPTH:
+        raise RequestError(400, f"JSON nested {depth} deep; a :predict body nests at most {MAX_JSON_DEPTH} deep")
     try:
         obj = json.loads(body)  # accepts NaN and Infinity literals: refused later, by name
     except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
@@ -243,6 +274,32 @@ def parse_predict_request(body: bytes) -> PredictRequest:
         return PredictRequest.model_validate(obj)
     except ValidationError as e:
         raise RequestError(400, _one_line(e.errors())) from None
+
+
+def max_json_values(input_shape: tuple[int, int, int], max_instances: int) -> int:
+    """Upper bound on the JSON values of a valid :predict body: every instance a full
+    C x H x W array (its numbers and nested lists), plus the outer object and list."""
+    c, h, w = input_shape
+    return max_instances * (c * h * w + c * h + c + 2) + 16
+
+
+def _predict_inputs(body: bytes, entry: LoadedModel, limits: Limits) -> list[torch.Tensor]:
+    """A :predict body -> the model's normalised 1 x C x H x W inputs (runs on the pool)."""
+    req = parse_predict_request(body, max_json_values(entry.input_shape, limits.max_instances))
+    n = len(req.instances)
+    if n == 0:
+        raise RequestError(400, "no instances: send at least one")
+    if n > limits.max_instances:
+        raise RequestError(400, f"too many instances: {n}, at most {limits.max_instances} per request")
+    pixels = decode_instances(
+        req.instances, entry.input_shape, limits.max_image_pixels, limits.max_request_pixels
+    )
+    return [to_model_input(p, entry.mean, entry.std) for p in pixels]
+
+
+def _image_input(body: bytes, entry: LoadedModel, limits: Limits) -> list[torch.Tensor]:
+    pixels = decode_image(body, entry.input_shape, min(limits.max_image_pixels, limits.max_request_pixels))
+    return [to_model_input(pixels, entry.mean, entry.std)]
 
 
 def _require_type(request: Request, accepted: tuple[str, ...], say: str, missing_ok: bool = False) -> None:
@@ -273,16 +330,20 @@ def _label(backend: Backend, name: str) -> str:
     return name if backend.model(name) is not None else UNKNOWN_MODEL
 
 
-def _prediction(entry: LoadedModel, probs: torch.Tensor) -> dict[str, Any]:
-    index = int(probs.argmax())
-    return {"label": entry.classes[index], "class_index": index, "probabilities": probs.tolist()}
-
-
-async def _off_loop_if_large(size: int, fn: Any, *args: Any) -> Any:
-    """Small payloads (an MNIST PNG is ~300 bytes) decode faster than a thread hop."""
-    if size > _THREAD_DECODE_BYTES:
-        return await asyncio.to_thread(fn, *args)
-    return fn(*args)
+def _predictions(entry: LoadedModel, probs: torch.Tensor) -> list[dict[str, Any]]:
+    """N x classes probabilities -> one prediction each. An output that is not finite (a
+    model that overflows on this input) is refused with 422, never sent as invalid JSON."""
+    finite = torch.isfinite(probs).all(dim=1)
+    if not bool(finite.all()):
+        i = int((~finite).nonzero()[0])
+        raise RequestError(
+            422, f"model {entry.name!r} gives NaN or infinity for instance {i}: it cannot classify this input"
+        )
+    out = []
+    for p in probs:
+        index = int(p.argmax())
+        out.append({"label": entry.classes[index], "class_index": index, "probabilities": p.tolist()})
+    return out
 
 
 def _one_line(errors: list[dict[str, Any]]) -> str:

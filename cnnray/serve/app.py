@@ -26,7 +26,7 @@ from ray import serve
 from ray.serve import Application
 
 from cnnray.serve.defaults import BATCH_WAIT_S, DEPLOYMENT, MAX_BATCH_SIZE, MAX_ONGOING_REQUESTS
-from cnnray.serve.engine import LoadedModel, load_served_model, user_config_for
+from cnnray.serve.engine import LoadedModel, load_served_model, public_error, user_config_for
 from cnnray.serve.metrics import MetricsHub, MetricsReporter, ServeMetrics
 from cnnray.serve.schemas import Limits, ModelRef, ServeArgs, ServeUserConfig
 
@@ -61,6 +61,7 @@ class ModelServer:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cnnray-infer")
         self._models: dict[str, LoadedModel] = {}
         self._failures: dict[str, tuple[int, str]] = {}
+        self._problems: list[str] = list(cfg.problems)
         for name, ref in cfg.models.items():
             self._load(name, ref)
         self._set_batching(cfg)
@@ -81,6 +82,7 @@ class ModelServer:
         previous one serving and is reported by GET /v1/models."""
         cfg = ServeUserConfig.model_validate(user_config)
         self._set_batching(cfg)
+        self._problems = list(cfg.problems)
         for name, ref in cfg.models.items():
             current = self._models.get(name)
             if current is not None and current.path == ref.path and current.version == ref.version:
@@ -99,8 +101,8 @@ class ModelServer:
         that a restarted replica starts from may name a version since deleted)."""
         try:
             loaded = load_served_model(name, ref, self._device)
-        except Exception as e:
-            self._failures[name] = (ref.version, str(e).splitlines()[0] if str(e) else type(e).__name__)
+        except Exception as e:  # reported without the server's paths: /v1/models needs no login
+            self._failures[name] = (ref.version, public_error(e, ref.path, f"{name}/{ref.version}"))
             log.error("cnnray: cannot load %s version %s from %s: %s", name, ref.version, ref.path, e)
             return
         self._models[name] = loaded  # one assignment: a request sees the old model or the new
@@ -123,6 +125,9 @@ class ModelServer:
 
     def failures(self) -> dict[str, tuple[int, str]]:
         return dict(self._failures)
+
+    def problems(self) -> list[str]:
+        return list(self._problems)
 
     async def infer(self, entry: LoadedModel, inputs: list[torch.Tensor]) -> torch.Tensor:
         """Probabilities for each 1 x C x H x W input; each image joins the replica's batches."""

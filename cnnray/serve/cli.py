@@ -139,10 +139,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
         served = ", ".join(f"{n} (version {r.version})" for n, r in sorted(models.items()))
         print(f"[cnnray] serving {served} at {url}  (page {url}/, API {url}/v1/models, docs {url}/docs)", flush=True)
         print("[cnnray] press Ctrl-C to stop", flush=True)
+        _print_problems(runner.problems, [])
         while True:
             time.sleep(args.watch_s or 3600)
             if args.watch_s:
-                for name, ref in runner.refresh().items():
+                before = list(runner.problems)
+                try:
+                    changed = runner.refresh()
+                except Exception as e:  # whatever the store holds, serving goes on
+                    print(f"[cnnray] model store not refreshed: {str(e).splitlines()[0]}", flush=True)
+                    continue
+                _print_problems(runner.problems, before)
+                for name, ref in changed.items():
                     print(f"[cnnray] now serving {name} version {ref.version} ({ref.path})", flush=True)
     except (KeyboardInterrupt, _Stop):
         print("[cnnray] stopping", flush=True)
@@ -155,6 +163,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
             if not joined:
                 ray.shutdown()
     return 0
+
+
+def _print_problems(problems: list[str], before: list[str]) -> None:
+    for line in problems:
+        if line not in before:
+            print(f"[cnnray] model store: {line}", flush=True)
 
 
 # --- predict ------------------------------------------------------------------------------

@@ -8,4 +8,18 @@ BATCH_WAIT_S = 0.005  # seconds a batch waits to fill up: at most +5 ms latency 
 MAX_BODY_BYTES = 8 * 1024 * 1024  # 8 MiB: 64 photos as base64 JPEG, or 64 CIFAR arrays in JSON
 MAX_INSTANCES = 64  # instances per :predict request (two full batches)
 MAX_IMAGE_PIXELS = 4096 * 4096  # width x height of an uploaded image, checked before decoding
-MAX_ONGOING_REQUESTS = 128  # per replica; must be >= max_batch_size or batches never fill
+# width x height summed over a request's images, checked from their headers before any is
+# decoded: one 4096 x 4096 photo, or 64 of 512 x 512 (~0.5 s of PNG decoding on one core).
+MAX_REQUEST_PIXELS = 4096 * 4096
+BODY_TIMEOUT_S = 10.0  # seconds for the whole body to arrive once the headers have (8 MiB at ~1 MB/s)
+# An oversized body is read and discarded up to this many bytes before the 413 is sent, so
+# clients that send the whole body before reading the answer (urllib, requests) read it
+# instead of a connection reset; a longer one is answered at once, with Connection: close.
+MAX_DRAIN_BYTES = 128 * 1024 * 1024
+DECODE_THREADS = 2  # per replica: JSON parsing and image decoding run there, never on the event loop
+# Per replica; must be >= max_batch_size or batches never fill. Generous, because a request
+# whose body is still arriving costs the replica a coroutine and its bytes so far, nothing
+# more (the body timeout ends it, the buffered-bytes budget caps the memory): 140 stalled
+# clients must not take the slots that working clients need.
+MAX_ONGOING_REQUESTS = 512
+MAX_BUFFERED_BYTES = 256 * 1024 * 1024  # request bodies one replica holds at once; beyond: 429

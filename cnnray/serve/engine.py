@@ -7,6 +7,7 @@ No Ray here: the Serve deployment (app.py) and the plain single-process baseline
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,7 @@ from cnnray.checkpoint import CheckpointError, load_model, verify_checkpoint
 from cnnray.config import ConfigError
 from cnnray.serve.metrics import MetricsReporter, ServeMetrics
 from cnnray.serve.schemas import Limits, ModelRef, ServeArgs, ServeUserConfig
-from cnnray.store import check_name, list_models, version_path
+from cnnray.store import check_name, scan
 
 
 @dataclass(eq=False)
@@ -44,7 +45,7 @@ class LoadedModel:
             self.classes = [str(x) for x in data["classes"]]
             self.mean = tuple(float(x) for x in data["mean"])
             self.std = tuple(float(x) for x in data["std"])
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, OverflowError) as e:
             raise CheckpointError(f"checkpoint {self.path}: meta.json lacks the input description ({e})") from None
         if not len(self.mean) == len(self.std) == c:
             raise CheckpointError(f"checkpoint {self.path}: mean and std need {c} values")
@@ -63,7 +64,7 @@ class LoadedModel:
             "version": self.version,
             "ready": True,
             "architecture": self.meta["model"]["name"],
-            "dataset": (self.meta.get("data") or {}).get("dataset"),
+            "dataset": _text_or_none((self.meta.get("data") or {}).get("dataset")),
             "input_shape": list(self.input_shape),
             "classes": self.classes,
             "epoch": self.meta.get("epoch"),
@@ -71,15 +72,42 @@ class LoadedModel:
         }
 
 
+MAX_INPUT_CHANNELS = 4  # grayscale, RGB, RGBA: more is no image this server decodes
+# C x H x W of a served model's input: 3 x 1024 x 1024 at most (ImageNet models take 3 x 224 x 224),
+# so the load-time probe and each request's activations stay within a few hundred MB.
+PROBE_MAX_VALUES = 3 * 1024 * 1024
+
+
+def _check_input(loaded: LoadedModel) -> None:
+    """meta.json's input description is checked before the probe allocates its size."""
+    c, h, w = loaded.input_shape
+    if not (1 <= c <= MAX_INPUT_CHANNELS and h >= 1 and w >= 1 and c * h * w <= PROBE_MAX_VALUES):
+        raise CheckpointError(f"checkpoint {loaded.path}: meta.json declares an impossible input shape {[c, h, w]}")
+    if not loaded.classes:
+        raise CheckpointError(f"checkpoint {loaded.path}: meta.json lists no classes")
+    if not all(math.isfinite(x) for x in loaded.mean) or not all(math.isfinite(s) and s > 0 for s in loaded.std):
+        raise CheckpointError(f"checkpoint {loaded.path}: mean must be finite and std finite and positive")
+
+
+def _text_or_none(value: Any) -> str | None:
+    return None if value is None else str(value)[:200]
+
+
 def load_served_model(name: str, ref: ModelRef, device: torch.device | str = "cpu") -> LoadedModel:
     """Load a verified checkpoint and run one forward pass, so a model that cannot answer
-    requests of its declared input shape is refused here rather than on the first request."""
+    requests of its declared input shape, or answers them with NaN or infinity (weights of
+    a run that diverged), is refused here rather than answering every request with garbage.
+    Raises CheckpointError."""
     device = torch.device(device)
     module, meta = load_model(ref.path, map_location=device)
     loaded = LoadedModel(name, ref.version, str(ref.path), module, meta, device)
-    probe = torch.zeros(1, *loaded.input_shape)
+    _check_input(loaded)
+    bad = [k for k, t in module.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        raise CheckpointError(f"checkpoint {ref.path}: weights hold NaN or infinity ({bad[0]}{more})")
     try:
-        out = loaded.predict(probe)
+        out = loaded.predict(torch.zeros(1, *loaded.input_shape))
     except Exception as e:
         shape = list(loaded.input_shape)
         raise CheckpointError(f"checkpoint {ref.path}: the model fails on a {shape} input: {e}") from None
@@ -87,36 +115,118 @@ def load_served_model(name: str, ref: ModelRef, device: torch.device | str = "cp
         raise CheckpointError(
             f"checkpoint {ref.path}: the model gives {out.shape[1]} outputs for {len(loaded.classes)} classes"
         )
+    if not torch.isfinite(out).all():
+        raise CheckpointError(f"checkpoint {ref.path}: the model's output on a blank image is NaN or infinite")
     return loaded
 
 
-def resolve_models(args: ServeArgs, verify: bool = True) -> dict[str, ModelRef]:
-    """name -> checkpoint folder and version: the newest version of every model in the store,
-    plus each directly named checkpoint (version 1). With `verify`, checks every digest."""
+def public_error(e: BaseException, path: str | Path, label: str) -> str:
+    """`e`'s first line for clients: the server's path to the checkpoint becomes `label`
+    (say "digits/3"), so unauthenticated routes do not reveal the server's file system."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    text = text.replace(f"checkpoint {path} ", "checkpoint ").replace(f"checkpoint {path}:", "checkpoint:")
+    return text.replace(str(path), label)[:500]
+
+
+@dataclass
+class Resolution:
+    """What to serve (`models`), and one line per store entry skipped (`problems`)."""
+
+    models: dict[str, ModelRef]
+    problems: list[str] = field(default_factory=list)
+
+
+def resolve(
+    args: ServeArgs, current: dict[str, ModelRef] | None = None, bad: dict[str, tuple[Any, str]] | None = None
+) -> Resolution:
+    """name -> checkpoint folder and version: the newest *usable* version of every model in
+    the store, plus each directly named checkpoint (version 1).
+
+    A store version whose checkpoint does not verify (still being copied, unreadable,
+    corrupt) is skipped for the next older one and described in `problems`; a model without
+    a usable version is left out. Versions in `current` (being served) are not re-verified;
+    `bad` remembers failed versions by their files' sizes and times, so a poll re-verifies
+    only what changed. A directly named checkpoint that fails raises CheckpointError, and a
+    store that is not a folder raises ConfigError unless `current` is given (a running
+    server keeps serving what it has)."""
+    current = current or {}
+    bad = {} if bad is None else bad
     found: dict[str, ModelRef] = {}
+    problems: list[str] = []
     if args.model_store:
         store = Path(args.model_store).expanduser().resolve()
-        if not store.is_dir():
+        if not store.is_dir() and not current:
             raise ConfigError(f"model store {store} is not a directory")
-        for name, versions in list_models(store).items():
-            found[name] = ModelRef(path=str(version_path(store, name, versions[-1])), version=versions[-1])
+        seen = scan(store)
+        problems += seen.problems
+        if not store.is_dir() or (seen.problems and seen.problems[0].startswith("cannot read the store")):
+            found.update({n: r for n, r in current.items() if n not in args.checkpoints})
+        for name, have in seen.models.items():
+            ref = _newest_usable(store, name, have, current.get(name), bad, problems)
+            if ref is not None:
+                found[name] = ref
     for name, path in args.checkpoints.items():
         check_name(name)
         if name in found:
             raise ConfigError(f"model name {name!r} is both in the model store and given as a checkpoint")
         found[name] = ModelRef(path=str(Path(path).expanduser().resolve()), version=1)
-    if not found:
+        if current.get(name) != found[name]:
+            verify_checkpoint(found[name].path)  # CheckpointError names the folder and the problem
+    return Resolution(found, problems)
+
+
+def _newest_usable(
+    store: Path, name: str, have: list[int], serving: ModelRef | None, bad: dict[str, tuple[Any, str]],
+    problems: list[str],
+) -> ModelRef | None:
+    for version in reversed(have):
+        ref = ModelRef(path=str(store / name / str(version)), version=version)
+        if ref == serving:
+            return ref
+        stamp = _stamp(Path(ref.path))
+        if ref.path in bad and bad[ref.path][0] == stamp:
+            problems.append(bad[ref.path][1])
+            continue
+        try:
+            verify_checkpoint(ref.path)
+            bad.pop(ref.path, None)
+            return ref
+        except CheckpointError as e:
+            why = f"{name}/{version}: skipped: {public_error(e, ref.path, f'{name}/{version}')}"
+            bad[ref.path] = (stamp, why)
+            problems.append(why)
+    return None
+
+
+def _stamp(folder: Path) -> Any:
+    """Names, sizes and modification times of a folder's files: equal stamps, same content
+    (as far as a poll needs to know)."""
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        return tuple((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in entries)
+    except OSError as e:
+        return ("unreadable", e.errno)
+
+
+def resolve_models(args: ServeArgs) -> dict[str, ModelRef]:
+    """`resolve(args).models` (every one verified), refused with ConfigError when that is
+    nothing at all; the message says why the first store versions were skipped."""
+    res = resolve(args)
+    if not res.models:
         where = f"model store {args.model_store}" if args.model_store else "the arguments"
-        raise ConfigError(f"nothing to serve: {where} names no model (pass a model store or a checkpoint)")
-    for ref in found.values() if verify else ():
-        verify_checkpoint(ref.path)  # CheckpointError names the folder and the problem
-    return found
+        why = f" ({'; '.join(res.problems[:3])})" if res.problems else ""
+        raise ConfigError(f"nothing to serve: {where} names no model that can be served{why}")
+    return res.models
 
 
-def user_config_for(args: ServeArgs, models: dict[str, ModelRef] | None = None) -> dict[str, Any]:
-    """The deployment's user_config (plain JSON) for these arguments."""
+def user_config_for(
+    args: ServeArgs, models: dict[str, ModelRef] | None = None, problems: list[str] | None = None
+) -> dict[str, Any]:
+    """The deployment's user_config (plain JSON) for these arguments; `problems` (store
+    entries skipped) travel with it so that every replica reports them in /v1/models."""
     cfg = ServeUserConfig(
         models=models if models is not None else resolve_models(args),
+        problems=problems or [],
         max_batch_size=args.max_batch_size,
         batch_wait_timeout_s=args.batch_wait_timeout_s,
     )
@@ -147,6 +257,9 @@ class LocalBackend:
 
     def failures(self) -> dict[str, tuple[int, str]]:
         return {}
+
+    def problems(self) -> list[str]:
+        return []
 
     async def infer(self, entry: LoadedModel, inputs: list[torch.Tensor]) -> torch.Tensor:
         # Plain: the forward pass runs on the event loop, one request at a time.

@@ -9,7 +9,8 @@ steps with the same functions, so an image sent over HTTP gets the prediction th
 offline evaluation gives it.
 
 Every problem with a payload raises `RequestError` with an HTTP status (4xx) and a
-one-line message; nothing here raises anything else for bad input.
+one-line message; nothing here raises anything else for bad input. The functions here are
+CPU work: the HTTP layer runs them on its thread pool, never on the event loop.
 """
 
 from __future__ import annotations
@@ -30,10 +31,11 @@ from cnnray.data.decode import DecodeLimits
 class RequestError(Exception):
     """A request the server refuses: `status` is the HTTP status, `message` says why."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, close: bool = False) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.close = close  # answer with Connection: close (body left unread, or too slow)
 
 
 def decode_image(data: bytes, input_shape: Sequence[int], max_pixels: int) -> torch.Tensor:
@@ -50,13 +52,29 @@ def decode_image(data: bytes, input_shape: Sequence[int], max_pixels: int) -> to
     return torch.from_numpy(pixels)
 
 
-def decode_b64(text: str, input_shape: Sequence[int], max_pixels: int, where: str) -> torch.Tensor:
-    """A {"b64": ...} instance -> uint8 C x H x W pixels."""
+def b64_bytes(text: str, where: str) -> bytes:
+    """The file a {"b64": ...} instance carries."""
     try:
         # Line breaks are allowed (`base64` tools wrap at 76 columns); other stray characters are not.
-        data = base64.b64decode("".join(text.split()), validate=True)
+        return base64.b64decode("".join(text.split()), validate=True)
     except (binascii.Error, ValueError):
         raise RequestError(400, f"{where}: b64 is not valid base64") from None
+
+
+def image_pixels(data: bytes, max_pixels: int) -> int:
+    """Width x height that an image file declares, read from its header alone (no decoding),
+    with the decoder's own format and per-image cost checks (`cnnray.data.decode.open_image`).
+    Raises RequestError: 413 over a per-image budget, 400 for anything else."""
+    try:
+        with decode.open_image(data, DecodeLimits(max_pixels=max_pixels)) as img:
+            return int(img.width) * int(img.height)
+    except decode.DecodeError as e:
+        raise RequestError(413 if e.too_costly else 400, e.message) from None
+
+
+def decode_b64(text: str, input_shape: Sequence[int], max_pixels: int, where: str) -> torch.Tensor:
+    """A {"b64": ...} instance -> uint8 C x H x W pixels."""
+    data = b64_bytes(text, where)
     try:
         return decode_image(data, input_shape, max_pixels)
     except RequestError as e:
@@ -92,16 +110,56 @@ def to_model_input(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[fl
     return normalize(pixels.unsqueeze(0), mean, std)
 
 
-def decode_instances(instances: list[Any], input_shape: Sequence[int], max_pixels: int) -> list[torch.Tensor]:
-    """Every instance of a :predict request, as C x H x W pixels (uint8 or float32)."""
+def decode_instances(
+    instances: list[Any], input_shape: Sequence[int], max_pixels: int, max_total_pixels: int | None = None
+) -> list[torch.Tensor]:
+    """Every instance of a :predict request, as C x H x W pixels (uint8 or float32).
+
+    The images' headers are read first: width x height summed over the request must stay
+    within `max_total_pixels` (else 413) before any image is decoded, so a request's decoding
+    cost is bounded whatever its images (64 PNGs of 4096 x 4096 in 4 MiB are refused at once)."""
+    files: dict[int, bytes] = {}
+    total = 0
+    for i, inst in enumerate(instances):
+        if isinstance(inst, list):
+            continue
+        where = f"instance {i}"  # a B64Instance (pydantic has checked the alternatives)
+        files[i] = b64_bytes(inst.b64, where)
+        try:
+            total += image_pixels(files[i], max_pixels)
+        except RequestError as e:
+            raise RequestError(e.status, f"{where}: {e.message}") from None
+        if max_total_pixels is not None and total > max_total_pixels:
+            raise RequestError(
+                413, f"the images of instances 0..{i} hold {total} pixels, over the limit of "
+                     f"{max_total_pixels} pixels per request: send fewer or smaller images"
+            )
     out = []
     for i, inst in enumerate(instances):
         where = f"instance {i}"
         if isinstance(inst, list):
             out.append(array_instance(inst, input_shape, where))
-        else:  # a B64Instance (pydantic has checked the alternatives)
-            out.append(decode_b64(inst.b64, input_shape, max_pixels, where))
+            continue
+        try:
+            out.append(decode_image(files[i], input_shape, max_pixels))
+        except RequestError as e:
+            raise RequestError(e.status, f"{where}: {e.message}") from None
     return out
+
+
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+
+
+def json_depth(text: bytes) -> int:
+    """How deep JSON `text` nests ([ and {), counted without parsing (bytes.translate and a
+    numpy cumulative sum: ~10 ms for 8 MiB). Brackets inside strings count too, which only
+    over-counts for strings no :predict body carries (base64 has no brackets)."""
+    brackets = text.translate(None, _NOT_BRACKETS)
+    if not brackets:
+        return 0
+    b = np.frombuffer(brackets, dtype=np.uint8)
+    steps = np.where((b == ord("[")) | (b == ord("{")), 1, -1).astype(np.int32)
+    return int(np.cumsum(steps).max())
 
 
 def finite_json(obj: Any) -> Any:

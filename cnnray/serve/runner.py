@@ -16,9 +16,8 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-from cnnray.checkpoint import verify_checkpoint
 from cnnray.serve.defaults import APP_NAME, DEPLOYMENT
-from cnnray.serve.engine import resolve_models, user_config_for
+from cnnray.serve.engine import resolve, resolve_models, user_config_for
 from cnnray.serve.schemas import ModelRef, ServeArgs
 
 APP_IMPORT_PATH = "cnnray.serve.app:build_app"
@@ -65,6 +64,8 @@ class ServeRunner:
     def __init__(self, args: ServeArgs, host: str = "127.0.0.1", port: int = 8000) -> None:
         self.args, self.host, self.port = args, host, port
         self.models: dict[str, ModelRef] = {}
+        self.problems: list[str] = []  # model-store entries skipped, reported in /v1/models
+        self._bad: dict[str, Any] = {}  # store versions that failed verification, by their files' stamps
         self.replicas = args.replicas
 
     @property
@@ -78,6 +79,7 @@ class ServeRunner:
         from ray.serve._private import api as serve_private
 
         self.models = models if models is not None else resolve_models(self.args)
+        self.problems = resolve(self.args, self.models, self._bad).problems if self.args.model_store else []
         # serve_start + deploy_apps is what `serve run config.yaml` does (ray/serve/scripts.py).
         self._client = serve_private.serve_start(http_options={"host": self.host, "port": self.port})
         self._deploy()
@@ -89,7 +91,7 @@ class ServeRunner:
         from ray.serve.schema import ServeDeploySchema
 
         env = _driver_runtime_env()
-        user_config = user_config_for(self.args, self.models)
+        user_config = user_config_for(self.args, self.models, self.problems)
         config = serve_config(self.args, self.host, self.port, user_config, self.replicas, env)
         self._client.deploy_apps(ServeDeploySchema.model_validate(config), _blocking=False)
 
@@ -101,17 +103,17 @@ class ServeRunner:
         self._deploy()
 
     def refresh(self) -> dict[str, ModelRef]:
-        """Serve the newest version of every model in the store; returns what changed.
+        """Serve the newest usable version of every model in the store; returns what changed.
 
-        Only new versions are verified (digests), so polling a store of large models is cheap.
-        """
-        found = resolve_models(self.args, verify=False)
-        changed = {n: r for n, r in found.items() if self.models.get(n) != r}
-        if not changed and set(found) == set(self.models):
+        Whatever is in the store, this keeps serving: a version that does not verify (still
+        being copied, unreadable, corrupt) is skipped and listed in `self.problems`, which
+        the replicas report in /v1/models. Only versions not being served are verified, and
+        a failed one again only when its files change, so polling a store is cheap."""
+        res = resolve(self.args, self.models, self._bad)
+        changed = {n: r for n, r in res.models.items() if self.models.get(n) != r}
+        if not changed and set(res.models) == set(self.models) and res.problems == self.problems:
             return {}
-        for ref in changed.values():
-            verify_checkpoint(ref.path)
-        self.models = found
+        self.models, self.problems = res.models, res.problems
         self._deploy()
         return changed
 

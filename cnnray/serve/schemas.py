@@ -18,10 +18,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from cnnray.serve.defaults import (
     BATCH_WAIT_S,
     MAX_BATCH_SIZE,
+    BODY_TIMEOUT_S,
     MAX_BODY_BYTES,
+    MAX_BUFFERED_BYTES,
+    MAX_DRAIN_BYTES,
     MAX_IMAGE_PIXELS,
     MAX_INSTANCES,
     MAX_ONGOING_REQUESTS,
+    MAX_REQUEST_PIXELS,
 )
 
 
@@ -30,11 +34,19 @@ class _Strict(BaseModel):
 
 
 class Limits(_Strict):
-    """What one request may carry; larger requests get a 4xx answer, never a crash."""
+    """What one request may carry and cost; larger requests get a 4xx answer, never a crash.
 
-    max_body_bytes: int = Field(MAX_BODY_BYTES, ge=1024)
-    max_instances: int = Field(MAX_INSTANCES, ge=1)
-    max_image_pixels: int = Field(MAX_IMAGE_PIXELS, ge=1)
+    Every budget is checked before the work it bounds: the body's size on its Content-Length
+    (or as it streams), the JSON's size (values) and depth before parsing, the pixels of
+    every image (and their sum over a request) from the headers before decoding."""
+
+    max_body_bytes: int = Field(MAX_BODY_BYTES, ge=1024, le=1 << 30)
+    max_instances: int = Field(MAX_INSTANCES, ge=1, le=4096)
+    max_image_pixels: int = Field(MAX_IMAGE_PIXELS, ge=1, le=1 << 30)
+    max_request_pixels: int = Field(MAX_REQUEST_PIXELS, ge=1, le=1 << 32)
+    body_timeout_s: float = Field(BODY_TIMEOUT_S, gt=0, le=3600, allow_inf_nan=False)
+    max_drain_bytes: int = Field(MAX_DRAIN_BYTES, ge=0, le=1 << 32)
+    max_buffered_bytes: int = Field(MAX_BUFFERED_BYTES, ge=1024, le=1 << 40)  # all bodies held at once
 
 
 class ServeArgs(_Strict):
@@ -64,6 +76,7 @@ class ServeUserConfig(_Strict):
     """The deployment's user_config; `reconfigure` loads whatever differs from what it serves."""
 
     models: dict[str, ModelRef]
+    problems: list[str] = Field(default_factory=list)  # model-store entries skipped, one line each
     max_batch_size: int = Field(MAX_BATCH_SIZE, ge=1, le=4096)
     batch_wait_timeout_s: float = Field(BATCH_WAIT_S, ge=0, le=10)
 
@@ -112,6 +125,7 @@ class ModelInfo(BaseModel):
 
 class ModelList(BaseModel):
     models: list[ModelInfo]
+    problems: list[str] = Field(default_factory=list)  # model-store entries skipped, and why
 
 
 class ModelStatus(BaseModel):

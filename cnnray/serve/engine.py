@@ -95,7 +95,7 @@ def resolve_models(args: ServeArgs, verify: bool = True) -> dict[str, ModelRef]:
     plus each directly named checkpoint (version 1). With `verify`, checks every digest."""
     found: dict[str, ModelRef] = {}
     if args.model_store:
-        store = Path(args.model_store).expanduser().resolve()
+        store = Path(args.model_store)  # absolute: ServeArgs resolved it (cnnray.paths)
         if not store.is_dir():
             raise ConfigError(f"model store {store} is not a directory")
         for name, versions in list_models(store).items():
@@ -104,7 +104,7 @@ def resolve_models(args: ServeArgs, verify: bool = True) -> dict[str, ModelRef]:
         check_name(name)
         if name in found:
             raise ConfigError(f"model name {name!r} is both in the model store and given as a checkpoint")
-        found[name] = ModelRef(path=str(Path(path).expanduser().resolve()), version=1)
+        found[name] = ModelRef(path=path, version=1)  # absolute (ServeArgs)
     if not found:
         where = f"model store {args.model_store}" if args.model_store else "the arguments"
         raise ConfigError(f"nothing to serve: {where} names no model (pass a model store or a checkpoint)")

@@ -1,8 +1,8 @@
 """What the job wrappers add to a `cnnray` command line: absolute result paths.
 
 A Ray job runs in an unpacked copy of the submitted working directory inside Ray's session
-folder, removed when Ray cleans its cache or the head stops, so a relative `--out` would
-be lost. When the command line names no `--out`, results go to
+folder, removed when Ray cleans its cache or the head stops, so cnnray refuses a relative
+`--out` there (cnnray.paths.check_lasting). When the command line names no `--out`, results go to
 `$CNNRAY_RUNS/<config or space name>-<UTC time>` (default `~/cnnray-runs`) on the node
 that runs the job's driver: the head, unless the job asked for resources elsewhere. On
 several nodes, `$CNNRAY_STORAGE` (a shared path or an `s3://`/`gs://` URI) becomes the

@@ -3,7 +3,9 @@
 A `TrainConfig` is built from CLI flags and/or a YAML file, travels to every Ray Train
 worker as `train_loop_config` (a plain dict, see `to_dict`) and is rebuilt there with
 `TrainConfig.from_dict`. Unknown keys and out-of-range values raise `ConfigError`, so a
-typo never silently becomes a default.
+typo never silently becomes a default. Path fields (PATH_FIELDS) are made absolute at
+construction by `cnnray.paths.resolve_path`, so the value a worker rebuilds is the one
+the driver checked.
 """
 
 from __future__ import annotations

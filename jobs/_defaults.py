@@ -56,7 +56,9 @@ def with_run_defaults(command: str, argv: Sequence[str]) -> list[str]:
         named_by = given(argv, "--space") or given(argv, "--config")  # a sweep by its space
         name = Path(named_by).stem if named_by else command
         stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-        out = Path(os.environ.get(RUNS_ENV) or DEFAULT_RUNS).expanduser().resolve() / f"{name}-{stamp}"
+        from cnnray.paths import resolve_path  # the CLI's own path rule: ~ expanded, made absolute
+
+        out = Path(resolve_path(os.environ.get(RUNS_ENV) or DEFAULT_RUNS, RUNS_ENV)) / f"{name}-{stamp}"
         argv += ["--out", str(out)]
         print(f"[jobs] --out {out}", file=sys.stderr, flush=True)
     storage = os.environ.get(STORAGE_ENV)

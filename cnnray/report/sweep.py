@@ -182,7 +182,9 @@ def write_sweep_report(sweep_dir: str | Path, out_dir: str | Path | None = None,
     from cnnray.report.evaluate import resolve_checkpoint
     from cnnray.report.sections import checkpoint_report
 
-    sweep_dir = Path(sweep_dir).expanduser().resolve()
+    from cnnray.paths import resolve_path
+
+    sweep_dir = Path(resolve_path(sweep_dir, "sweep folder"))  # as typed where the command ran
     trials = read_trials(sweep_dir)
     histories = read_json(sweep_dir / HISTORIES, "cnnray tune folder") if (sweep_dir / HISTORIES).is_file() else {}
     best = read_json(sweep_dir / BEST, "cnnray tune folder") if (sweep_dir / BEST).is_file() else {}
@@ -193,7 +195,7 @@ def write_sweep_report(sweep_dir: str | Path, out_dir: str | Path | None = None,
                   for k, v in histories.items()]
     trials.sort(key=lambda t: -(_acc(t) if _acc(t) is not None else -1.0))
     best_id = best.get("trial_id") or trials[0]["trial_id"]
-    out = Path(out_dir).expanduser().resolve() if out_dir else sweep_dir / REPORT_DIR
+    out = Path(resolve_path(out_dir, "--out", lasting=True)) if out_dir else sweep_dir / REPORT_DIR
     out.mkdir(parents=True, exist_ok=True)
     plots.remove_old_pngs(out)
 

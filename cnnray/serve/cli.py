@@ -103,7 +103,8 @@ def serve_args_from(args: argparse.Namespace):
     except ValidationError as e:
         err = e.errors()[0]
         where = ".".join(str(p) for p in err["loc"])
-        raise ConfigError(f"{where}: {err['msg']}") from None
+        msg = err["msg"].removeprefix("Value error, ")  # pydantic's prefix for a validator's ValueError
+        raise ConfigError(f"{where}: {msg}") from None
 
 
 class _Stop(Exception):

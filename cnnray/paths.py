@@ -55,7 +55,8 @@ def check_printable(text: str, what: str) -> str:
     (`Ba$$in`, `<b>x</b>`, `50%_off`, spaces, any script) is allowed and shown literally."""
     bad = [c for c in text if unicodedata.category(c) in ("Cc", "Cs")]
     if bad:
-        kind = "bytes that are not UTF-8" if unicodedata.category(bad[0]) == "Cs" else f"a control character ({bad[0]!r})"
+        undecodable = unicodedata.category(bad[0]) == "Cs"
+        kind = "bytes that are not UTF-8" if undecodable else f"a control character ({bad[0]!r})"
         raise PathError(f"{what} {text!r} contains {kind}: rename it")
     return text
 

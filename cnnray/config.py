@@ -3,7 +3,9 @@
 A `TrainConfig` is built from CLI flags and/or a YAML file, travels to every Ray Train
 worker as `train_loop_config` (a plain dict, see `to_dict`) and is rebuilt there with
 `TrainConfig.from_dict`. Unknown keys and out-of-range values raise `ConfigError`, so a
-typo never silently becomes a default.
+typo never silently becomes a default. Path fields (PATH_FIELDS) are made absolute at
+construction by `cnnray.paths.resolve_path`, so the value a worker rebuilds is the one
+the driver checked.
 """
 
 from __future__ import annotations
@@ -73,6 +75,7 @@ class TrainConfig:
     test_at_end: bool = True
 
     def __post_init__(self) -> None:
+        _resolve_paths(self)
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
         _check_choice("schedule", self.schedule, SCHEDULES)
         _check_choice("augment", self.augment, AUGMENTS)
@@ -110,6 +113,7 @@ class TrainConfig:
         _check_choice("model", self.model, tuple(list_models()))
         _check_choice("norm", self.norm, NORMS)
         _check_choice("dataset", self.dataset, DATASETS)
+        _check_model_fields(self)
 
     # --- conversions -------------------------------------------------------------------
     @classmethod
@@ -156,11 +160,49 @@ class TrainConfig:
         return self.batch_size // self.workers
 
 
+# Path fields: (a URI is accepted, it is an output that must outlive a Ray job's files).
+PATH_FIELDS = {"data_dir": (False, False), "out": (False, True), "storage_path": (True, True)}
+# Fields that are model-specific constructor arguments, set only for models that take them.
+MODEL_FIELDS = ("hidden_sizes",)
+
+
+def _resolve_paths(cfg: TrainConfig) -> None:
+    """Every path field as the user meant it where the command was typed (cnnray.paths):
+    absolute, so every check, every Ray worker and result.json see the same value, and
+    resolving again (in a worker, on resume) changes nothing."""
+    from cnnray.paths import PathError, resolve_path
+
+    for key, (uris, lasting) in PATH_FIELDS.items():
+        value = getattr(cfg, key)
+        if value is not None:
+            try:
+                object.__setattr__(cfg, key, resolve_path(value, key, uris=uris, lasting=lasting))
+            except PathError as e:
+                raise ConfigError(str(e)) from None
+
+
+def _check_model_fields(cfg: TrainConfig) -> None:
+    """A model-specific field (hidden_sizes) given for a model that does not take it would
+    fail in every worker: refuse it here. Only the signature is read (no model is built)."""
+    from cnnray.models import list_models, model_extra_args
+
+    takes = model_extra_args(cfg.model)
+    for key in MODEL_FIELDS:
+        if getattr(cfg, key) is not None and key not in takes:
+            users = ", ".join(m for m in list_models() if key in model_extra_args(m))
+            raise ConfigError(f"model {cfg.model!r} does not take {key} (models that do: {users})")
+
+
 def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
     """Read a YAML file that must hold one mapping; every problem becomes a ConfigError."""
     import yaml
 
-    p = Path(path)
+    from cnnray.paths import PathError, resolve_path
+
+    try:
+        p = Path(resolve_path(path, "config file"))
+    except PathError as e:
+        raise ConfigError(str(e)) from None
     try:
         text = p.read_text()
     except OSError as e:

@@ -1,8 +1,8 @@
 """What the job wrappers add to a `cnnray` command line: absolute result paths.
 
 A Ray job runs in an unpacked copy of the submitted working directory inside Ray's session
-folder, removed when Ray cleans its cache or the head stops, so a relative `--out` would
-be lost. When the command line names no `--out`, results go to
+folder, removed when Ray cleans its cache or the head stops, so cnnray refuses a relative
+`--out` there (cnnray.paths.check_lasting). When the command line names no `--out`, results go to
 `$CNNRAY_RUNS/<config or space name>-<UTC time>` (default `~/cnnray-runs`) on the node
 that runs the job's driver: the head, unless the job asked for resources elsewhere. On
 several nodes, `$CNNRAY_STORAGE` (a shared path or an `s3://`/`gs://` URI) becomes the
@@ -56,7 +56,9 @@ def with_run_defaults(command: str, argv: Sequence[str]) -> list[str]:
         named_by = given(argv, "--space") or given(argv, "--config")  # a sweep by its space
         name = Path(named_by).stem if named_by else command
         stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-        out = Path(os.environ.get(RUNS_ENV) or DEFAULT_RUNS).expanduser().resolve() / f"{name}-{stamp}"
+        from cnnray.paths import resolve_path  # the CLI's own path rule: ~ expanded, made absolute
+
+        out = Path(resolve_path(os.environ.get(RUNS_ENV) or DEFAULT_RUNS, RUNS_ENV)) / f"{name}-{stamp}"
         argv += ["--out", str(out)]
         print(f"[jobs] --out {out}", file=sys.stderr, flush=True)
     storage = os.environ.get(STORAGE_ENV)

@@ -11,8 +11,10 @@ from $RAY_AUTH_TOKEN, $RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token:
         python jobs/train.py --config jobs/configs/mnist_cnn.yaml --data-dir "$PWD/../shared/datasets/mnist"
 
 Any `cnnray train` flag overrides the config file (`--epochs 1 --workers 4 --gpu`); see
-`cnnray train --help`. Paths must be absolute (or URIs): the job runs in a temporary copy
-of the working directory on the head node.
+`cnnray train --help`. The job runs in a temporary copy of the working directory on the
+head node: relative paths read that copy, and an output inside it (`--out runs/x`,
+`--storage-path ckpts`) is refused with exit 2 (the job FAILS, one line in `ray job
+logs`); give outputs absolute, `'~/...'`, or (storage) a URI.
 
 - `--out`: where result.json goes, on the node that runs this driver (the head). Default
   `$CNNRAY_RUNS/<config name>-<UTC time>`, with CNNRAY_RUNS defaulting to ~/cnnray-runs.

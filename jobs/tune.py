@@ -9,8 +9,9 @@ as for jobs/train.py; `cluster/local.sh env` prints them for the local head):
 
 `--config` is the TrainConfig every trial starts from, `--space` the search space (see
 jobs/configs/mnist_cnn_sweep.yaml); any `cnnray tune` flag works (`cnnray tune --help`).
-Paths must be absolute (or URIs): the job runs in a temporary copy of the working
-directory on the head node.
+The job runs in a temporary copy of the working directory on the head node: relative
+paths read that copy, and an output inside it (`--out sweeps/x`) is refused with exit 2
+(the job FAILS, one line in `ray job logs`); give outputs absolute (or `'~/...'`).
 
 - `--out`: the sweep folder (table, plot, best.json, every trial's Ray Train run and the
   model store the best checkpoint is exported to). Default

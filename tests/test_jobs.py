@@ -261,3 +261,20 @@ def test_train_job_on_a_local_head(local_head, mnist_dir, tmp_path):
     assert "cnnray: error: unknown config key 'learning_rate'" in logs.stdout
     assert "Traceback" not in logs.stdout
     assert not (tmp_path / "broken-run").exists()
+
+
+@pytest.mark.slow
+def test_job_results_in_the_working_dir_copy_are_refused(local_head):
+    """`--out runs/exp1` in a job would land in Ray's temporary copy of the uploaded code
+    (deleted later) while the job ended SUCCEEDED; cnnray recognises the copy from the
+    job's real environment and the job FAILS with the one-line reason (issue 18)."""
+    env, _state = local_head
+    submit = [str(RAY), "job", "submit", "--submission-id", "test-train-relative-out", "--working-dir", ".",
+              "--runtime-env", "jobs/runtime_env.yaml", "--", "python", "jobs/train.py",
+              "--config", "jobs/configs/mnist_cnn.yaml", "--out", "runs/exp1"]
+    failed = _run(submit, env, timeout=300)
+    assert failed.returncode != 0
+    logs = _run([str(RAY), "job", "logs", "test-train-relative-out"], env, timeout=120)
+    (line,) = [ln for ln in logs.stdout.splitlines() if ln.startswith("cnnray: error:")]
+    assert "out 'runs/exp1'" in line and "inside Ray's temporary copy" in line and "runtime_resources" in line
+    assert "Traceback" not in logs.stdout

@@ -20,6 +20,7 @@ import numpy as np
 from cnnray.data import cache
 from cnnray.data.base import DataError, Dataset, dataset_from_arrays
 from cnnray.data.decode import DECODER_ID, TRAINING_LIMITS, DecodeError, decode_image
+from cnnray.paths import PathError, check_printable
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp"})
 SPLITS = ("train", "test")
@@ -160,6 +161,11 @@ def decode_images(items: Sequence[ImageItem], source: str) -> dict[str, np.ndarr
         split = "train" if not train else "test"
         raise DataError(f"no {split} images found in {source}; expected {LAYOUT}")
     classes = sorted({it.cls for it in train})
+    for name in classes:  # shown as typed in reports, logs and answers: printable text only
+        try:
+            check_printable(name, f"{source}: class folder")
+        except PathError as e:
+            raise DataError(str(e)) from None
     unknown = sorted({it.cls for it in test} - set(classes))
     if unknown:
         raise DataError(

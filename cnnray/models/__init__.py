@@ -19,6 +19,7 @@ from cnnray.models.registry import (
     get_model_spec,
     list_models,
     model_catalog,
+    model_extra_args,
     register_model,
     resolve_model_args,
 )
@@ -38,6 +39,7 @@ __all__ = [
     "list_models",
     "make_norm",
     "model_catalog",
+    "model_extra_args",
     "register_model",
     "resolve_model_args",
 ]

@@ -110,6 +110,12 @@ def _extra_args(fn: Callable[..., nn.Module]) -> dict[str, Any]:
     }
 
 
+def model_extra_args(name: str) -> tuple[str, ...]:
+    """The model-specific keyword arguments `name` takes (beyond COMMON_ARGS), read from
+    its constructor's signature: cheap, no model is built. UnknownModelError otherwise."""
+    return tuple(_extra_args(get_model_spec(name).fn))
+
+
 def _positive_int(key: str, value: Any) -> int:
     # bool is an Integral too, but True as a channel count is surely a mistake.
     if not isinstance(value, Integral) or isinstance(value, bool) or value < 1:

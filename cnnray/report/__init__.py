@@ -32,10 +32,17 @@ def write_report(path: str | Path, out_dir: str | Path | None = None, *, tensorb
     (trials.csv / trials.parquet / histories.json); CheckpointError for an unreadable best
     checkpoint. Test data that cannot be read leaves a note on the page instead.
     """
-    from cnnray.report.run import RESULT_FILE, write_run_report
+    from cnnray.paths import PathError, check_lasting, resolve_path
+    from cnnray.report.run import REPORT_DIR, RESULT_FILE, write_run_report
     from cnnray.report.sweep import is_sweep_dir, write_sweep_report
 
-    p = Path(path).expanduser()
+    try:  # paths as typed where the command ran; the report must not go where Ray deletes it
+        p = Path(resolve_path(path, "report folder"))
+        out_dir = resolve_path(out_dir, "--out", lasting=True) if out_dir is not None else None
+        if out_dir is None:
+            check_lasting(str(p / REPORT_DIR), "report folder")
+    except PathError as e:
+        raise ConfigError(str(e)) from None
     if not p.is_dir():
         raise ConfigError(f"{p} is not a directory: give a run folder (cnnray train --out) or a sweep folder")
     if (p / RESULT_FILE).is_file():

@@ -21,6 +21,11 @@ GRID_COLUMNS = 8  # response maps shown per conv layer (the strongest channels)
 # Every PNG a report may write: a rerun removes these first, so no stale picture from an
 # earlier report (say, a confusion matrix when the test data has since gone) sits beside
 # a page that no longer shows it. Other files in an --out folder are never touched.
+# Text that comes from data (class, model, run, trial and layer names, swept values) is
+# drawn as typed: by default matplotlib reads text between two '$' as mathtext, which
+# garbles "$5 off" and raises on "Ba$$in". Pass **AS_TYPED to every such text (titles,
+# labels, tick labels) and give legends to `as_typed`. Our own text uses no mathtext.
+AS_TYPED = {"parse_math": False}
 REPORT_PNGS = ("curves.png", "lr_speed.png", "confusion.png", "mistakes.png", "filters.png", "responses.png",
                "trials.png", "hyperparams.png")
 
@@ -28,6 +33,14 @@ REPORT_PNGS = ("curves.png", "lr_speed.png", "confusion.png", "mistakes.png", "f
 def remove_old_pngs(out_dir: Path) -> None:
     for name in REPORT_PNGS:
         (Path(out_dir) / name).unlink(missing_ok=True)
+
+
+def as_typed(legend: Any) -> Any:
+    """A legend whose entries (trial names, values) are drawn as typed; returns it."""
+    if legend is not None:
+        for text in legend.get_texts():
+            text.set_parse_math(False)
+    return legend
 
 
 def new_figure(width: float, height: float):
@@ -161,8 +174,9 @@ def plot_confusion(confusion: torch.Tensor, classes: Sequence[str], path: Path) 
                     ax.text(j, i, f"{cm[i, j]:,}", ha="center", va="center", fontsize=7 if k > 12 else 9,
                             color="white" if share[i, j] > 0.5 else "black")
     ticks = range(k) if k <= 30 else range(0, k, max(1, k // 20))
-    ax.set_xticks(list(ticks), [classes[t] for t in ticks], rotation=90 if max(map(len, classes)) > 3 else 0)
-    ax.set_yticks(list(ticks), [classes[t] for t in ticks])
+    ax.set_xticks(list(ticks), [classes[t] for t in ticks], rotation=90 if max(map(len, classes)) > 3 else 0,
+                  **AS_TYPED)
+    ax.set_yticks(list(ticks), [classes[t] for t in ticks], **AS_TYPED)
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
     total = int(cm.sum())
@@ -192,7 +206,7 @@ def plot_mistakes(
         ax.imshow(img, cmap=cmap, vmin=0, vmax=255, interpolation="nearest")
         ax.set_title(
             f"true {classes[true[i]]}\npred {classes[pred[i]]} ({100 * confidence[i]:.0f}%)",
-            fontsize=9, color="firebrick",
+            fontsize=9, color="firebrick", **AS_TYPED,
         )
     return save_png(fig, path)
 
@@ -219,7 +233,7 @@ def plot_filters(weight: torch.Tensor, path: Path, name: str = "first conv layer
         im = ax.imshow(mosaic(tiles, columns), cmap="RdBu_r", vmin=-1, vmax=1, interpolation="nearest")
         fig.colorbar(im, ax=ax, shrink=0.8, label="weight / max |weight|")
     ax.axis("off")
-    ax.set_title(f"{name}: {o} filters of {i} x {kh} x {kw}", fontsize=10)
+    ax.set_title(f"{name}: {o} filters of {i} x {kh} x {kw}", fontsize=10, **AS_TYPED)
     return save_png(fig, path)
 
 
@@ -238,7 +252,7 @@ def plot_responses(
     ax = fig.add_subplot(grid[0])
     img, cmap = display_image(image)
     ax.imshow(img, cmap=cmap, vmin=0, vmax=255, interpolation="nearest")
-    ax.set_title(title, fontsize=10)
+    ax.set_title(title, fontsize=10, **AS_TYPED)
     ax.axis("off")
     for row, (name, maps) in enumerate(responses, start=1):
         c, h, w = maps.shape
@@ -252,5 +266,5 @@ def plot_responses(
             spine.set_visible(False)
         flat = float(maps.flatten(1).std(1).max()) == 0.0  # e.g. a zero-initialised residual branch
         ax.set_ylabel(f"{name}\n{c} x {h} x {w}" + ("\n(constant output)" if flat else ""),
-                      rotation=0, ha="right", va="center", fontsize=8)
+                      rotation=0, ha="right", va="center", fontsize=8, **AS_TYPED)
     return save_png(fig, path)

@@ -158,11 +158,13 @@ def write_run_report(
     from cnnray.report.evaluate import resolve_checkpoint
     from cnnray.report.sections import checkpoint_report
 
-    run_dir = Path(run_dir).expanduser().resolve()
+    from cnnray.paths import resolve_path
+
+    run_dir = Path(resolve_path(run_dir, "run folder"))  # as typed where the command ran
     result = read_json(run_dir / RESULT_FILE, "cnnray train --out folder")
     cfg = TrainConfig.from_dict(result["config"])
     history = result.get("history", [])
-    out = Path(out_dir).expanduser().resolve() if out_dir else run_dir / REPORT_DIR
+    out = Path(resolve_path(out_dir, "--out", lasting=True)) if out_dir else run_dir / REPORT_DIR
     out.mkdir(parents=True, exist_ok=True)
     plots.remove_old_pngs(out)
 

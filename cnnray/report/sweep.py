@@ -105,7 +105,7 @@ def plot_trial_curves(
     ax_loss.set_title("Validation loss")
     for ax in (ax_acc, ax_loss):
         plots.epoch_axis(ax)
-    ax_acc.legend(fontsize=7, loc="lower right")
+    plots.as_typed(ax_acc.legend(fontsize=7, loc="lower right"))  # trial ids and swept values, as typed
     return plots.save_png(fig, path)
 
 
@@ -140,25 +140,26 @@ def plot_hyperparameters(trials: list[dict[str, Any]], best_id: str | None, path
             ax_plane.scatter(xs[idx], cvals[idx], c=acc[idx], cmap="plasma", vmin=acc.min(), vmax=acc.max(),
                              marker=marker, s=80, edgecolors="black", linewidths=0.5)
     if c_key:
-        fig.colorbar(sc, ax=ax_acc, label=c_key)
+        fig.colorbar(sc, ax=ax_acc).set_label(c_key, **plots.AS_TYPED)
         fig.colorbar(ax_plane.collections[0], ax=ax_plane, label="best validation accuracy (%)")
     for i, t in enumerate(trials):
         if str(t["trial_id"]) == str(best_id):
             ax_acc.scatter([xs[i]], [acc[i]], s=260, facecolors="none", edgecolors="red", linewidths=2)
             if c_key:
                 ax_plane.scatter([xs[i]], [cvals[i]], s=280, facecolors="none", edgecolors="red", linewidths=2)
-    ax_acc.set_xlabel(x_key)
+    ax_acc.set_xlabel(x_key, **plots.AS_TYPED)
     ax_acc.set_ylabel("best validation accuracy (%)")
-    ax_acc.set_title(f"Accuracy vs {x_key}" + (f" (colour: {c_key}; marker: norm)" if c_key else " (marker: norm)"))
+    ax_acc.set_title(f"Accuracy vs {x_key}" + (f" (colour: {c_key}; marker: norm)" if c_key else " (marker: norm)"),
+                     **plots.AS_TYPED)
     # Proxy handles in grey: the scatter's own would show the first point's colour.
     handles = [Line2D([], [], ls="", marker=NORM_MARKERS.get(n, "P"), color="lightgray", mec="black", ms=8,
                       label=f"norm {n}") for n in sorted(set(norms))]
     handles.append(Line2D([], [], ls="", marker="o", mfc="none", mec="red", mew=2, ms=13, label="best trial"))
-    ax_acc.legend(handles=handles, fontsize=8)
+    plots.as_typed(ax_acc.legend(handles=handles, fontsize=8))
     if c_key:
-        ax_plane.set_xlabel(x_key)
-        ax_plane.set_ylabel(c_key)
-        ax_plane.set_title(f"{x_key} and {c_key} tried (colour: accuracy; ring: best)")
+        ax_plane.set_xlabel(x_key, **plots.AS_TYPED)
+        ax_plane.set_ylabel(c_key, **plots.AS_TYPED)
+        ax_plane.set_title(f"{x_key} and {c_key} tried (colour: accuracy; ring: best)", **plots.AS_TYPED)
     else:
         ax_plane.axis("off")
     for ax in (ax_acc, ax_plane):
@@ -181,7 +182,9 @@ def write_sweep_report(sweep_dir: str | Path, out_dir: str | Path | None = None,
     from cnnray.report.evaluate import resolve_checkpoint
     from cnnray.report.sections import checkpoint_report
 
-    sweep_dir = Path(sweep_dir).expanduser().resolve()
+    from cnnray.paths import resolve_path
+
+    sweep_dir = Path(resolve_path(sweep_dir, "sweep folder"))  # as typed where the command ran
     trials = read_trials(sweep_dir)
     histories = read_json(sweep_dir / HISTORIES, "cnnray tune folder") if (sweep_dir / HISTORIES).is_file() else {}
     best = read_json(sweep_dir / BEST, "cnnray tune folder") if (sweep_dir / BEST).is_file() else {}
@@ -192,7 +195,7 @@ def write_sweep_report(sweep_dir: str | Path, out_dir: str | Path | None = None,
                   for k, v in histories.items()]
     trials.sort(key=lambda t: -(_acc(t) if _acc(t) is not None else -1.0))
     best_id = best.get("trial_id") or trials[0]["trial_id"]
-    out = Path(out_dir).expanduser().resolve() if out_dir else sweep_dir / REPORT_DIR
+    out = Path(resolve_path(out_dir, "--out", lasting=True)) if out_dir else sweep_dir / REPORT_DIR
     out.mkdir(parents=True, exist_ok=True)
     plots.remove_old_pngs(out)
 

@@ -91,8 +91,8 @@ def serve_args_from(args: argparse.Namespace):
         raise ConfigError(f"--watch-s {args.watch_s:g} must be 0 (off) or positive")
     try:
         return ServeArgs(
-            model_store=str(Path(args.model_store).expanduser().resolve()) if args.model_store else None,
-            checkpoints={args.name: str(Path(args.checkpoint).expanduser().resolve())} if args.checkpoint else {},
+            model_store=args.model_store,  # ServeArgs resolves paths (cnnray.paths)
+            checkpoints={args.name: args.checkpoint} if args.checkpoint else {},
             replicas=args.replicas,
             gpu=args.gpu,
             cpus_per_replica=args.cpus_per_replica,
@@ -103,7 +103,8 @@ def serve_args_from(args: argparse.Namespace):
     except ValidationError as e:
         err = e.errors()[0]
         where = ".".join(str(p) for p in err["loc"])
-        raise ConfigError(f"{where}: {err['msg']}") from None
+        msg = err["msg"].removeprefix("Value error, ")  # pydantic's prefix for a validator's ValueError
+        raise ConfigError(f"{where}: {msg}") from None
 
 
 class _Stop(Exception):
@@ -177,11 +178,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     if not args.url.startswith(("http://", "https://")):
         raise ConfigError(f"--url {args.url!r} must start with http:// or https://")
-    files = [Path(p) for p in args.images]
+    from cnnray.paths import PathError, resolve_path
+
+    files = [Path(p) for p in args.images]  # shown as typed
     payloads = []
     for f in files:
         try:
-            payloads.append(base64.b64encode(f.read_bytes()).decode("ascii"))
+            payloads.append(base64.b64encode(Path(resolve_path(f, "image")).read_bytes()).decode("ascii"))
+        except PathError as e:
+            raise ConfigError(str(e)) from None
         except OSError as e:
             raise ConfigError(f"cannot read {f}: {e.strerror or e}") from None
     endpoint = f"{args.url.rstrip('/')}/v1/models/{urllib.request.quote(args.model, safe='')}:predict"

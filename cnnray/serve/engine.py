@@ -154,7 +154,7 @@ def resolve(
     found: dict[str, ModelRef] = {}
     problems: list[str] = []
     if args.model_store:
-        store = Path(args.model_store).expanduser().resolve()
+        store = Path(args.model_store)  # absolute: ServeArgs resolved it (cnnray.paths)
         if not store.is_dir() and not current:
             raise ConfigError(f"model store {store} is not a directory")
         seen = scan(store)
@@ -169,7 +169,7 @@ def resolve(
         check_name(name)
         if name in found:
             raise ConfigError(f"model name {name!r} is both in the model store and given as a checkpoint")
-        found[name] = ModelRef(path=str(Path(path).expanduser().resolve()), version=1)
+        found[name] = ModelRef(path=path, version=1)  # absolute (ServeArgs)
         if current.get(name) != found[name]:
             verify_checkpoint(found[name].path)  # CheckpointError names the folder and the problem
     return Resolution(found, problems)

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from cnnray.paths import resolve_path
 
 from cnnray.serve.defaults import (
     BATCH_WAIT_S,
@@ -63,6 +65,19 @@ class ServeArgs(_Strict):
     batch_wait_timeout_s: float = Field(BATCH_WAIT_S, ge=0, le=10)
     max_ongoing_requests: int = Field(MAX_ONGOING_REQUESTS, ge=1)
     limits: Limits = Field(default_factory=Limits)
+
+    # Paths as typed where the app was built (`cnnray serve`, `serve run`), once
+    # (cnnray.paths): absolute, so every replica, wherever its working directory, reads
+    # the same folders. A ValueError here is a ValidationError naming the field.
+    @field_validator("model_store")
+    @classmethod
+    def _resolve_store(cls, value: str | None) -> str | None:
+        return None if value is None else resolve_path(value, "model_store")
+
+    @field_validator("checkpoints")
+    @classmethod
+    def _resolve_checkpoints(cls, value: dict[str, str]) -> dict[str, str]:
+        return {name: resolve_path(path, f"checkpoint of {name!r}") for name, path in value.items()}
 
 
 class ModelRef(_Strict):

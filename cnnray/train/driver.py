@@ -47,8 +47,9 @@ def init_ray(address: str | None = None) -> bool:
 
 def run_paths(cfg: TrainConfig) -> tuple[Path, str, str]:
     """(out dir, Ray storage path, run name). The run name is the out dir's name so that
-    several runs can share one storage path on a cluster."""
-    out = Path(cfg.out).expanduser().resolve()
+    several runs can share one storage path on a cluster. TrainConfig made both paths
+    absolute (cnnray.paths), so this guard, Ray and the workers all see the same ones."""
+    out = Path(cfg.out)
     storage = cfg.storage_path or str(out / "ray")
     return out, storage, out.name or "cnnray"
 
@@ -70,7 +71,7 @@ def _progress_callback(epochs: int):
 def _run_exists(storage: str, name: str) -> bool:
     import pyarrow.fs
 
-    fs, root = pyarrow.fs.FileSystem.from_uri(storage if "://" in storage else str(Path(storage).resolve()))
+    fs, root = pyarrow.fs.FileSystem.from_uri(storage)  # an absolute path or a URI (TrainConfig)
     info = fs.get_file_info(f"{root.rstrip('/')}/{name}")
     return info.type != pyarrow.fs.FileType.NotFound
 
@@ -91,13 +92,6 @@ def _evaluate_checkpoint(checkpoint: Any, cfg_dict: dict[str, Any]) -> dict[str,
         model, _ = load_model(d, map_location=device)
     stats = evaluate(model, held_out_batches(cfg, device), device)
     return {"test_accuracy": stats.accuracy, "test_loss": stats.loss, "test_samples": stats.count}
-
-
-def absolute_data_dir(cfg: TrainConfig) -> TrainConfig:
-    """Workers run in their own working directory: a local data_dir must be absolute."""
-    if cfg.data_dir and "://" not in cfg.data_dir:
-        return cfg.replace(data_dir=str(Path(cfg.data_dir).expanduser().resolve()))
-    return cfg
 
 
 def preflight(cfg: TrainConfig) -> None:
@@ -166,7 +160,6 @@ def pick_best(
 
 
 def run_training(cfg: TrainConfig, echo: Callable[[str], None] = print) -> dict[str, Any]:
-    cfg = absolute_data_dir(cfg)
     out, storage, name = run_paths(cfg)
     cfg = cfg.replace(out=str(out))
     exists = _run_exists(storage, name)

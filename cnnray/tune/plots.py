@@ -47,10 +47,12 @@ def plot_sweep(rows: list[dict[str, Any]], base: TrainConfig, path: str | Path, 
     ax.margins(x=0.1, y=0.08)  # keep edge points (and the star) off the frame
     ax.set_xlabel("peak learning rate (global batch)")
     ax.set_ylabel("best validation accuracy")
-    ax.set_title(f"{base.model} on {base.dataset}: {len(rows)} trials, up to {base.epochs} epochs")
+    # Names drawn as typed, not as matplotlib mathtext (see cnnray.report.plots.AS_TYPED).
+    ax.set_title(f"{base.model} on {base.dataset}: {len(rows)} trials, up to {base.epochs} epochs", parse_math=False)
     ax.grid(True, which="both", alpha=0.3)
     if points:
-        ax.legend(loc="best", fontsize=8)
+        for text in ax.legend(loc="best", fontsize=8).get_texts():
+            text.set_parse_math(False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

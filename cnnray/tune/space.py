@@ -10,12 +10,15 @@ fixes the field for every trial:
     weight_decay: 1.0e-4                 # fixed for every trial
 
 Every bound and value is checked against TrainConfig before any trial starts, so an
-unknown field, an unknown distribution or a value a trial would reject is a ConfigError.
+unknown field, an unknown distribution or a value a trial would reject is a ConfigError;
+`check_space` then builds every combination's config and model (see there), so a field
+the model does not take (hidden_sizes for a cnn) fails here, not in every trial.
 """
 
 from __future__ import annotations
 
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, fields
@@ -25,6 +28,9 @@ from typing import Any, Mapping
 from cnnray.config import ConfigError, TrainConfig, read_yaml_mapping
 
 DISTRIBUTIONS = ("loguniform", "uniform", "choice", "grid")
+# Trial configs check_space builds in full (combinations of choice/grid values and range
+# endpoints); each takes a few ms, so this bounds the check to about a second.
+MAX_CHECKED_CONFIGS = 256
 # Fields a sweep sets itself (--epochs is ASHA's horizon, --workers-per-trial the trial
 # size) or that do not change what is learned: sweeping them is refused, not ignored.
 NOT_SWEEPABLE = frozenset(
@@ -80,9 +86,7 @@ def parse_space(data: Mapping[str, Any], base: TrainConfig) -> tuple[dict[str, D
     """Check a space mapping against TrainConfig; `base` is the config trials start from."""
     known = [f.name for f in fields(TrainConfig)]
     hints = typing.get_type_hints(TrainConfig)
-    space: dict[str, Dist] = {}
-    fixed: dict[str, Any] = {}
-    for key, spec in data.items():
+    for key in data:
         if key not in known:
             close = difflib.get_close_matches(str(key), known, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
@@ -90,11 +94,10 @@ def parse_space(data: Mapping[str, Any], base: TrainConfig) -> tuple[dict[str, D
             raise ConfigError(f"unknown TrainConfig field '{key}'{hint}; sweepable fields: {sweepable}")
         if key in NOT_SWEEPABLE:
             raise ConfigError(f"'{key}' cannot be swept: set it with the tune command's flags")
-        if isinstance(spec, Mapping):
-            space[key] = _parse_dist(key, spec, hints[key], base)
-        else:
-            _check_value(base, key, spec)
-            fixed[key] = spec
+    fixed = {key: spec for key, spec in data.items() if not isinstance(spec, Mapping)}
+    for key, value in fixed.items():
+        base = _with(base, {key: value})  # the distributions are checked against the fixed values
+    space = {key: _parse_dist(key, spec, hints[key], base) for key, spec in data.items() if isinstance(spec, Mapping)}
     if not space:
         raise ConfigError(f"no field is swept: give at least one of {', '.join(DISTRIBUTIONS)}")
     return space, fixed
@@ -129,10 +132,47 @@ def _parse_dist(key: str, spec: Mapping[str, Any], hint: Any, base: TrainConfig)
 
 def _check_value(base: TrainConfig, key: str, value: Any) -> Any:
     """The value as a trial's TrainConfig will hold it; raises what that trial would."""
+    return getattr(_with(base, {key: value}), key)
+
+
+def _with(base: TrainConfig, values: Mapping[str, Any]) -> TrainConfig:
+    """`base` with `values`, as a trial would build it; a ConfigError names the fields."""
     try:
-        return getattr(base.replace(**{key: value}), key)
+        return base.replace(**values)
     except ConfigError as e:
-        raise ConfigError(f"{key}: {e}") from None
+        raise ConfigError(f"{', '.join(values)}: {e}") from None
+
+
+def check_space(space: Mapping[str, Dist], base: TrainConfig) -> None:
+    """Check, before any trial starts, that every trial `space` can draw could run on top of
+    `base` (the final config: flags, --config and the space's fixed values).
+
+    Every combination of the choice/grid values and the range endpoints is built as the
+    trial's TrainConfig (up to MAX_CHECKED_CONFIGS; a larger space is checked one field
+    at a time), and the model of each distinct (norm, hidden_sizes) on the meta device
+    (shapes only: no memory). Raises ConfigError naming the swept fields that fail."""
+    import itertools
+
+    from cnnray.models import resolve_model_args
+
+    keys = list(space)
+    values = [space[k].values for k in keys]
+    if math.prod(len(v) for v in values) <= MAX_CHECKED_CONFIGS:
+        combos = [dict(zip(keys, combo)) for combo in itertools.product(*values)]
+    else:
+        combos = [{k: v} for k, vs in zip(keys, values) for v in vs]
+    built: set[str] = set()
+    for combo in combos:
+        cfg = _with(base, combo)
+        model_kw = {"norm": cfg.norm, "hidden_sizes": list(cfg.hidden_sizes) if cfg.hidden_sizes else None}
+        if repr(model_kw) in built:
+            continue
+        built.add(repr(model_kw))
+        try:
+            resolve_model_args(cfg.model, **model_kw)  # builds on the meta device
+        except (ValueError, TypeError, RuntimeError) as e:
+            shown = ", ".join(f"{k}={v!r}" for k, v in combo.items() if k in model_kw) or ", ".join(combo)
+            raise ConfigError(f"{shown}: model {cfg.model!r} cannot be built: {e}") from None
 
 
 def _strip_optional(hint: Any) -> Any:

@@ -58,8 +58,18 @@ class SweepConfig:
     resume: bool = False  # continue the sweep stored in <out> (Tuner.restore)
 
     def __post_init__(self) -> None:
+        from cnnray.paths import PathError, resolve_path
         from cnnray.store import check_name
+        from cnnray.tune.space import check_space
 
+        # Paths as typed where the command ran, once (cnnray.paths); outputs that Ray would
+        # delete with a job's files are refused.
+        for key in ("out", "model_store"):
+            if getattr(self, key) is not None:
+                try:
+                    object.__setattr__(self, key, resolve_path(getattr(self, key), key, lasting=True))
+                except PathError as e:
+                    raise ConfigError(str(e)) from None
         if self.samples < 1:
             raise ConfigError(f"samples={self.samples} must be at least 1")
         if self.scheduler not in SCHEDULERS:
@@ -73,6 +83,7 @@ class SweepConfig:
         if not self.space:
             raise ConfigError("the search space is empty")
         check_name(self.model_name)
+        check_space(self.space, self.train)  # every trial's config and model, before any starts
 
     @property
     def num_trials(self) -> int:
@@ -181,11 +192,8 @@ def _trial_progress(sweep: SweepConfig, echo: Callable[[str], None]) -> Any:
 def _resolved(sweep: SweepConfig, out: Path) -> SweepConfig:
     """Absolute paths (trials run in their own working directories) and the per-trial
     settings a sweep imposes: what sweep.json stores and --resume compares against."""
-    from cnnray.train.driver import absolute_data_dir
-
-    train = absolute_data_dir(sweep.train)
-    store = Path(sweep.model_store).expanduser().resolve() if sweep.model_store else out / "models"
-    return SweepConfig(**{**sweep.__dict__, "train": train.replace(out=str(out), verbose=False, resume=False),
+    store = Path(sweep.model_store) if sweep.model_store else out / "models"
+    return SweepConfig(**{**sweep.__dict__, "train": sweep.train.replace(out=str(out), verbose=False, resume=False),
                           "out": str(out), "model_store": str(store)})
 
 
@@ -193,7 +201,7 @@ def _prepare(sweep: SweepConfig, echo: Callable[[str], None]) -> tuple[SweepConf
     """The new-or-resume decision: (resolved sweep, out, restore?)."""
     from ray.tune import Tuner
 
-    out = Path(sweep.out).expanduser().resolve()
+    out = Path(sweep.out)  # absolute (SweepConfig)
     exists = Tuner.can_restore(str(out / TUNE_DIR))
     if exists and not sweep.resume:
         raise ConfigError(f"{out} already holds a sweep: pass --resume to continue it, or choose another --out")

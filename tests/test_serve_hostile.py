@@ -537,8 +537,9 @@ def test_model_args_are_checked_against_the_weights_before_allocating(tmp_path):
                          timeout=300)
     assert out.returncode == 0 and "refused:" in out.stdout and "do not fit" in out.stdout, out.stdout + out.stderr
     peak_kb = int(out.stdout.split("peak_kb")[-1])
-    # importing torch takes ~0.4 GB; the lying model would add 1.6 GB
-    assert peak_kb < 1_000_000, f"the load peaked at {peak_kb / 1e6:.1f} GB"
+    # importing torch takes 0.4-1.0 GB (more after other tests have warmed the page cache and
+    # environment); the lying model adds 1.6 GB on top (the old code peaked at 2.1 GB)
+    assert peak_kb < 1_500_000, f"the load peaked at {peak_kb / 1e6:.1f} GB"
 
 
 MALFORMED = [

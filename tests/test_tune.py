@@ -56,7 +56,7 @@ def test_space_file_round_trips_and_fixes_plain_values():
         ({"lr": {"logrange": [1e-3, 0.1]}}, "unknown distribution 'logrange'"),
         ({"lr": {"loguniform": [0.1, 1e-3]}}, "needs low < high"),
         ({"lr": {"loguniform": [0.1]}}, "needs [low, high]"),
-        ({"lr": {"uniform": [0.0, 0.1]}}, "lr=0.0 must be positive"),
+        ({"lr": {"uniform": [0.0, 0.1]}}, "lr=0.0 must be in (0, 100]"),
         ({"momentum": {"uniform": [0.5, 1.5]}}, "momentum=1.5 must be in [0, 1)"),
         ({"batch_size": {"uniform": [32, 256]}}, "needs a float field"),
         ({"norm": {"choice": ["none", "instance"]}}, "unknown norm 'instance'"),

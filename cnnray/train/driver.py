@@ -141,12 +141,11 @@ def _local_cpus() -> float:
     return float(os.cpu_count() or 1)
 
 
-def claim_run_folder(out: Path, storage: str, name: str, resume: bool) -> tuple[int, bool]:
-    """Claim `out` for this process before anything else touches it: (descriptor to keep
-    open while training, whether `out` already held a run). Atomic: an exclusive flock on
-    the claim file, which the kernel releases when the process ends, even on SIGKILL, so
-    no stale lock is left. ConfigError when another run uses `out` now, or when `out`
-    holds an earlier run (Ray's run folder exists) and `resume` is off."""
+def lock_folder(out: Path, what: str = "cnnray train") -> int:
+    """Lock `out` (created if needed) for this process: the descriptor to keep open while
+    working in it. Atomic: an exclusive flock on `<out>/.cnnray-run`, which the kernel
+    releases when the process ends, even on SIGKILL, so no stale lock is left behind.
+    ConfigError, naming the holder, when another process holds it."""
     import fcntl
 
     out.mkdir(parents=True, exist_ok=True)
@@ -157,15 +156,24 @@ def claim_run_folder(out: Path, storage: str, name: str, resume: bool) -> tuple[
     except BlockingIOError:
         owner = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "starting"
         os.close(fd)
-        raise ConfigError(f"{out} is in use by another cnnray train ({owner}): wait for it, or choose another --out") from None
+        raise ConfigError(f"{out} is in use by another {what} ({owner}): wait for it, or choose another --out") from None
+    owner = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()})
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, owner.encode(), 0)
+    return fd
+
+
+def claim_run_folder(out: Path, storage: str, name: str, resume: bool) -> tuple[int, bool]:
+    """Claim `out` for this run before anything else touches it (`lock_folder`): (descriptor
+    to keep open while training, whether `out` already held a run). ConfigError when
+    another run uses `out` now, or when `out` holds an earlier run (Ray's run folder
+    exists) and `resume` is off."""
+    fd = lock_folder(out)
     # Checked under the lock: whoever held it before has finished, its Ray folder is there.
     existed = _run_exists(storage, name)
     if existed and not resume:
         os.close(fd)
         raise ConfigError(f"{out} already holds a training run: pass --resume to continue it, or choose another --out")
-    owner = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()})
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, owner.encode(), 0)
     return fd, existed
 
 

@@ -191,22 +191,13 @@ def test_a_sweep_folder_in_use_is_refused_at_once(tmp_path):
 # --- Tune: a diverged trial is an errored trial -----------------------------------------------
 
 
-def test_diverged_report_never_reaches_tune_and_the_trial_errors(monkeypatch):
-    from ray.tune.integration.ray_train import TuneReportCallback
-
+def test_a_diverged_trial_ends_as_an_errored_trial(monkeypatch):
+    """The workers return the divergence line (Ray Train's Result.return_value); the trial
+    raises it, so Tune marks this trial ERROR and runs the others (no Ray here)."""
     from cnnray.tune import trial
 
-    forwarded = []
-    monkeypatch.setattr(TuneReportCallback, "__init__", lambda self: None)  # no Tune session here
-    monkeypatch.setattr(TuneReportCallback, "after_report", lambda self, rc, metrics, ckpt: forwarded.append(metrics))
-    callback = trial._report_unless_diverged()
-    callback.after_report(None, [{"epoch": 1, "val_accuracy": 0.5}], None)
-    callback.after_report(None, [{"epoch": 2, "val_accuracy": float("nan"), "diverged": "training diverged in epoch 2"}],
-                          None)
-    assert forwarded == [[{"epoch": 1, "val_accuracy": 0.5}]]
-
     class Result:
-        metrics = {"epoch": 2, "diverged": "training diverged in epoch 2: ..."}
+        return_value = "training diverged in epoch 2: the training loss became non-finite at step 3 of 9, ..."
 
     class Trainer:
         def fit(self):
@@ -217,11 +208,15 @@ def test_diverged_report_never_reaches_tune_and_the_trial_errors(monkeypatch):
             return "t1"
 
     import ray.tune
+    import ray.tune.integration.ray_train
     import ray.util.queue
 
     monkeypatch.setattr(ray.tune, "get_context", lambda: Context())
     monkeypatch.setattr(ray.util.queue, "Queue", lambda **kw: None)  # no Ray actor here
+    monkeypatch.setattr(ray.tune.integration.ray_train, "TuneReportCallback", lambda: None)  # no Tune session
     monkeypatch.setattr("cnnray.train.driver.make_trainer", lambda *a, **kw: Trainer())
     with pytest.raises(trial.TrialDiverged, match="training diverged in epoch 2"):
         trial.train_trial({"lr": 100.0}, base=TrainConfig().to_dict(), runs_dir="/tmp/unused")
     assert "t1" not in trial._RUNNING
+    Result.return_value = None  # a sound run ends normally
+    trial.train_trial({"lr": 0.1}, base=TrainConfig().to_dict(), runs_dir="/tmp/unused")

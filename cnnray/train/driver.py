@@ -73,7 +73,7 @@ def _progress_callback(epochs: int):
 
     class Progress(UserCallback):
         def after_report(self, run_context, metrics, checkpoint):
-            if metrics and metrics[0] and not metrics[0].get("diverged"):  # that one ends the run
+            if metrics and metrics[0]:
                 print(format_progress(metrics[0], epochs), flush=True)
 
     return Progress()
@@ -307,8 +307,8 @@ def _fit(
     trained = time.perf_counter()
     if result.error is not None:
         raise TrainingError(f"training failed: {_root_cause(result.error)}")
-    if (result.metrics or {}).get("diverged"):  # the workers stopped and kept nothing of it
-        raise TrainingError(result.metrics["diverged"])
+    if isinstance(result.return_value, str):  # the workers' divergence line (see the loop)
+        raise TrainingError(result.return_value)
     if not result.best_checkpoints:
         raise TrainingError("training reported no checkpoint")
 

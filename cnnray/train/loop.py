@@ -182,17 +182,15 @@ def divergence(epoch: int, train: EpochStats, net: nn.Module, device: torch.devi
     must call this (one all-reduce), since one rank's NaN loss is every rank's NaN weights."""
     import torch.distributed as dist
 
-    weights_finite = bool(torch.stack([torch.isfinite(p).all() for p in net.parameters()]).all())
-    # [first bad step over ranks (len(lrs) if none), any non-finite weights]
     steps = len(train.step_lrs)
-    flags = torch.tensor([train.nonfinite_step if train.nonfinite_step >= 0 else steps, int(not weights_finite)],
-                         device=device, dtype=torch.int64)
+    # The first non-finite step over all ranks (`steps` if none), and whether any rank's
+    # weights hold a NaN or infinity: as the maximum of the negated step and the flag.
+    weights_bad = ~torch.stack([torch.isfinite(p).all() for p in net.parameters()]).all()
+    first = train.nonfinite_step if train.nonfinite_step >= 0 else steps
+    flags = torch.stack([torch.tensor(-first, device=device), weights_bad.to(device, torch.int64)])
     if _distributed():
-        first = flags[:1].clone()
-        dist.all_reduce(first, op=dist.ReduceOp.MIN)
-        dist.all_reduce(flags[1:], op=dist.ReduceOp.MAX)
-        flags[0] = first[0]
-    bad_step, bad_weights = int(flags[0]), bool(flags[1])
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    bad_step, bad_weights = -int(flags[0]), bool(flags[1])
     where = f"training diverged in epoch {epoch}"
     advice = "nothing from this epoch was kept; lower --lr (now up to {:.4g}) or raise --warmup-epochs"
     if bad_step < steps:
@@ -202,13 +200,6 @@ def divergence(epoch: int, train: EpochStats, net: nn.Module, device: torch.devi
         return f"{where}: the weights became non-finite; " + advice.format(max(train.step_lrs, default=0.0))
     return None
 
-
-def diverged_metrics(epoch: int, message: str, start_epoch: int, world: int) -> dict[str, Any]:
-    """The last report of a diverged run: no checkpoint goes with it, and the driver (or the
-    Tune trial) turns `diverged` into its error. val_accuracy is NaN, never a score."""
-    nan = float("nan")
-    return {"epoch": epoch, "diverged": message, "train_loss": nan, "val_loss": nan, "val_accuracy": nan,
-            "start_epoch": start_epoch, "world_size": world}
 
 
 def all_reduce_stats(stats: EpochStats, device: torch.device) -> EpochStats:
@@ -243,8 +234,13 @@ def format_progress(metrics: dict[str, Any], epochs: int) -> str:
     )
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Entry point of every Ray Train worker: `config` is `TrainConfig.to_dict()`."""
+def train_loop_per_worker(config: dict[str, Any]) -> str | None:
+    """Entry point of every Ray Train worker: `config` is `TrainConfig.to_dict()`.
+
+    Returns None, or when training diverged the one line saying where (every rank stops
+    in the same epoch; rank 0's value reaches the driver as the Result's `return_value`).
+    A divergence is returned, not raised: Ray Train would retry an error from the last
+    checkpoint, and the same run would diverge again."""
     import ray.train
     import ray.train.torch
 
@@ -315,10 +311,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         val = None if diverged else validate(net, data.val, device)
         if val is not None and not math.isfinite(val.loss):  # all-reduced: the same on every rank
             diverged = f"training diverged in epoch {epoch + 1}: the validation loss became non-finite; lower --lr"
-        if diverged:
-            # Every rank reports (a barrier) and stops; no checkpoint of these weights.
-            ray.train.report(diverged_metrics(epoch + 1, diverged, start_epoch, world))
-            return
+        if diverged:  # every rank stops here, and these weights are never checkpointed
+            return diverged
         exporter.record(epoch + 1, local, val.accuracy)
         # Strictly better only: on ties the earlier epoch stays best (val stats are
         # all-reduced, so every rank takes the same decision).
@@ -378,3 +372,4 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 )
         else:
             ray.train.report(metrics)
+    return None

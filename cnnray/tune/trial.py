@@ -50,23 +50,11 @@ class TrialDiverged(RuntimeError):
     trial ERROR with this one-line message, and the sweep goes on with the others."""
 
 
-def _report_unless_diverged() -> Any:
-    """TuneReportCallback, except for a diverged run's last report: its NaN val_accuracy
-    must not reach the scheduler or the results table as a score."""
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    class ReportUnlessDiverged(TuneReportCallback):
-        def after_report(self, run_context, metrics, checkpoint):
-            if metrics and metrics[0].get("diverged"):
-                return
-            super().after_report(run_context, metrics, checkpoint)
-
-    return ReportUnlessDiverged()
-
 
 def train_trial(config: dict[str, Any], *, base: dict[str, Any], runs_dir: str) -> None:
     """One Tune trial: a Ray Train run of `base` with the sampled `config` values."""
     import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
     from ray.util.queue import Queue
 
     from cnnray.train.driver import make_trainer
@@ -81,15 +69,15 @@ def train_trial(config: dict[str, Any], *, base: dict[str, Any], runs_dir: str) 
         cfg,
         name=trial_id,
         storage_path=runs_dir,
-        callbacks=[_controller_handle_callback(handle_queue), _report_unless_diverged()],
+        callbacks=[_controller_handle_callback(handle_queue), TuneReportCallback()],
     )
     _RUNNING[trial_id] = handle_queue
     try:
         result = trainer.fit()  # raises if the run failed after its retries: Tune marks the trial ERROR
     finally:
         _RUNNING.pop(trial_id, None)
-    if (result.metrics or {}).get("diverged"):
-        raise TrialDiverged(result.metrics["diverged"])
+    if isinstance(result.return_value, str):  # the workers' divergence line (see the loop)
+        raise TrialDiverged(result.return_value)
 
 
 def abort_train_run(trial_id: str) -> None:

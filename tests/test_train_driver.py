@@ -220,3 +220,14 @@ def test_a_diverged_trial_ends_as_an_errored_trial(monkeypatch):
     assert "t1" not in trial._RUNNING
     Result.return_value = None  # a sound run ends normally
     trial.train_trial({"lr": 0.1}, base=TrainConfig().to_dict(), runs_dir="/tmp/unused")
+
+
+def test_more_gpus_than_the_machine_has_exit_2_in_process(mnist_dir, tmp_path, monkeypatch, data_cache):
+    from cnnray.train.driver import preflight
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 1)
+    cfg = TrainConfig(data_dir=str(mnist_dir), subset=2000, workers=2, batch_size=64, gpu=True)
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    with pytest.raises(ConfigError, match="needs 2 GPUs but this machine's Ray has 1"):
+        preflight(cfg)

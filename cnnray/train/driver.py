@@ -114,8 +114,8 @@ def absolute_data_dir(cfg: TrainConfig) -> TrainConfig:
 
 def preflight(cfg: TrainConfig) -> None:
     """Fail fast (ConfigError/DataError), before any worker starts, on data that cannot be
-    read or split into a batch per worker, and on more CPUs than this machine has (a local
-    Ray would wait for them forever). On one machine this also downloads and decodes once,
+    read or split into a batch per worker, and on more CPUs or GPUs than this machine has
+    (a local Ray would wait for them forever). On one machine this also downloads and decodes once,
     so every worker then reads the cache. Skipped when joining a cluster (--address or
     $RAY_ADDRESS): the data may exist only there, and the cluster may scale up."""
     from cnnray.train.worker_data import check_split_sizes, load_for
@@ -124,21 +124,30 @@ def preflight(cfg: TrainConfig) -> None:
         return
     check_split_sizes(cfg, load_for(cfg))
     need = cfg.workers * cfg.cpus_per_worker
-    have = _local_cpus()
+    have = _local_resource("CPU")
     if need > have:
         raise ConfigError(
             f"{cfg.workers} worker(s) x {cfg.cpus_per_worker} CPU(s) need {need} CPUs but this machine's Ray "
             f"has {have:g}: lower --workers or --cpus-per-worker"
         )
+    if cfg.gpu and cfg.workers > _local_resource("GPU"):
+        raise ConfigError(
+            f"--gpu with {cfg.workers} worker(s) needs {cfg.workers} GPUs but this machine's Ray has "
+            f"{_local_resource('GPU'):g}: lower --workers or drop --gpu"
+        )
 
 
-def _local_cpus() -> float:
-    """CPUs of the local Ray: the running one's, else what `init_ray` would start with."""
+def _local_resource(name: str) -> float:
+    """CPUs or GPUs of the local Ray: the running one's, else what `init_ray` would start with."""
     import ray
 
     if ray.is_initialized():
-        return ray.cluster_resources().get("CPU", 0.0)
-    return float(os.cpu_count() or 1)
+        return ray.cluster_resources().get(name, 0.0)
+    if name == "CPU":
+        return float(os.cpu_count() or 1)
+    import torch
+
+    return float(torch.cuda.device_count())
 
 
 def lock_folder(out: Path, what: str = "cnnray train") -> int:

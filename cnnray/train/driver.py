@@ -199,7 +199,8 @@ def last_checkpoint_meta(storage: str, name: str) -> dict[str, Any] | None:
         return None
     if not names:
         return None
-    return read_meta(run_dir / max(names))  # epoch-NNNN: the newest sorts last
+    newest = max(names, key=lambda n: int(n.rsplit("-", 1)[-1]) if n.rsplit("-", 1)[-1].isdigit() else -1)
+    return read_meta(run_dir / newest)  # epoch-NNNN (more digits past 9999)
 
 
 def check_resume(cfg: TrainConfig, meta: dict[str, Any] | None, out: Path) -> None:

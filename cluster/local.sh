@@ -125,6 +125,18 @@ print(" ".join(str(s.getsockname()[1]) for s in socks))
 EOF
 }
 
+# The token readable by its owner only (0600), in a folder only its owner can list (0700,
+# for the default ~/.ray); files of other users and symlinks are left alone.
+secure_token() {
+    local token="$1"
+    if [[ -z "${RAY_AUTH_TOKEN_PATH:-}" && -d "$HOME/.ray" && ! -L "$HOME/.ray" && -O "$HOME/.ray" ]]; then
+        chmod go-rwx "$HOME/.ray"
+    fi
+    if [[ -f "$token" && ! -L "$token" && -O "$token" ]]; then
+        chmod go-rwx "$token"
+    fi
+}
+
 cmd_up() {
     if load_state; then
         if alive; then
@@ -136,8 +148,12 @@ cmd_up() {
     # Token authentication stays on: find or create the token, and pin the mode.
     local token_path="${RAY_AUTH_TOKEN_PATH:-}"
     if [[ -z "${RAY_AUTH_TOKEN:-}" && -z "$token_path" && ! -s "$HOME/.ray/auth_token" ]]; then
-        "$RAY_BIN" get-auth-token --generate >/dev/null
+        # umask 077: Ray writes the token with the umask's mode (0644 by default), readable
+        # by every local user, who could then submit jobs as us.
+        mkdir -p -m 700 "$HOME/.ray"
+        (umask 077 && "$RAY_BIN" get-auth-token --generate >/dev/null)
     fi
+    secure_token "${token_path:-$HOME/.ray/auth_token}"
     local num_cpus="${CNNRAY_NUM_CPUS:-$(nproc)}"
     local temp_dir
     # Short path: Ray puts Unix sockets under it (108-byte limit).

@@ -18,12 +18,34 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
 
+from cnnray.argtypes import Range
+
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("onecycle", "cosine", "constant")
 AUGMENTS = ("auto", "none", "crop", "crop_flip")
 LR_SCALINGS = ("none", "linear")
 # The batch size `lr` refers to when lr_scaling="linear" (Goyal et al., 2017).
 LR_REFERENCE_BATCH = 128
+
+
+# Allowed values of the numeric fields (None is allowed wherever the field's type allows it);
+# the CLI flags use the same ranges (cnnray/cli.py), so a flag and a YAML key agree.
+FIELD_RANGES: dict[str, Range] = {
+    "epochs": Range(1, 100_000),
+    "batch_size": Range(1, 2**20),
+    "lr": Range(0, 100, lo_open=True),
+    "momentum": Range(0, 1, hi_open=True),
+    "weight_decay": Range(0, 1),
+    "warmup_epochs": Range(0, 100_000),
+    "label_smoothing": Range(0, 1, hi_open=True),
+    "val_fraction": Range(0, 0.5, lo_open=True),
+    "subset": Range(10, 2**40),
+    "seed": Range(0, 2**32 - 1),  # numpy and Python seeds take 32 bits; torch takes more
+    "workers": Range(1, 4096),
+    "cpus_per_worker": Range(1, 4096),
+    "max_failures": Range(-1, 1000),  # -1: unlimited
+    "keep_checkpoints": Range(1, 100_000),
+}
 
 
 class ConfigError(ValueError):
@@ -80,24 +102,18 @@ class TrainConfig:
         _check_choice("schedule", self.schedule, SCHEDULES)
         _check_choice("augment", self.augment, AUGMENTS)
         _check_choice("lr_scaling", self.lr_scaling, LR_SCALINGS)
-        _check(self.epochs >= 1, "epochs", self.epochs, "must be at least 1")
-        _check(self.workers >= 1, "workers", self.workers, "must be at least 1")
-        _check(self.cpus_per_worker >= 1, "cpus_per_worker", self.cpus_per_worker, "must be at least 1")
+        for key, allowed in FIELD_RANGES.items():
+            value = getattr(self, key)
+            _check(value is None or allowed.contains(value), key, value, f"must be {allowed.describe()}")
+        # Every worker takes batch_size / workers examples a step: a remainder would
+        # silently shrink the global batch the learning rate was chosen for.
         _check(
-            self.batch_size >= self.workers,
+            self.batch_size % self.workers == 0,
             "batch_size",
             self.batch_size,
-            f"must be at least the number of workers ({self.workers})",
+            f"must be a multiple of workers={self.workers} (each worker takes an equal share); "
+            f"try {_nearest_multiples(self.batch_size, self.workers)}",
         )
-        _check(self.lr > 0, "lr", self.lr, "must be positive")
-        _check(0 <= self.momentum < 1, "momentum", self.momentum, "must be in [0, 1)")
-        _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
-        _check(self.warmup_epochs >= 0, "warmup_epochs", self.warmup_epochs, "must be >= 0")
-        _check(0 <= self.label_smoothing < 1, "label_smoothing", self.label_smoothing, "must be in [0, 1)")
-        _check(0 < self.val_fraction <= 0.5, "val_fraction", self.val_fraction, "must be in (0, 0.5]")
-        _check(self.subset is None or self.subset >= 10, "subset", self.subset, "must be at least 10")
-        _check(self.max_failures >= -1, "max_failures", self.max_failures, "must be >= -1 (-1: unlimited)")
-        _check(self.keep_checkpoints >= 1, "keep_checkpoints", self.keep_checkpoints, "must be at least 1")
         if self.hidden_sizes is not None:
             _check(
                 len(self.hidden_sizes) > 0 and all(h >= 1 for h in self.hidden_sizes),
@@ -221,6 +237,11 @@ def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
 def _check(ok: bool, key: str, value: Any, why: str) -> None:
     if not ok:
         raise ConfigError(f"{key}={value!r} {why}")
+
+
+def _nearest_multiples(n: int, k: int) -> str:
+    below, above = n // k * k, -(-n // k) * k
+    return " or ".join(str(m) for m in (below, above) if m >= k) or str(k)
 
 
 def _check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:

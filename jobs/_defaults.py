@@ -3,7 +3,7 @@
 A Ray job runs in an unpacked copy of the submitted working directory inside Ray's session
 folder, removed when Ray cleans its cache or the head stops, so cnnray refuses a relative
 `--out` there (cnnray.paths.check_lasting). When the command line names no `--out`, results go to
-`$CNNRAY_RUNS/<config or space name>-<UTC time>` (default `~/cnnray-runs`) on the node
+`$CNNRAY_RUNS/<config or space name>-<UTC time>-<6 random hex digits>` (default `~/cnnray-runs`) on the node
 that runs the job's driver: the head, unless the job asked for resources elsewhere. On
 several nodes, `$CNNRAY_STORAGE` (a shared path or an `s3://`/`gs://` URI) becomes the
 default `--storage-path`, where every node writes and reads checkpoints.
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import sys
 import time
 from pathlib import Path
@@ -55,7 +56,9 @@ def with_run_defaults(command: str, argv: Sequence[str]) -> list[str]:
     if "--out" in options and given(argv, "--out") is None:
         named_by = given(argv, "--space") or given(argv, "--config")  # a sweep by its space
         name = Path(named_by).stem if named_by else command
-        stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+        # UTC time to the second plus a random suffix: jobs submitted in the same second
+        # must not share (and overwrite) one run folder.
+        stamp = f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(3)}"
         from cnnray.paths import resolve_path  # the CLI's own path rule: ~ expanded, made absolute
 
         out = Path(resolve_path(os.environ.get(RUNS_ENV) or DEFAULT_RUNS, RUNS_ENV)) / f"{name}-{stamp}"

@@ -53,9 +53,9 @@ def test_models_table():
     [
         (["train", "--model", "alexnet"], "unknown model 'alexnet'"),
         (["train", "--dataset", "imagenet"], "unknown dataset 'imagenet'"),
-        (["train", "--epochs", "-1"], "epochs=-1 must be at least 1"),
-        (["train", "--epochs", "three"], "invalid int value"),
-        (["train", "--lr", "0"], "lr=0.0 must be positive"),
+        (["train", "--epochs", "-1"], "argument --epochs: '-1' is not in [1, 100000]"),
+        (["train", "--epochs", "three"], "argument --epochs: expected an integer, got 'three'"),
+        (["train", "--lr", "0"], "argument --lr: '0' is not in (0, 100]"),
         (["train", "--norm", "instance"], "unknown norm 'instance'"),
         (["train", "--frobnicate"], "unrecognized arguments"),
         (["train", "--config", "/nonexistent/c.yaml"], "cannot read config file"),

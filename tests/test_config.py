@@ -26,11 +26,15 @@ def test_unknown_key_is_rejected_with_a_suggestion():
 @pytest.mark.parametrize(
     "changes, message",
     [
-        ({"epochs": 0}, "epochs=0 must be at least 1"),
-        ({"epochs": -1}, "epochs=-1 must be at least 1"),
-        ({"lr": 0.0}, "lr=0.0 must be positive"),
+        ({"epochs": 0}, r"epochs=0 must be in \[1, 100000\]"),
+        ({"epochs": -1}, r"epochs=-1 must be in \[1, 100000\]"),
+        ({"lr": 0.0}, r"lr=0.0 must be in \(0, 100\]"),
         ({"momentum": 1.0}, r"momentum=1.0 must be in \[0, 1\)"),
-        ({"workers": 4, "batch_size": 2}, "batch_size=2 must be at least the number of workers"),
+        ({"workers": 4, "batch_size": 2}, "batch_size=2 must be a multiple of workers=4"),
+        # Issue 13: 100 over 3 workers used to train at a global batch of 99 without a word.
+        ({"workers": 3, "batch_size": 100}, "batch_size=100 must be a multiple of workers=3.*try 99 or 102"),
+        ({"seed": -1}, r"seed=-1 must be in \[0, "),
+        ({"lr": float("inf")}, "lr must be a finite number"),
         ({"model": "alexnet"}, "unknown model 'alexnet'"),
         ({"dataset": "imagenet"}, "unknown dataset 'imagenet'"),
         ({"norm": "instance"}, "unknown norm 'instance'"),

@@ -16,6 +16,7 @@ import os
 import secrets
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -59,6 +60,16 @@ def test_default_out_is_absolute_and_named_after_the_config(tmp_path, monkeypatc
     assert d.with_run_defaults("train", ["--out", "/x/run"]) == ["--out", "/x/run"]
     assert d.with_run_defaults("train", ["--out=/x/run"]) == ["--out=/x/run"]
     assert d.with_run_defaults("train", ["--help"]) == ["--help"]
+
+
+def test_default_outs_of_jobs_in_the_same_second_differ(tmp_path, monkeypatch):
+    """Issue 13: two jobs submitted in the same second were given the same run folder."""
+    d = _defaults_module()
+    monkeypatch.setenv("CNNRAY_RUNS", str(tmp_path / "runs"))
+    one_second = time.gmtime(1_800_000_000)
+    monkeypatch.setattr(d.time, "gmtime", lambda *a: one_second)  # every job in the same second
+    outs = {d.with_run_defaults("train", ["--epochs", "1"])[-1] for _ in range(20)}
+    assert len(outs) == 20
 
 
 def test_cnnray_storage_becomes_the_default_storage_path(monkeypatch):

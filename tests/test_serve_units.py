@@ -359,7 +359,10 @@ def run_cli(capsys, *args: str) -> tuple[int, str, str]:
     """`cnnray ARGS` in this process (the same `main` the command runs), without Ray."""
     from cnnray.cli import main
 
-    code = main(list(args))
+    try:
+        code = main(list(args))
+    except SystemExit as e:  # argparse refusing a flag's value (cnnray.argtypes): exit 2, one line
+        code = e.code
     out, err = capsys.readouterr()
     return code, out, [line for line in err.splitlines() if line.strip()]
 
@@ -381,8 +384,8 @@ def test_cli_serve_refuses_bad_input_in_one_line(checkpoint, tmp_path, capsys):
         (["--model-store", str(tmp_path / "missing")], "is not a directory"),
         (["--checkpoint", str(corrupt), "--name", "x"], "model.pt is corrupt"),
         (["--checkpoint", str(checkpoint), "--name", "bad/name"], "invalid model name"),
-        (["--checkpoint", str(checkpoint), "--name", "x", "--max-batch-size", "0"], "max_batch_size"),
-        (["--checkpoint", str(checkpoint), "--name", "x", "--port", "70000"], "not a TCP port"),
+        (["--checkpoint", str(checkpoint), "--name", "x", "--max-batch-size", "0"], "argument --max-batch-size"),
+        (["--checkpoint", str(checkpoint), "--name", "x", "--port", "70000"], "argument --port: '70000' is not in [1, 65535]"),
     ]
     for args, fragment in cases:
         code, _, lines = run_cli(capsys, "serve", *args)

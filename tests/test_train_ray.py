@@ -128,3 +128,79 @@ def test_real_cifar10_tarball_trains(local_ray, cifar_tarball, tmp_path):
     assert meta["data"]["classes"][:3] == ["airplane", "automobile", "bird"]
     assert meta["data"]["input_shape"] == [3, 32, 32]
     assert summary["test_accuracy"] > 0.25  # well above chance (0.10) after 2 short epochs
+
+
+# --- issue 13: never hang, never keep NaN weights, train a finished run longer ---------------
+
+
+def _run_with_deadline(cfg: TrainConfig, seconds: float = 300) -> dict:
+    """run_training in a thread: a hang fails the test instead of blocking the suite."""
+    box: dict = {}
+
+    def target():
+        try:
+            box["summary"] = run_training(cfg)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the test's thread
+            box["error"] = e
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(timeout=seconds)
+    assert not thread.is_alive(), f"training still running after {seconds} s: hung in a collective?"
+    if "error" in box:
+        raise box["error"]
+    return box["summary"]
+
+
+def test_tiny_batchnorm_run_finishes_and_trains_longer_on_resume(local_ray, mnist_dir, tmp_path):
+    """Issue 13's examples 1 and 2: `--norm batch --subset 10 --workers 2 --batch-size 8`
+    leaves one validation example, so rank 1 has no validation batch: it hung until the
+    process-group timeout. Then `--epochs 2 --resume` of that finished 1-epoch run failed
+    ("Tried to step 22 times"), retried, exit 1."""
+    from cnnray.config import ConfigError
+
+    base = dict(model="cnn", norm="batch", dataset="mnist", data_dir=str(mnist_dir), subset=10, workers=2,
+                batch_size=8, out=str(tmp_path / "run"))
+    first = _run_with_deadline(TrainConfig(**base, epochs=1))
+    assert [h["epoch"] for h in first["history"]] == [1]
+    assert first["history"][0]["val_accuracy"] in (0.0, 1.0)  # one validation example, counted once
+
+    longer = _run_with_deadline(TrainConfig(**base, epochs=3, resume=True))
+    history = longer["history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert history[1]["start_epoch"] == 1 and longer["epochs"] == 3
+    # After the resume the rates are those of a fresh 3-epoch schedule (1 step an epoch:
+    # 9 training examples, 4 per worker, batches of 4), not of the 1-epoch one.
+    from torch import nn
+
+    from cnnray.train.optim import build_optimizer, build_scheduler
+
+    fresh_cfg = TrainConfig(**base, epochs=3)
+    opt = build_optimizer(fresh_cfg, nn.Linear(2, 2), torch.device("cpu"))
+    sched = build_scheduler(fresh_cfg, opt, steps_per_epoch=1)
+    expected = []
+    for _ in range(3):
+        opt.step()
+        sched.step()
+        expected.append(opt.param_groups[0]["lr"])
+    assert [h["lr"] for h in history[1:]] == pytest.approx(expected[1:])  # epoch 1 ran the 1-epoch one
+
+    # Nothing left to train: refused before Ray Train runs.
+    with pytest.raises(ConfigError, match="has already trained 3 epoch"):
+        run_training(TrainConfig(**base, epochs=3, resume=True))
+
+
+def test_diverged_run_stops_with_one_line_and_keeps_no_nan_checkpoint(local_ray, mnist_dir, tmp_path):
+    """Issue 13, example 4: at lr 100 the loss becomes NaN in the first epoch. On main the
+    run trained on and exported the NaN weights as its best checkpoint."""
+    from cnnray.train.driver import TrainingError
+
+    cfg = TrainConfig(**{**SMOKE, "subset": 2000, "lr": 100.0}, data_dir=str(mnist_dir), epochs=2,
+                      out=str(tmp_path / "run"))
+    with pytest.raises(TrainingError) as info:
+        _run_with_deadline(cfg)
+    message = str(info.value)
+    assert message.startswith("training diverged in epoch 1: the training loss became non-finite at step ")
+    assert "learning rate" in message and "\n" not in message
+    assert not registered_checkpoints(tmp_path / "run" / "ray" / "run")  # no epoch was kept
+    assert not (tmp_path / "run" / "result.json").exists()

@@ -56,7 +56,7 @@ def test_space_file_round_trips_and_fixes_plain_values():
         ({"lr": {"logrange": [1e-3, 0.1]}}, "unknown distribution 'logrange'"),
         ({"lr": {"loguniform": [0.1, 1e-3]}}, "needs low < high"),
         ({"lr": {"loguniform": [0.1]}}, "needs [low, high]"),
-        ({"lr": {"uniform": [0.0, 0.1]}}, "lr=0.0 must be positive"),
+        ({"lr": {"uniform": [0.0, 0.1]}}, "lr=0.0 must be in (0, 100]"),
         ({"momentum": {"uniform": [0.5, 1.5]}}, "momentum=1.5 must be in [0, 1)"),
         ({"batch_size": {"uniform": [32, 256]}}, "needs a float field"),
         ({"norm": {"choice": ["none", "instance"]}}, "unknown norm 'instance'"),
@@ -259,3 +259,27 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(mnist_dir, tmp_p
     for t in unreported:
         if rows[t]["lr"] == 1e-4:
             assert rows[t]["stopped_early"] and rows[t]["epochs_run"] == 1, rows[t]
+
+
+def test_a_diverging_trial_errors_and_the_sweep_goes_on(local_ray, mnist_dir, tmp_path):
+    """Issue 13: a trial whose loss becomes NaN (lr 100) ends as an errored trial with the
+    divergence line; the other trial finishes and is the exported best."""
+    import pandas as pd
+
+    from cnnray.tune.sweep import SweepConfig, run_sweep
+
+    out = tmp_path / "sweep"
+    sweep = SweepConfig(
+        train=TrainConfig(**{**SMOKE, "epochs": 1}, data_dir=str(mnist_dir), workers=1),
+        space={"lr": Dist("grid", (100.0, 0.05))},
+        samples=1,
+        scheduler="none",
+        out=str(out),
+    )
+    lines: list[str] = []
+    best = run_sweep(sweep, echo=lines.append)
+    table = pd.read_csv(out / "trials.csv").set_index("lr")
+    assert table.loc[100.0, "status"] == "ERROR"
+    assert "training diverged in epoch 1" in table.loc[100.0, "error"]
+    assert table.loc[0.05, "status"] == "TERMINATED"
+    assert best["config"]["lr"] == 0.05

@@ -29,6 +29,7 @@ PREDICT_CHUNK = 32  # images per :predict request (the server's default limit is
 
 
 def add_parsers(sub: Any) -> None:
+    from cnnray.argtypes import TCP_PORT, Range
     from cnnray.serve import defaults as s
 
     p = sub.add_parser(
@@ -41,19 +42,19 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--checkpoint", metavar="PATH", help="serve one checkpoint folder directly (as version 1)")
     p.add_argument("--name", help="model name for --checkpoint (letters, digits, '.', '_', '-')")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on; default 127.0.0.1 (this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="HTTP port; default 8000")
-    p.add_argument("--replicas", type=int, default=1, help="replicas of the deployment; default 1")
+    p.add_argument("--port", type=TCP_PORT.argtype(int), default=8000, help="HTTP port; default 8000")
+    p.add_argument("--replicas", type=Range(1, 4096).argtype(int), default=1, help="replicas of the deployment; default 1")
     p.add_argument("--gpu", action="store_true", help="one GPU per replica")
-    p.add_argument("--cpus-per-replica", type=float, default=1.0, help="CPUs per replica (torch threads); default 1")
-    p.add_argument("--max-batch-size", type=int, default=s.MAX_BATCH_SIZE,
+    p.add_argument("--cpus-per-replica", type=Range(0, 4096, lo_open=True).argtype(float), default=1.0, help="CPUs per replica (torch threads); default 1")
+    p.add_argument("--max-batch-size", type=Range(1, 4096).argtype(int), default=s.MAX_BATCH_SIZE,
                    help=f"images per forward pass; default {s.MAX_BATCH_SIZE}")
-    p.add_argument("--batch-wait-ms", type=float, default=s.BATCH_WAIT_S * 1000,
+    p.add_argument("--batch-wait-ms", type=Range(0, 10_000).argtype(float), default=s.BATCH_WAIT_S * 1000,
                    help=f"how long a batch waits to fill, milliseconds; default {s.BATCH_WAIT_S * 1000:g}")
-    p.add_argument("--max-body-mb", type=float, default=s.MAX_BODY_BYTES / 2**20,
+    p.add_argument("--max-body-mb", type=Range(1 / 1024, 2**12).argtype(float), default=s.MAX_BODY_BYTES / 2**20,
                    help=f"largest request body, MiB; default {s.MAX_BODY_BYTES / 2**20:g}")
-    p.add_argument("--max-instances", type=int, default=s.MAX_INSTANCES,
+    p.add_argument("--max-instances", type=Range(1, 2**16).argtype(int), default=s.MAX_INSTANCES,
                    help=f"instances per :predict request; default {s.MAX_INSTANCES}")
-    p.add_argument("--watch-s", type=float, default=5.0,
+    p.add_argument("--watch-s", type=Range(0, 86_400).argtype(float), default=5.0,
                    help="seconds between looks at the model store for new versions (0: never); default 5")
     p.add_argument("--address", help="Ray cluster to join; default $RAY_ADDRESS or a new local Ray")
     p.add_argument("--print-config", action="store_true",
@@ -68,7 +69,7 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("images", nargs="+", metavar="IMAGE", help="PNG, JPEG or BMP files")
     p.add_argument("--url", default="http://127.0.0.1:8000", help="server address; default http://127.0.0.1:8000")
     p.add_argument("--model", required=True, help="model name (see GET /v1/models)")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for an answer; default 60")
+    p.add_argument("--timeout", type=Range(0, 86_400, lo_open=True).argtype(float), default=60.0, help="seconds to wait for an answer; default 60")
     p.add_argument("--json", action="store_true", help="print the server's JSON answers instead of a table")
     p.set_defaults(func=cmd_predict)
 

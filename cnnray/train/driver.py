@@ -7,7 +7,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import socket
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -16,6 +18,11 @@ from cnnray.checkpoint import atomic_write_json, read_meta
 from cnnray.config import ConfigError, TrainConfig
 
 RESULT_FILE = "result.json"
+# Locked (flock) in the run folder from before Ray starts until the run ends: a second
+# `cnnray train` with the same --out is refused at once, not after Ray made its folder.
+CLAIM_FILE = ".cnnray-run"
+# Config keys a resumed run cannot change: the checkpoint's weights only fit this model.
+RESUME_FIXED = ("model", "norm", "hidden_sizes", "dataset")
 # Ray Train settings for a local single-node Ray (see init_ray); the user's own values win.
 LOCAL_RAY_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
@@ -40,8 +47,13 @@ def init_ray(address: str | None = None) -> bool:
     # watcher (no spot nodes here: it would be one more idle process).
     for var, value in LOCAL_RAY_TRAIN_ENV.items():
         os.environ.setdefault(var, value)
-    # Its dashboard (if installed) listens on loopback only.
+    from cnnray.raytoken import secure_auth_token
+
+    # Its dashboard (if installed) listens on loopback only. Ray may create the auth token
+    # here, readable by every local user: keep it (and its folder) to this user.
+    secure_auth_token()
     ray.init(dashboard_host="127.0.0.1", log_to_driver=True)
+    secure_auth_token()
     return True
 
 
@@ -95,13 +107,111 @@ def _evaluate_checkpoint(checkpoint: Any, cfg_dict: dict[str, Any]) -> dict[str,
 
 
 def preflight(cfg: TrainConfig) -> None:
-    """Fail fast, before any worker starts, on data that cannot be read: on one machine
-    this also downloads and decodes once, so every worker then reads the cache. Skipped
-    when joining a cluster (--address or $RAY_ADDRESS): the data may exist only there."""
-    from cnnray.train.worker_data import load_for
+    """Fail fast (ConfigError/DataError), before any worker starts, on data that cannot be
+    read or split into a batch per worker, and on more CPUs or GPUs than this machine has
+    (a local Ray would wait for them forever). On one machine this also downloads and decodes once,
+    so every worker then reads the cache. Skipped when joining a cluster (--address or
+    $RAY_ADDRESS): the data may exist only there, and the cluster may scale up."""
+    from cnnray.train.worker_data import check_split_sizes, load_for
 
-    if not (cfg.address or os.environ.get("RAY_ADDRESS")):
-        load_for(cfg)
+    if cfg.address or os.environ.get("RAY_ADDRESS"):
+        return
+    check_split_sizes(cfg, load_for(cfg))
+    need = cfg.workers * cfg.cpus_per_worker
+    have = _local_resource("CPU")
+    if need > have:
+        raise ConfigError(
+            f"{cfg.workers} worker(s) x {cfg.cpus_per_worker} CPU(s) need {need} CPUs but this machine's Ray "
+            f"has {have:g}: lower --workers or --cpus-per-worker"
+        )
+    if cfg.gpu and cfg.workers > _local_resource("GPU"):
+        raise ConfigError(
+            f"--gpu with {cfg.workers} worker(s) needs {cfg.workers} GPUs but this machine's Ray has "
+            f"{_local_resource('GPU'):g}: lower --workers or drop --gpu"
+        )
+
+
+def _local_resource(name: str) -> float:
+    """CPUs or GPUs of the local Ray: the running one's, else what `init_ray` would start with."""
+    import ray
+
+    if ray.is_initialized():
+        return ray.cluster_resources().get(name, 0.0)
+    if name == "CPU":
+        return float(os.cpu_count() or 1)
+    import torch
+
+    return float(torch.cuda.device_count())
+
+
+def lock_folder(out: Path, what: str = "cnnray train") -> int:
+    """Lock `out` (created if needed) for this process: the descriptor to keep open while
+    working in it. Atomic: an exclusive flock on `<out>/.cnnray-run`, which the kernel
+    releases when the process ends, even on SIGKILL, so no stale lock is left behind.
+    ConfigError, naming the holder, when another process holds it."""
+    import fcntl
+
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / CLAIM_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        owner = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "starting"
+        os.close(fd)
+        raise ConfigError(f"{out} is in use by another {what} ({owner}): wait for it, or choose another --out") from None
+    owner = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()})
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, owner.encode(), 0)
+    return fd
+
+
+def claim_run_folder(out: Path, storage: str, name: str, resume: bool) -> tuple[int, bool]:
+    """Claim `out` for this run before anything else touches it (`lock_folder`): (descriptor
+    to keep open while training, whether `out` already held a run). ConfigError when
+    another run uses `out` now, or when `out` holds an earlier run (Ray's run folder
+    exists) and `resume` is off."""
+    fd = lock_folder(out)
+    # Checked under the lock: whoever held it before has finished, its Ray folder is there.
+    existed = _run_exists(storage, name)
+    if existed and not resume:
+        os.close(fd)
+        raise ConfigError(f"{out} already holds a training run: pass --resume to continue it, or choose another --out")
+    return fd, existed
+
+
+def last_checkpoint_meta(storage: str, name: str) -> dict[str, Any] | None:
+    """meta.json of the run's newest checkpoint that Ray Train registered (what a resume
+    starts from); None when there is none, or the storage is remote (the workers read it)."""
+    if "://" in storage:
+        return None
+    run_dir = Path(storage) / name
+    try:
+        snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+        names = [r["checkpoint_dir_name"] for r in snapshot.get("checkpoint_results", [])]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not names:
+        return None
+    newest = max(names, key=lambda n: int(n.rsplit("-", 1)[-1]) if n.rsplit("-", 1)[-1].isdigit() else -1)
+    return read_meta(run_dir / newest)  # epoch-NNNN (more digits past 9999)
+
+
+def check_resume(cfg: TrainConfig, meta: dict[str, Any] | None, out: Path) -> None:
+    """Refuse up front (ConfigError) what a resume cannot honour: fewer epochs than the run
+    already trained, or a different model. More epochs are fine (see build_scheduler)."""
+    if meta is None:
+        return
+    done, stored = int(meta["epoch"]), meta.get("config", {})
+    changed = [k for k in RESUME_FIXED if k in stored and stored[k] != cfg.to_dict()[k]]
+    if changed:
+        was = ", ".join(f"{k}={stored[k]!r}" for k in changed)
+        raise ConfigError(f"the run in {out} was trained with {was}: --resume keeps these; choose another --out")
+    if cfg.epochs <= done:
+        raise ConfigError(
+            f"the run in {out} has already trained {done} epoch(s): pass --epochs greater than {done} "
+            "to train it longer (the schedule then spans the new total)"
+        )
 
 
 def make_trainer(
@@ -162,25 +272,25 @@ def pick_best(
 def run_training(cfg: TrainConfig, echo: Callable[[str], None] = print) -> dict[str, Any]:
     out, storage, name = run_paths(cfg)
     cfg = cfg.replace(out=str(out))
-    exists = _run_exists(storage, name)
-    if exists and not cfg.resume:
-        raise ConfigError(
-            f"{out} already holds a training run: pass --resume to continue it, or choose another --out"
-        )
-    if cfg.resume and not exists:
-        echo(f"[cnnray] no earlier run under {out}: starting a new one")
-    preflight(cfg)
-    out.mkdir(parents=True, exist_ok=True)
-
-    started = time.perf_counter()
-    own_ray = init_ray(cfg.address)
+    claim, exists = claim_run_folder(out, storage, name, cfg.resume)
     try:
-        return _fit(cfg, out, storage, name, started, echo)
-    finally:
-        if own_ray:  # now rather than at exit: ~1 s sooner, and the CPUs are free for the report
-            import ray
+        if cfg.resume and not exists:
+            echo(f"[cnnray] no earlier run under {out}: starting a new one")
+        if cfg.resume:
+            check_resume(cfg, last_checkpoint_meta(storage, name), out)
+        preflight(cfg)
 
-            ray.shutdown()
+        started = time.perf_counter()
+        own_ray = init_ray(cfg.address)
+        try:
+            return _fit(cfg, out, storage, name, started, echo)
+        finally:
+            if own_ray:  # now rather than at exit: ~1 s sooner, and the CPUs are free for the report
+                import ray
+
+                ray.shutdown()
+    finally:
+        os.close(claim)  # releases the flock; the claim file stays: the folder holds a run
 
 
 def _fit(
@@ -200,6 +310,8 @@ def _fit(
     trained = time.perf_counter()
     if result.error is not None:
         raise TrainingError(f"training failed: {_root_cause(result.error)}")
+    if isinstance(result.return_value, str):  # the workers' divergence line (see the loop)
+        raise TrainingError(result.return_value)
     if not result.best_checkpoints:
         raise TrainingError("training reported no checkpoint")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import math
 import tempfile
 import time
 from dataclasses import dataclass
@@ -28,6 +29,10 @@ class EpochStats:
     correct: int
     count: int
     seconds: float = 0.0
+    # Training only: the first step (0-based) whose loss was NaN or infinite, -1 if none,
+    # and the learning rate every step used (to name the one at which training diverged).
+    nonfinite_step: int = -1
+    step_lrs: tuple[float, ...] = ()
 
     @property
     def loss(self) -> float:
@@ -83,20 +88,26 @@ def train_epoch(
     # Running sums stay on the device: one host sync per epoch, not one per batch.
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros((), device=device, dtype=torch.int64)
-    count = 0
+    # The first step with a non-finite loss, kept on the device too (no sync per batch).
+    bad_step = torch.full((), -1, device=device, dtype=torch.int64)
+    count, lrs = 0, []
     start = time.perf_counter()
-    for x, y in batches:
+    for step, (x, y) in enumerate(batches):
         with autocast_for(device, amp):
             logits = model(x)
             loss = criterion(logits, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        lrs.append(optimizer.param_groups[0]["lr"])  # the rate this step uses
         optimizer.step()
         scheduler.step()
-        loss_sum += loss.detach().double() * y.numel()
+        loss = loss.detach()
+        bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), step, bad_step)
+        loss_sum += loss.double() * y.numel()
         correct += (logits.detach().argmax(1) == y).sum()
         count += y.numel()
-    stats = EpochStats(loss_sum.item(), int(correct.item()), count)
+    stats = EpochStats(loss_sum.item(), int(correct.item()), count, nonfinite_step=int(bad_step.item()),
+                       step_lrs=tuple(lrs))
     stats.seconds = time.perf_counter() - start  # after .item(): GPU work has finished
     return stats
 
@@ -136,17 +147,73 @@ def evaluate_weights(
     return evaluate(model, batches, device)
 
 
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def sync_buffers(net: nn.Module) -> None:
+    """Give every rank rank 0's buffers (BatchNorm running statistics), as DDP does before
+    each training forward. Called by every rank, whatever its data, so that evaluation
+    itself runs the plain module and enters no collective: a rank with fewer (or no)
+    evaluation batches then cannot leave another waiting in a broadcast."""
+    import torch.distributed as dist
+
+    if not _distributed():
+        return
+    for buf in net.buffers():
+        dist.broadcast(buf, src=0)
+
+
+def validate(
+    net: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device
+) -> EpochStats:
+    """Validation statistics over all ranks: `net` must be the module itself, not its DDP
+    wrapper (whose forward is a collective). Every rank enters the same collectives in the
+    same order even when its shard holds no batch at all."""
+    sync_buffers(net)
+    return all_reduce_stats(evaluate(net, batches, device), device)
+
+
+def divergence(epoch: int, train: EpochStats, net: nn.Module, device: torch.device) -> str | None:
+    """None while training is sound; else one line saying where it diverged, the same on
+    every rank. `train` is this rank's own epoch (its first non-finite step); every rank
+    must call this (one all-reduce), since one rank's NaN loss is every rank's NaN weights."""
+    import torch.distributed as dist
+
+    steps = len(train.step_lrs)
+    # The first non-finite step over all ranks (`steps` if none), and whether any rank's
+    # weights hold a NaN or infinity: as the maximum of the negated step and the flag.
+    weights_bad = ~torch.stack([torch.isfinite(p).all() for p in net.parameters()]).all()
+    first = train.nonfinite_step if train.nonfinite_step >= 0 else steps
+    flags = torch.stack([torch.tensor(-first, device=device), weights_bad.to(device, torch.int64)])
+    if _distributed():
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    bad_step, bad_weights = -int(flags[0]), bool(flags[1])
+    where = f"training diverged in epoch {epoch}"
+    advice = "nothing from this epoch was kept; lower --lr (now up to {:.4g}) or raise --warmup-epochs"
+    if bad_step < steps:
+        return (f"{where}: the training loss became non-finite at step {bad_step + 1} of {steps}, "
+                f"learning rate {train.step_lrs[bad_step]:.4g}; " + advice.format(max(train.step_lrs)))
+    if bad_weights:
+        return f"{where}: the weights became non-finite; " + advice.format(max(train.step_lrs, default=0.0))
+    return None
+
+
+
 def all_reduce_stats(stats: EpochStats, device: torch.device) -> EpochStats:
     """Sum counts over ranks; the epoch takes as long as its slowest rank."""
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not _distributed():
         return stats
     sums = torch.tensor([stats.loss_sum, float(stats.correct), float(stats.count)], device=device, dtype=torch.float64)
     dist.all_reduce(sums)
     slowest = torch.tensor([stats.seconds], device=device, dtype=torch.float64)
     dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
-    return EpochStats(sums[0].item(), int(sums[1].item()), int(sums[2].item()), slowest.item())
+    return EpochStats(sums[0].item(), int(sums[1].item()), int(sums[2].item()), slowest.item(),
+                      stats.nonfinite_step, stats.step_lrs)
 
 
 def _quiet_report_log() -> None:
@@ -167,8 +234,13 @@ def format_progress(metrics: dict[str, Any], epochs: int) -> str:
     )
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Entry point of every Ray Train worker: `config` is `TrainConfig.to_dict()`."""
+def train_loop_per_worker(config: dict[str, Any]) -> str | None:
+    """Entry point of every Ray Train worker: `config` is `TrainConfig.to_dict()`.
+
+    Returns None, or when training diverged the one line saying where (every rank stops
+    in the same epoch; rank 0's value reaches the driver as the Result's `return_value`).
+    A divergence is returned, not raised: Ray Train would retry an error from the last
+    checkpoint, and the same run would diverge again."""
     import ray.train
     import ray.train.torch
 
@@ -207,7 +279,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if cfg.compile and device.type == "cuda":
         model = torch.compile(model)
     optimizer = build_optimizer(cfg, net, device)
-    scheduler = build_scheduler(cfg, optimizer, len(data.train))
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
 
     exporter = TrainMetrics(run=ctx.get_experiment_name(), rank=rank)
@@ -219,12 +290,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             net.load_state_dict(load_weights(ckpt_dir, map_location=device))
             state = load_train_state(ckpt_dir, map_location=device)
         optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
         start_epoch, best_val = int(state["epoch"]), float(state["best_val_accuracy"])
         best_epoch = int(state.get("best_epoch", 0))
         history = list(state.get("history", []))
         if rank == 0 and cfg.verbose:
             print(f"[cnnray] resumed from the checkpoint of epoch {start_epoch}", flush=True)
+    # The schedule of this run's epochs, at the step the checkpoint reached: the same rates
+    # as the saved scheduler when --epochs is unchanged, the new total's when it grew.
+    scheduler = build_scheduler(cfg, optimizer, len(data.train), done_steps=start_epoch * len(data.train))
 
     # A CPU copy of the weights of best_epoch when this attempt reached it before its last
     # epoch, for the test at the end (that epoch's checkpoint holds them, but on the storage).
@@ -234,7 +307,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         data.train.set_epoch(epoch)
         local = train_epoch(model, data.train, optimizer, scheduler, criterion, device, cfg.amp)
         train = all_reduce_stats(local, device)
-        val = all_reduce_stats(evaluate(model, data.val, device), device)
+        diverged = divergence(epoch + 1, local, net, device)
+        val = None if diverged else validate(net, data.val, device)
+        if val is not None and not math.isfinite(val.loss):  # all-reduced: the same on every rank
+            diverged = f"training diverged in epoch {epoch + 1}: the validation loss became non-finite; lower --lr"
+        if diverged:  # every rank stops here, and these weights are never checkpointed
+            return diverged
         exporter.record(epoch + 1, local, val.accuracy)
         # Strictly better only: on ties the earlier epoch stays best (val stats are
         # all-reduced, so every rank takes the same decision).
@@ -294,3 +372,4 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 )
         else:
             ray.train.report(metrics)
+    return None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -29,9 +31,33 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module, device: torch.device) ->
 
 
 def build_scheduler(
+    cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int, done_steps: int = 0
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """A per-batch schedule over the whole run (`scheduler.step()` after every optimizer step).
+
+    `done_steps` > 0 (a resumed run) starts the schedule there, as if this run of
+    `cfg.epochs` epochs had been planned from the start: the optimizer's learning rates are
+    reset to the configured peak and the schedule is replayed for `done_steps` steps. So a
+    finished run resumed with more epochs follows the schedule of the new total (a one-cycle
+    run that had annealed to ~0 warms back up to where the longer run would be).
+    """
+    if done_steps:
+        # A loaded optimizer state holds the old schedule's current and initial rates.
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.effective_lr
+            group.pop("initial_lr", None)
+    scheduler = _schedule(cfg, optimizer, steps_per_epoch)
+    with warnings.catch_warnings():
+        # Replaying without optimizer steps is intended here; torch warns about that order.
+        warnings.filterwarnings("ignore", message=".*lr_scheduler.step\\(\\)", category=UserWarning)
+        for _ in range(done_steps):
+            scheduler.step()
+    return scheduler
+
+
+def _schedule(
     cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int
 ) -> torch.optim.lr_scheduler.LRScheduler:
-    """A per-batch schedule over the whole run (`scheduler.step()` after every optimizer step)."""
     total = max(1, cfg.epochs * steps_per_epoch)
     warmup = min(total - 1, int(round(cfg.warmup_epochs * steps_per_epoch)))
     if cfg.schedule == "onecycle":

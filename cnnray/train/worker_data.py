@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from cnnray.config import TrainConfig
+from cnnray.config import ConfigError, TrainConfig
 from cnnray.data import Dataset, ShardedBatches, load_dataset, split_train_val, take_subset
 from cnnray.train.loop import use_channels_last
 
@@ -47,8 +47,34 @@ def load_for(cfg: TrainConfig) -> Dataset:
     return load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download)
 
 
+def check_split_sizes(cfg: TrainConfig, ds: Dataset) -> None:
+    """Refuse (ConfigError) what the split sizes alone make impossible: an empty validation
+    or test split, or no full training batch per worker. The driver calls this before Ray
+    starts; the workers call it too (a cluster run, whose data only the workers see).
+    Sizes follow take_subset, split_train_val (round(N * val_fraction) held out) and
+    shard_indices (N // workers training examples per worker)."""
+    n = len(ds.train_labels) if cfg.subset is None else min(cfg.subset, len(ds.train_labels))
+    n_val = int(round(n * cfg.val_fraction))
+    n_train = n - n_val
+    per_worker = cfg.batch_size_per_worker
+    if n_val == 0:
+        raise ConfigError(
+            f"the validation split is empty ({n} training examples x val_fraction {cfg.val_fraction:g} "
+            "rounds to 0): raise --val-fraction or --subset"
+        )
+    if n_train // cfg.workers < per_worker:
+        raise ConfigError(
+            f"{n_train} training examples over {cfg.workers} worker(s) give no full batch of {per_worker} "
+            "per worker: use a larger --subset, fewer --workers or a smaller --batch-size"
+        )
+    n_test = len(ds.test_labels) if cfg.subset is None else min(cfg.subset, len(ds.test_labels))
+    if cfg.test_at_end and n_test == 0:
+        raise ConfigError(f"the {ds.name} dataset has no test examples to evaluate the best checkpoint on")
+
+
 def prepare_worker_data(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> WorkerData:
     ds = load_for(cfg)
+    check_split_sizes(cfg, ds)
     # Every rank draws the same subset and split (same seed), then keeps only its shard.
     x, y = take_subset(ds.train_images, ds.train_labels, cfg.subset, cfg.seed)
     tx, ty, vx, vy = split_train_val(x, y, cfg.val_fraction, cfg.seed)
@@ -70,12 +96,9 @@ def prepare_worker_data(cfg: TrainConfig, rank: int, world: int, device: torch.d
         augment=resolve_augment(cfg, ds),
         **common,
     )
+    # A rank may hold fewer validation (and test) batches than another, or none at all:
+    # evaluation enters no collective per batch (see loop.validate).
     val = ShardedBatches(vx, vy, batch_size=EVAL_BATCH, shuffle=False, drop_last=False, **common)
-    if len(train) == 0:
-        raise ValueError(
-            f"{len(tx)} training examples give no full batch of {cfg.batch_size_per_worker} per worker: "
-            "use a larger subset or a smaller batch size"
-        )
     test = held_out_batches(cfg, device, rank, world, ds) if cfg.test_at_end else None
     return WorkerData(train, val, test, ds.num_classes, ds.input_shape, data_info(ds))
 

@@ -17,7 +17,9 @@ _NOT_TRAIN_FLAGS = ("--workers", "--out", "--resume", "--storage-path")
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
+    from cnnray.argtypes import POSITIVE_INT, Range
     from cnnray.cli import TRAIN_FLAGS
+    from cnnray.config import FIELD_RANGES
 
     p = sub.add_parser(
         "tune",
@@ -25,12 +27,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         description="Sweep learning rate, momentum, normalisation (or any TrainConfig field) with Ray Tune; "
         "every trial is a Ray Train (DDP) run, ASHA stops bad trials early, the best checkpoint is exported.",
     )
-    p.add_argument("--samples", type=int, default=8, help="configs drawn from the space; default 8")
-    p.add_argument("--workers-per-trial", dest="workers", type=int, help="Ray Train workers (DDP ranks) per trial; default 1")
-    p.add_argument("--max-concurrent", type=int, help="trials at once; default: as many as the cluster's CPUs (GPUs) fit")
+    p.add_argument("--samples", type=POSITIVE_INT.argtype(int), default=8, help="configs drawn from the space; default 8")
+    p.add_argument("--workers-per-trial", dest="workers", type=FIELD_RANGES["workers"].argtype(int), help="Ray Train workers (DDP ranks) per trial; default 1")
+    p.add_argument("--max-concurrent", type=POSITIVE_INT.argtype(int), help="trials at once; default: as many as the cluster's CPUs (GPUs) fit")
     p.add_argument("--scheduler", choices=("asha", "none"), default="asha", help="early stopping; default asha")
-    p.add_argument("--grace-period", type=int, default=1, help="epochs before ASHA may stop a trial; default 1")
-    p.add_argument("--reduction-factor", type=float, default=2.0, help="ASHA keeps the best 1/N at each rung; default 2")
+    p.add_argument("--grace-period", type=POSITIVE_INT.argtype(int), default=1, help="epochs before ASHA may stop a trial; default 1")
+    p.add_argument("--reduction-factor", type=Range(1, 1000, lo_open=True).argtype(float), default=2.0, help="ASHA keeps the best 1/N at each rung; default 2")
     p.add_argument("--space", metavar="FILE.yaml", help="search space over TrainConfig fields; default: lr, momentum, norm")
     p.add_argument("--out", default="sweeps/latest", help="sweep folder (table, plot, best.json); default sweeps/latest")
     p.add_argument("--model-store", help="where the best model is exported; default <out>/models")

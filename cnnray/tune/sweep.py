@@ -222,6 +222,17 @@ def _prepare(sweep: SweepConfig, echo: Callable[[str], None]) -> tuple[SweepConf
 def run_sweep(sweep: SweepConfig, echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Run (or resume) the sweep, then write the table, histories, plot, best.json and the
     exported best model into `<out>`; returns best.json's content."""
+    from cnnray.train.driver import lock_folder
+
+    # Held until the sweep ends: a second sweep on the same --out is refused at once.
+    claim = lock_folder(Path(sweep.out).expanduser().resolve(), "cnnray tune")
+    try:
+        return _run_sweep(sweep, echo)
+    finally:
+        os.close(claim)
+
+
+def _run_sweep(sweep: SweepConfig, echo: Callable[[str], None]) -> dict[str, Any]:
     from ray import tune
 
     from cnnray.train.driver import init_ray, preflight

@@ -45,6 +45,12 @@ def _controller_handle_callback(queue: Any) -> Any:
     return SendControllerHandle()
 
 
+class TrialDiverged(RuntimeError):
+    """The trial's training diverged (NaN or infinite loss or weights): Tune marks the
+    trial ERROR with this one-line message, and the sweep goes on with the others."""
+
+
+
 def train_trial(config: dict[str, Any], *, base: dict[str, Any], runs_dir: str) -> None:
     """One Tune trial: a Ray Train run of `base` with the sampled `config` values."""
     import ray.tune
@@ -67,9 +73,11 @@ def train_trial(config: dict[str, Any], *, base: dict[str, Any], runs_dir: str) 
     )
     _RUNNING[trial_id] = handle_queue
     try:
-        trainer.fit()  # raises if the run failed after its retries: Tune marks the trial ERROR
+        result = trainer.fit()  # raises if the run failed after its retries: Tune marks the trial ERROR
     finally:
         _RUNNING.pop(trial_id, None)
+    if isinstance(result.return_value, str):  # the workers' divergence line (see the loop)
+        raise TrialDiverged(result.return_value)
 
 
 def abort_train_run(trial_id: str) -> None:

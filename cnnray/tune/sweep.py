@@ -225,7 +225,7 @@ def run_sweep(sweep: SweepConfig, echo: Callable[[str], None] = print) -> dict[s
     from cnnray.train.driver import lock_folder
 
     # Held until the sweep ends: a second sweep on the same --out is refused at once.
-    claim = lock_folder(Path(sweep.out).expanduser().resolve(), "cnnray tune")
+    claim = lock_folder(Path(sweep.out), "cnnray tune")  # absolute: SweepConfig resolved it
     try:
         return _run_sweep(sweep, echo)
     finally:

@@ -56,7 +56,13 @@ class TrainConfig:
     # --- scaling
     workers: int = 1  # Ray Train workers, one DDP rank each
     gpu: bool = False  # one GPU per worker (NCCL); else CPU workers (gloo)
-    cpus_per_worker: int = 1  # also the torch thread count of a CPU worker
+    # Also the torch thread count of a CPU worker. None: on a local Ray, all cores shared by
+    # the workers (cores // workers); joining a cluster, 1.
+    cpus_per_worker: int | None = None
+    # Ray Train's local mode (ScalingConfig(num_workers=0)): the loop runs in the driver
+    # process, with no Ray start-up, controller or worker actors, and no retries.
+    # None: on for one worker on this machine (not joining a cluster, local storage).
+    local_mode: bool | None = None
     amp: bool = True  # bf16 autocast where bf16 is native (GPUs, AVX512-BF16/AMX CPUs)
     channels_last: bool = True  # NHWC memory format, where it pays off (GPU, bf16 CPU)
     compile: bool = False  # torch.compile the model (GPU runs of many epochs)
@@ -79,13 +85,15 @@ class TrainConfig:
         _check_choice("lr_scaling", self.lr_scaling, LR_SCALINGS)
         _check(self.epochs >= 1, "epochs", self.epochs, "must be at least 1")
         _check(self.workers >= 1, "workers", self.workers, "must be at least 1")
-        _check(self.cpus_per_worker >= 1, "cpus_per_worker", self.cpus_per_worker, "must be at least 1")
+        _check(self.cpus_per_worker is None or self.cpus_per_worker >= 1, "cpus_per_worker", self.cpus_per_worker, "must be at least 1")
         _check(
             self.batch_size >= self.workers,
             "batch_size",
             self.batch_size,
             f"must be at least the number of workers ({self.workers})",
         )
+        _check(not (self.local_mode and self.workers > 1), "local_mode", self.local_mode,
+               f"runs one worker: drop --local-mode or use --workers 1 (not {self.workers})")
         _check(self.lr > 0, "lr", self.lr, "must be positive")
         _check(0 <= self.momentum < 1, "momentum", self.momentum, "must be in [0, 1)")
         _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")

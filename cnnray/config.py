@@ -93,7 +93,7 @@ class TrainConfig:
             f"must be at least the number of workers ({self.workers})",
         )
         _check(not (self.local_mode and self.workers > 1), "local_mode", self.local_mode,
-               f"runs one worker: drop --local-mode or use --workers 1 (not {self.workers})")
+               f"trains in one process: use one worker (not workers={self.workers}) or drop local_mode")
         _check(self.lr > 0, "lr", self.lr, "must be positive")
         _check(0 <= self.momentum < 1, "momentum", self.momentum, "must be in [0, 1)")
         _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")

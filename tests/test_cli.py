@@ -58,6 +58,7 @@ def test_models_table():
         (["train", "--lr", "0"], "lr=0.0 must be positive"),
         (["train", "--norm", "instance"], "unknown norm 'instance'"),
         (["train", "--frobnicate"], "unrecognized arguments"),
+        (["train", "--local-mode", "--workers", "2"], "local_mode=True trains in one process"),
         (["train", "--config", "/nonexistent/c.yaml"], "cannot read config file"),
         (["fly"], "invalid choice"),
     ],

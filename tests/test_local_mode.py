@@ -58,6 +58,12 @@ def test_local_mode_with_several_workers_is_refused():
         TrainConfig(workers=2, local_mode=True)
 
 
+def test_local_mode_with_gpu_needs_a_gpu_here(cores, tmp_path, monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    with pytest.raises(ConfigError, match="no CUDA GPU"):
+        resolve_run(TrainConfig(gpu=True, out=str(tmp_path / "r")))
+
+
 def _checkpoint(tmp_path, epoch: int):
     src = tmp_path / f"src{epoch}"
     src.mkdir()

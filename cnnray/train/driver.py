@@ -30,7 +30,7 @@ def resolve_run(cfg: TrainConfig) -> TrainConfig:
     on this machine with its storage on a local file system) and the CPUs per worker
     (None: on a local Ray the workers share all its cores; joining a cluster, 1).
 
-    Raises ConfigError for local mode with more than one worker or with URI storage."""
+    Raises ConfigError for local mode with URI storage, or with --gpu and no GPU here."""
     joining = joining_cluster(cfg.address)
     local_storage = local_run_dir(cfg) is not None
     local_mode = cfg.local_mode
@@ -38,6 +38,11 @@ def resolve_run(cfg: TrainConfig) -> TrainConfig:
         local_mode = cfg.workers == 1 and not joining and local_storage
     elif local_mode and not local_storage:
         raise ConfigError(f"local_mode keeps checkpoints on this machine: storage_path {cfg.storage_path!r} is a URI")
+    if local_mode and cfg.gpu:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("gpu=True but this machine has no CUDA GPU (local mode trains here)")
     cpus = cfg.cpus_per_worker
     if cpus is None:
         cpus = 1 if joining else max(1, local_cpu_count() // cfg.workers)
@@ -161,7 +166,7 @@ def pick_best(
 
 
 def run_training(cfg: TrainConfig, echo: Callable[[str], None] = print) -> dict[str, Any]:
-    cfg = absolute_data_dir(cfg)
+    cfg = resolve_run(absolute_data_dir(cfg))
     out, storage, name = run_paths(cfg)
     cfg = cfg.replace(out=str(out))
     exists = _run_exists(storage, name)
@@ -175,7 +180,6 @@ def run_training(cfg: TrainConfig, echo: Callable[[str], None] = print) -> dict[
     out.mkdir(parents=True, exist_ok=True)
 
     started = time.perf_counter()
-    cfg = resolve_run(cfg)
     # Local mode needs no Ray at all (not even to start one: that is ~8 s on a laptop).
     own_ray = False if cfg.local_mode else init_ray(cfg.address)
     try:

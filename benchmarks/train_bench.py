@@ -269,7 +269,8 @@ def throughput(a: argparse.Namespace) -> dict[str, Any]:
                 Path(tmp) / "run",
             )
         results["workers"][n] = res["history"][-1]["samples_per_second"]
-        print(f"  {f'cnnray default, {n} worker(s)':32} {results['workers'][n]:>8,.0f}", flush=True)
+        label = f"cnnray default, {n} worker(s)" + (" (local mode)" if res.get("local_mode") else "")
+        print(f"  {label:32} {results['workers'][n]:>8,.0f}", flush=True)
     results["ratios"] = {f"{same}: with an idle Ray up / without": results[same + ", idle Ray up"] / results[same]}
     for where, _ in paths:
         fp32, default = results[f"cnnray fp32, {where}"], results[f"cnnray default, {where}"]

@@ -80,7 +80,13 @@ class TrainConfig:
     # --- scaling
     workers: int = 1  # Ray Train workers, one DDP rank each
     gpu: bool = False  # one GPU per worker (NCCL); else CPU workers (gloo)
-    cpus_per_worker: int = 1  # also the torch thread count of a CPU worker
+    # Also the torch thread count of a CPU worker. None: on a local Ray, all cores shared by
+    # the workers (cores // workers); joining a cluster, 1.
+    cpus_per_worker: int | None = None
+    # Ray Train's local mode (ScalingConfig(num_workers=0)): the loop runs in the driver
+    # process, with no Ray start-up, controller or worker actors, and no retries.
+    # None: on for one worker on this machine (not joining a cluster, local storage).
+    local_mode: bool | None = None
     amp: bool = True  # bf16 autocast where bf16 is native (GPUs, AVX512-BF16/AMX CPUs)
     channels_last: bool = True  # NHWC memory format, where it pays off (GPU, bf16 CPU)
     compile: bool = False  # torch.compile the model (GPU runs of many epochs)
@@ -114,6 +120,8 @@ class TrainConfig:
             f"must be a multiple of workers={self.workers} (each worker takes an equal share); "
             f"try {_nearest_multiples(self.batch_size, self.workers)}",
         )
+        _check(not (self.local_mode and self.workers > 1), "local_mode", self.local_mode,
+               f"trains in one process: use one worker (not workers={self.workers}) or drop local_mode")
         if self.hidden_sizes is not None:
             _check(
                 len(self.hidden_sizes) > 0 and all(h >= 1 for h in self.hidden_sizes),

@@ -42,7 +42,10 @@ def local_ray(data_cache):
 
     os.environ.pop("RAY_ADDRESS", None)
     # The dashboard (loopback only) serves the state API that the worker-kill test uses.
-    ray.init(num_cpus=2, dashboard_host="127.0.0.1", log_to_driver=True)
+    from cnnray.ray_start import LOCAL_SYSTEM_CONFIG
+
+    # Workers at normal priority, as in the Ray cnnray starts (cnnray.ray_start).
+    ray.init(num_cpus=2, dashboard_host="127.0.0.1", log_to_driver=True, _system_config=dict(LOCAL_SYSTEM_CONFIG))
     yield
     ray.shutdown()
 

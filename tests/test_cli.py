@@ -58,6 +58,7 @@ def test_models_table():
         (["train", "--lr", "0"], "argument --lr: '0' is not in (0, 100]"),
         (["train", "--norm", "instance"], "unknown norm 'instance'"),
         (["train", "--frobnicate"], "unrecognized arguments"),
+        (["train", "--local-mode", "--workers", "2"], "local_mode=True trains in one process"),
         (["train", "--config", "/nonexistent/c.yaml"], "cannot read config file"),
         (["fly"], "invalid choice"),
     ],
@@ -86,11 +87,13 @@ def test_missing_data_offline_names_expected_files(tmp_path):
     assert_clean_error(proc, "train-images-idx3-ubyte")
 
 
-def test_stopped_run_continues_with_resume(mnist_dir, tmp_path):
+@pytest.mark.parametrize("workers", ["1", "2"], ids=["local_mode", "ray_train"])
+def test_stopped_run_continues_with_resume(mnist_dir, tmp_path, workers):
     """Interrupt a real `cnnray train` after its second checkpoint, then rerun the same
-    command with --resume: it continues from that epoch instead of starting over."""
+    command with --resume: it continues from that epoch instead of starting over. One
+    worker runs in local mode (the default), two on Ray Train workers."""
     out = tmp_path / "run"
-    args = ["train", "--model", "cnn", "--data-dir", str(mnist_dir), "--subset", "6000", "--workers", "2",
+    args = ["train", "--model", "cnn", "--data-dir", str(mnist_dir), "--subset", "6000", "--workers", workers,
             "--batch-size", "64", "--epochs", "6", "--out", str(out)]
     proc = spawn_cnnray(args, tmp_path / "cache")
     try:
@@ -116,3 +119,4 @@ def test_stopped_run_continues_with_resume(mnist_dir, tmp_path):
     assert epochs == [1, 2, 3, 4, 5, 6]
     assert result["history"][-1]["start_epoch"] >= 2
     assert "resumed from the checkpoint of epoch" in resumed.stdout + resumed.stderr
+    assert "[cnnray] epoch 6/6" in resumed.stdout + resumed.stderr  # the progress lines, both paths

@@ -129,7 +129,9 @@ def test_local_ray_init_keeps_the_token_private(tmp_path, monkeypatch):
     monkeypatch.setattr(ray, "init", lambda **kw: generate_and_save_token())
     old = os.umask(0o022)  # the usual umask, under which Ray's file comes out 0644
     try:
-        assert driver.init_ray() is True
+        from cnnray.ray_start import init_ray
+
+        assert init_ray() is True
     finally:
         os.umask(old)
     token = tmp_path / ".ray" / "auth_token"

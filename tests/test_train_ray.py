@@ -1,4 +1,5 @@
-"""The training loop end to end on a local Ray with 2 CPU workers (DDP over gloo)."""
+"""The training loop end to end on both paths: Ray Train's local mode (one process, no
+workers) and a local Ray with 2 CPU workers (DDP over gloo)."""
 
 from __future__ import annotations
 
@@ -20,20 +21,32 @@ from tests.conftest import registered_checkpoints
 
 # A subset big enough that accuracy clearly rises, small enough for seconds per epoch.
 SMOKE = dict(model="cnn", dataset="mnist", workers=2, subset=3000, batch_size=64, lr=0.05, seed=0)
+# Every training test runs on both paths: local mode, and Ray Train's worker actors.
+PATHS = {"local_mode": dict(workers=1, local_mode=True), "ray_train": dict(workers=2, local_mode=False)}
+on_both_paths = pytest.mark.parametrize("path", list(PATHS.values()), ids=list(PATHS))
 
 
-def test_two_workers_learn_and_checkpoint_round_trips(local_ray, mnist_dir, tmp_path):
-    cfg = TrainConfig(**SMOKE, data_dir=str(mnist_dir), epochs=3, out=str(tmp_path / "run"))
+@on_both_paths
+def test_training_learns_and_checkpoint_round_trips(local_ray, mnist_dir, tmp_path, path):
+    cfg = TrainConfig(**{**SMOKE, **path}, data_dir=str(mnist_dir), epochs=3, out=str(tmp_path / "run"))
     summary = run_training(cfg)
 
     result = json.loads((tmp_path / "run" / "result.json").read_text())
     for key in ("model", "dataset", "epochs", "workers", "test_accuracy", "best_val_accuracy",
                 "train_seconds", "samples_per_second", "checkpoint"):
         assert key in result, key
-    assert result["workers"] == 2 and result["epochs"] == 3
+    assert result["workers"] == path["workers"] and result["epochs"] == 3
+    assert result["local_mode"] is path["local_mode"]
     history = result["history"]
     assert [h["epoch"] for h in history] == [1, 2, 3]
-    assert all(h["world_size"] == 2 for h in history)
+    assert all(h["world_size"] == path["workers"] for h in history)
+    # The same layout on both paths: Ray's run folder, the kept checkpoints (best 2 and the
+    # latest) listed in its snapshot, result.json pointing into it.
+    run_dir = tmp_path / "run" / "ray" / "run"
+    kept = registered_checkpoints(run_dir)
+    assert "epoch-0003" in kept and len(kept) <= 3
+    assert {p.name for p in run_dir.glob("epoch-*")} == kept
+    assert result["last_checkpoint"].endswith("epoch-0003") and result["run_path"].endswith("ray/run")
     assert history[-1]["val_accuracy"] > history[0]["val_accuracy"] or history[0]["val_accuracy"] > 0.9
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     assert result["test_accuracy"] > 0.85  # a 3000-image subset, 3 epochs
@@ -63,13 +76,26 @@ def test_pick_best_prefers_the_epoch_the_workers_named():
     assert pick_best(ckpts, {}) == ("c2", ckpts[1][1], None)
 
 
-def test_existing_run_needs_resume(local_ray, mnist_dir, tmp_path):
+@on_both_paths
+def test_existing_run_needs_resume(local_ray, mnist_dir, tmp_path, path):
     from cnnray.config import ConfigError
 
-    cfg = TrainConfig(**SMOKE, data_dir=str(mnist_dir), epochs=1, out=str(tmp_path / "run"))
+    cfg = TrainConfig(**{**SMOKE, **path}, data_dir=str(mnist_dir), epochs=1, out=str(tmp_path / "run"))
     run_training(cfg)
     with pytest.raises(ConfigError, match="pass --resume"):
         run_training(cfg)
+
+
+@pytest.mark.parametrize("first, then", [("local_mode", "ray_train"), ("ray_train", "local_mode")])
+def test_resume_continues_a_run_the_other_path_started(local_ray, mnist_dir, tmp_path, first, then):
+    """Both paths keep one checkpoint layout: either resumes what the other one began."""
+    # A constant schedule: one-cycle fixes its length at the first run's epochs.
+    base = dict(SMOKE, subset=1000, schedule="constant", data_dir=str(mnist_dir), out=str(tmp_path / "run"))
+    run_training(TrainConfig(**{**base, **PATHS[first]}, epochs=1))
+    summary = run_training(TrainConfig(**{**base, **PATHS[then]}, epochs=2, resume=True))
+    history = summary["history"]
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert history[-1]["start_epoch"] == 1 and history[-1]["world_size"] == PATHS[then]["workers"]
 
 
 def _train_worker_pids() -> list[int]:
@@ -86,7 +112,9 @@ def _train_worker_pids() -> list[int]:
 
 def test_killed_worker_resumes_from_last_checkpoint(local_ray, mnist_dir, tmp_path):
     """SIGKILL one DDP worker after the first checkpoint: Ray Train restarts the group,
-    which continues from the last checkpoint instead of epoch 0."""
+    which continues from the last checkpoint instead of epoch 0. (Ray Train workers only:
+    local mode has no workers to kill and no retries; a killed local-mode run continues
+    with --resume, tested in test_cli.)"""
     cfg = TrainConfig(**{**SMOKE, "subset": 8000}, data_dir=str(mnist_dir), epochs=6,
                       out=str(tmp_path / "run"), max_failures=2)
     box: dict = {}

@@ -130,7 +130,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     import ray
 
-    from cnnray.train.driver import init_ray
+    from cnnray.ray_start import init_ray
 
     joined = bool(args.address or os.environ.get("RAY_ADDRESS"))
     init_ray(args.address)

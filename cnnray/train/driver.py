@@ -1,4 +1,5 @@
-"""The driver side of a training run: Ray start-up, the TorchTrainer, the final report.
+"""The driver side of a training run: local mode or Ray start-up, the TorchTrainer, the
+final report.
 
     from cnnray.config import TrainConfig
     from cnnray.train.driver import run_training
@@ -16,6 +17,8 @@ from typing import Any, Callable, Sequence
 
 from cnnray.checkpoint import atomic_write_json, read_meta
 from cnnray.config import ConfigError, TrainConfig
+from cnnray.ray_start import init_ray, joining_cluster, local_cpu_count
+from cnnray.train.run_dir import LocalCheckpoints, local_run_dir, run_paths
 
 RESULT_FILE = "result.json"
 # Locked (flock) in the run folder from before Ray starts until the run ends: a second
@@ -23,47 +26,34 @@ RESULT_FILE = "result.json"
 CLAIM_FILE = ".cnnray-run"
 # Config keys a resumed run cannot change: the checkpoint's weights only fit this model.
 RESUME_FIXED = ("model", "norm", "hidden_sizes", "dataset")
-# Ray Train settings for a local single-node Ray (see init_ray); the user's own values win.
-LOCAL_RAY_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 
 class TrainingError(RuntimeError):
     """The run failed after Ray Train's retries; the message holds the root cause."""
 
 
-def init_ray(address: str | None = None) -> bool:
-    """Join `address` (or $RAY_ADDRESS) if given, else start a local single-node Ray.
-    True when this call started a local Ray (the caller may shut it down when done)."""
-    import ray
+def resolve_run(cfg: TrainConfig) -> TrainConfig:
+    """Fill in what the config leaves to the machine: local mode (None: on for one worker
+    on this machine with its storage on a local file system) and the CPUs per worker
+    (None: on a local Ray the workers share all its cores; joining a cluster, 1).
 
-    if ray.is_initialized():
-        return False
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True)
-        return False
-    # A private local Ray, so Ray Train's cluster-scale defaults can be set for it: poll the
-    # workers every 0.5 s, not 2 s (a run's end is seen ~1.5 s sooner), and no preemption
-    # watcher (no spot nodes here: it would be one more idle process).
-    for var, value in LOCAL_RAY_TRAIN_ENV.items():
-        os.environ.setdefault(var, value)
-    from cnnray.raytoken import secure_auth_token
+    Raises ConfigError for local mode with URI storage, or with --gpu and no GPU here."""
+    joining = joining_cluster(cfg.address)
+    local_storage = local_run_dir(cfg) is not None
+    local_mode = cfg.local_mode
+    if local_mode is None:
+        local_mode = cfg.workers == 1 and not joining and local_storage
+    elif local_mode and not local_storage:
+        raise ConfigError(f"local_mode keeps checkpoints on this machine: storage_path {cfg.storage_path!r} is a URI")
+    if local_mode and cfg.gpu:
+        import torch
 
-    # Its dashboard (if installed) listens on loopback only. Ray may create the auth token
-    # here, readable by every local user: keep it (and its folder) to this user.
-    secure_auth_token()
-    ray.init(dashboard_host="127.0.0.1", log_to_driver=True)
-    secure_auth_token()
-    return True
-
-
-def run_paths(cfg: TrainConfig) -> tuple[Path, str, str]:
-    """(out dir, Ray storage path, run name). The run name is the out dir's name so that
-    several runs can share one storage path on a cluster. TrainConfig made both paths
-    absolute (cnnray.paths), so this guard, Ray and the workers all see the same ones."""
-    out = Path(cfg.out)
-    storage = cfg.storage_path or str(out / "ray")
-    return out, storage, out.name or "cnnray"
+        if not torch.cuda.is_available():
+            raise ConfigError("gpu=True but this machine has no CUDA GPU (local mode trains here)")
+    cpus = cfg.cpus_per_worker
+    if cpus is None:
+        cpus = 1 if joining else max(1, local_cpu_count() // cfg.workers)
+    return cfg.replace(local_mode=local_mode, cpus_per_worker=cpus)
 
 
 def _progress_callback(epochs: int):
@@ -99,7 +89,7 @@ def _evaluate_checkpoint(checkpoint: Any, cfg_dict: dict[str, Any]) -> dict[str,
     cfg = TrainConfig.from_dict(cfg_dict)
     device = torch.device("cuda" if cfg.gpu and torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
-        torch.set_num_threads(cfg.cpus_per_worker)
+        torch.set_num_threads(cfg.cpus_per_worker or 1)
     with checkpoint.as_directory() as d:
         model, _ = load_model(d, map_location=device)
     stats = evaluate(model, held_out_batches(cfg, device), device)
@@ -217,7 +207,8 @@ def check_resume(cfg: TrainConfig, meta: dict[str, Any] | None, out: Path) -> No
 def make_trainer(
     cfg: TrainConfig, *, name: str, storage_path: str, callbacks: Sequence[Any] = ()
 ):
-    """The TorchTrainer for one run of `cfg` (also what each Tune trial builds)."""
+    """The TorchTrainer for one run of `cfg` (also what each Tune trial builds); with
+    `cfg.local_mode` Ray Train's local mode (num_workers=0: the loop runs in this process)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -227,9 +218,9 @@ def make_trainer(
         train_loop_per_worker,
         train_loop_config=cfg.to_dict(),
         scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.workers,
+            num_workers=0 if cfg.local_mode else cfg.workers,
             use_gpu=cfg.gpu,
-            resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.gpu else {})},
+            resources_per_worker={"CPU": cfg.cpus_per_worker or 1, **({"GPU": 1} if cfg.gpu else {})},
         ),
         run_config=ray.train.RunConfig(
             name=name,
@@ -248,10 +239,13 @@ def make_trainer(
 
 
 def evaluate_on_test(checkpoint: Any, cfg: TrainConfig) -> dict[str, Any]:
-    """Test-set accuracy of a Ray Train checkpoint, as a Ray task with a worker's resources."""
+    """Test-set accuracy of a Ray Train checkpoint: a Ray task with a worker's resources,
+    or in this process when no Ray runs here (local mode)."""
     import ray
 
-    resources = {"num_cpus": cfg.cpus_per_worker, "num_gpus": 1 if cfg.gpu else 0}
+    if not ray.is_initialized():
+        return _evaluate_checkpoint(checkpoint, cfg.to_dict())
+    resources = {"num_cpus": cfg.cpus_per_worker or 1, "num_gpus": 1 if cfg.gpu else 0}
     return ray.get(ray.remote(**resources)(_evaluate_checkpoint).remote(checkpoint, cfg.to_dict()))
 
 
@@ -270,9 +264,29 @@ def pick_best(
 
 
 def run_training(cfg: TrainConfig, echo: Callable[[str], None] = print) -> dict[str, Any]:
+    cfg = resolve_run(cfg)
     out, storage, name = run_paths(cfg)
     cfg = cfg.replace(out=str(out))
     claim, exists = claim_run_folder(out, storage, name, cfg.resume)
+    try:
+        if cfg.resume and not exists:
+            echo(f"[cnnray] no earlier run under {out}: starting a new one")
+        if cfg.resume:
+            check_resume(cfg, last_checkpoint_meta(storage, name), out)
+        preflight(cfg)
+
+        started = time.perf_counter()
+        # Local mode needs no Ray at all (not even to start one: that is ~8 s on a laptop).
+        own_ray = False if cfg.local_mode else init_ray(cfg.address)
+        try:
+            return _fit(cfg, out, storage, name, started, echo)
+        finally:
+            if own_ray:  # now rather than at exit: ~1 s sooner, and the CPUs are free for the report
+                import ray
+
+                ray.shutdown()
+    finally:
+        os.close(claim)  # releases the flock; the claim file stays: the folder holds a run
     try:
         if cfg.resume and not exists:
             echo(f"[cnnray] no earlier run under {out}: starting a new one")
@@ -299,10 +313,10 @@ def _fit(
     """trainer.fit() on a running Ray, the test accuracy of the best checkpoint, result.json."""
     ray_ready = time.perf_counter()
     trainer = make_trainer(cfg, name=name, storage_path=storage)
-    echo(
-        f"[cnnray] training {cfg.model} on {cfg.dataset}: {cfg.epochs} epochs, {cfg.workers} "
-        f"{'GPU' if cfg.gpu else 'CPU'} worker(s), global batch {cfg.batch_size}"
-    )
+    device = "GPU" if cfg.gpu else f"{cfg.cpus_per_worker} CPU(s)"
+    where = (f"in this process on {device} (Ray Train local mode)" if cfg.local_mode
+             else f"{cfg.workers} Ray Train worker(s) with {device} each")
+    echo(f"[cnnray] training {cfg.model} on {cfg.dataset}: {cfg.epochs} epochs, {where}, global batch {cfg.batch_size}")
     try:
         result = trainer.fit()
     except Exception as e:  # Ray wraps the worker's exception; show its root cause
@@ -312,6 +326,8 @@ def _fit(
         raise TrainingError(f"training failed: {_root_cause(result.error)}")
     if isinstance(result.return_value, str):  # the workers' divergence line (see the loop)
         raise TrainingError(result.return_value)
+    if cfg.local_mode:  # local mode's Result holds the last report only: read the kept list
+        result = _local_result(cfg, result.metrics)
     if not result.best_checkpoints:
         raise TrainingError("training reported no checkpoint")
 
@@ -328,6 +344,8 @@ def _fit(
         "dataset": cfg.dataset,
         "epochs": cfg.epochs,
         "workers": cfg.workers,
+        "local_mode": cfg.local_mode,
+        "cpus_per_worker": cfg.cpus_per_worker,
         "gpu": cfg.gpu,
         "test_accuracy": test["test_accuracy"],
         "test_loss": test["test_loss"],
@@ -353,6 +371,24 @@ def _fit(
         f"[cnnray] wrote {out / RESULT_FILE}"
     )
     return summary
+
+
+def _local_result(cfg: TrainConfig, last_metrics: dict[str, Any] | None) -> Any:
+    """What Ray Train's Result gives on workers (best_checkpoints, checkpoint, metrics,
+    path), from the checkpoints a local-mode run kept in its run folder."""
+    from types import SimpleNamespace
+
+    from ray.train import Checkpoint
+
+    run_dir = local_run_dir(cfg)
+    kept = LocalCheckpoints(run_dir, cfg.keep_checkpoints)
+    latest = kept.latest()
+    return SimpleNamespace(
+        best_checkpoints=[(Checkpoint.from_directory(str(p)), m) for p, m in kept.results()],
+        checkpoint=Checkpoint.from_directory(str(latest)) if latest else None,
+        metrics=last_metrics,
+        path=str(run_dir),
+    )
 
 
 def _root_cause(e: BaseException) -> str:

@@ -3,6 +3,11 @@
 Ray appears only at the seams: the train context (rank, world size), `prepare_model`
 (DDP: gloo on CPU, NCCL on GPU), `get_checkpoint` (resume after a failure or with
 --resume) and `report` (metrics every epoch; rank 0 attaches the checkpoint).
+
+In Ray Train's local mode (`cfg.local_mode`: one process, no controller) the same loop
+runs in the driver; there `report` keeps nothing and `get_checkpoint` finds nothing, so
+the loop keeps its checkpoints itself (`cnnray.train.run_dir.LocalCheckpoints`, the same
+layout) and prints the progress lines the controller's callback prints otherwise.
 """
 
 from __future__ import annotations
@@ -217,13 +222,25 @@ def all_reduce_stats(stats: EpochStats, device: torch.device) -> EpochStats:
 
 
 def _quiet_report_log() -> None:
-    """Ray 2.60 logs every report at INFO from a logger named by file path, which
-    LoggingConfig(log_level) does not reach; the controller prints our progress line."""
+    """Ray 2.60 logs every report at INFO from a logger named by file path (and, in local
+    mode, from train_fn_utils), which LoggingConfig(log_level) does not reach; the
+    progress line says the same."""
     import logging
 
-    from ray.train.v2._internal.execution import context
+    from ray.train.v2._internal.execution import context, train_fn_utils
 
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
+    logging.getLogger(train_fn_utils.__name__).setLevel(logging.WARNING)
+
+
+def _worker_device(cfg: TrainConfig) -> torch.device:
+    """Ray's device for this rank; in local mode the config's own choice (Ray's local-mode
+    get_device() picks CUDA whenever it exists, even for a CPU run)."""
+    import ray.train.torch
+
+    if not cfg.local_mode:
+        return ray.train.torch.get_device()
+    return torch.device("cuda", torch.cuda.current_device()) if cfg.gpu else torch.device("cpu")
 
 
 def format_progress(metrics: dict[str, Any], epochs: int) -> str:
@@ -247,17 +264,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> str | None:
     from cnnray.models import build_model, resolve_model_args
     from cnnray.train.metrics import TrainMetrics
     from cnnray.train.optim import build_optimizer, build_scheduler
+    from cnnray.train.run_dir import LocalCheckpoints, local_run_dir
     from cnnray.train.worker_data import prepare_worker_data
 
     cfg = TrainConfig.from_dict(config)
     _quiet_report_log()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
+    device = _worker_device(cfg)
+    # Local mode: this process keeps the run's checkpoints (Ray Train's manager is absent).
+    local_ckpts = LocalCheckpoints(local_run_dir(cfg), cfg.keep_checkpoints) if cfg.local_mode else None
     torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP broadcasts anyway)
     if device.type == "cpu":
         # One intra-op thread per reserved CPU: more threads than cores only thrash.
-        torch.set_num_threads(cfg.cpus_per_worker)
+        torch.set_num_threads(cfg.cpus_per_worker or 1)
     else:
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick kernels
     data = prepare_worker_data(cfg, rank, world, device)
@@ -275,16 +295,24 @@ def train_loop_per_worker(config: dict[str, Any]) -> str | None:
         net = net.to(memory_format=torch.channels_last)
     # DDP buckets gradients and overlaps their all-reduce with the backward pass;
     # gradient_as_bucket_view saves one copy of every gradient per step.
-    model = ray.train.torch.prepare_model(net, parallel_strategy_kwargs={"gradient_as_bucket_view": True})
+    if local_ckpts is None:
+        model = ray.train.torch.prepare_model(net, parallel_strategy_kwargs={"gradient_as_bucket_view": True})
+    else:  # one process: no DDP wrapper, nothing to synchronise
+        model = net.to(device)
     if cfg.compile and device.type == "cuda":
         model = torch.compile(model)
     optimizer = build_optimizer(cfg, net, device)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
 
-    exporter = TrainMetrics(run=ctx.get_experiment_name(), rank=rank)
+    # Ray's metrics need a running Ray, which local mode does without.
+    exporter = TrainMetrics(run=ctx.get_experiment_name(), rank=rank) if local_ckpts is None else None
     # best_val starts below any accuracy: the first epoch is always the best so far.
     start_epoch, best_val, best_epoch, history = 0, -1.0, 0, []
-    checkpoint = ray.train.get_checkpoint()
+    if local_ckpts is None:
+        checkpoint = ray.train.get_checkpoint()
+    else:
+        latest = local_ckpts.latest()
+        checkpoint = ray.train.Checkpoint.from_directory(str(latest)) if latest else None
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
             net.load_state_dict(load_weights(ckpt_dir, map_location=device))
@@ -313,7 +341,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> str | None:
             diverged = f"training diverged in epoch {epoch + 1}: the validation loss became non-finite; lower --lr"
         if diverged:  # every rank stops here, and these weights are never checkpointed
             return diverged
-        exporter.record(epoch + 1, local, val.accuracy)
+        if exporter is not None:
+            exporter.record(epoch + 1, local, val.accuracy)
         # Strictly better only: on ties the earlier epoch stays best (val stats are
         # all-reduced, so every rank takes the same decision).
         if val.accuracy > best_val:
@@ -365,11 +394,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> str | None:
                     },
                     history=history,
                 )
-                ray.train.report(
-                    metrics,
-                    checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                    checkpoint_dir_name=f"epoch-{epoch + 1:04d}",
-                )
+                dir_name = f"epoch-{epoch + 1:04d}"
+                if local_ckpts is not None:  # keep it ourselves before the folder goes
+                    kept = local_ckpts.register(tmp, dir_name, metrics)
+                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(kept)))
+                    if cfg.verbose:
+                        print(format_progress(metrics, cfg.epochs), flush=True)
+                else:
+                    ray.train.report(
+                        metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=dir_name
+                    )
         else:
             ray.train.report(metrics)
     return None

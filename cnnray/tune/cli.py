@@ -13,12 +13,14 @@ from __future__ import annotations
 import argparse
 
 # `cnnray train` flags that the sweep sets itself or names differently.
-_NOT_TRAIN_FLAGS = ("--workers", "--out", "--resume", "--storage-path")
+# Trials always run on Ray Train workers: Tune reports through Ray Train callbacks, which
+# local mode does not run.
+_NOT_TRAIN_FLAGS = ("--workers", "--out", "--resume", "--storage-path", "--local-mode")
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     from cnnray.argtypes import POSITIVE_INT, Range
-    from cnnray.cli import TRAIN_FLAGS
+    from cnnray.flags import TRAIN_FLAGS
     from cnnray.config import FIELD_RANGES
 
     p = sub.add_parser(
@@ -47,8 +49,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from cnnray.cli import TRAIN_FLAGS, config_from_args
     from cnnray.config import ConfigError
+    from cnnray.flags import TRAIN_FLAGS, config_from_args
     from cnnray.tune.space import default_space, load_space
     from cnnray.tune.sweep import SweepConfig, run_sweep
 

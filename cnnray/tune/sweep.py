@@ -193,7 +193,11 @@ def _resolved(sweep: SweepConfig, out: Path) -> SweepConfig:
     """Absolute paths (trials run in their own working directories) and the per-trial
     settings a sweep imposes: what sweep.json stores and --resume compares against."""
     store = Path(sweep.model_store) if sweep.model_store else out / "models"
-    return SweepConfig(**{**sweep.__dict__, "train": sweep.train.replace(out=str(out), verbose=False, resume=False),
+    # Trials run on Ray Train workers (Tune reports through Ray Train's callbacks, which local
+    # mode does not run) and share the cluster: one CPU per worker unless set.
+    train = sweep.train.replace(out=str(out), verbose=False, resume=False, local_mode=False,
+                                cpus_per_worker=sweep.train.cpus_per_worker or 1)
+    return SweepConfig(**{**sweep.__dict__, "train": train,
                           "out": str(out), "model_store": str(store)})
 
 
@@ -235,7 +239,8 @@ def run_sweep(sweep: SweepConfig, echo: Callable[[str], None] = print) -> dict[s
 def _run_sweep(sweep: SweepConfig, echo: Callable[[str], None]) -> dict[str, Any]:
     from ray import tune
 
-    from cnnray.train.driver import init_ray, preflight
+    from cnnray.ray_start import init_ray
+    from cnnray.train.driver import preflight
 
     started = time.perf_counter()
     sweep, out, restore = _prepare(sweep, echo)

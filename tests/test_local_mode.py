@@ -1,0 +1,141 @@
+"""Ray start-up and local mode without a Ray: which path a run takes, how many cores it gets,
+the checkpoints local mode keeps itself, the layering, and the niceness of a local Ray."""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+
+import pytest
+
+from cnnray.config import ConfigError, TrainConfig
+from cnnray.train.driver import resolve_run
+from cnnray.train.run_dir import SNAPSHOT_FILE, LocalCheckpoints
+from tests.conftest import REPO
+
+
+@pytest.fixture
+def cores(monkeypatch):
+    """Pretend the machine has 8 cores and no cluster is named."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr("cnnray.train.driver.local_cpu_count", lambda: 8)
+    return 8
+
+
+def test_one_worker_on_this_machine_runs_in_local_mode_on_every_core(cores, tmp_path):
+    cfg = resolve_run(TrainConfig(out=str(tmp_path / "r")))
+    assert cfg.local_mode is True and cfg.cpus_per_worker == 8
+
+
+def test_several_workers_share_the_cores_on_ray_train(cores, tmp_path):
+    cfg = resolve_run(TrainConfig(workers=3, out=str(tmp_path / "r")))
+    assert cfg.local_mode is False and cfg.cpus_per_worker == 2  # 8 // 3
+
+
+def test_the_users_choices_win(cores, tmp_path):
+    cfg = resolve_run(TrainConfig(cpus_per_worker=3, local_mode=False, out=str(tmp_path / "r")))
+    assert cfg.local_mode is False and cfg.cpus_per_worker == 3
+
+
+def test_joining_a_cluster_uses_ray_train_and_one_cpu_per_worker(cores, tmp_path, monkeypatch):
+    cfg = resolve_run(TrainConfig(address="ray://head:10001", out=str(tmp_path / "r")))
+    assert cfg.local_mode is False and cfg.cpus_per_worker == 1
+    monkeypatch.setenv("RAY_ADDRESS", "auto")
+    assert resolve_run(TrainConfig(out=str(tmp_path / "r"))).local_mode is False
+
+
+def test_uri_storage_is_not_local(cores, tmp_path):
+    cfg = TrainConfig(storage_path="s3://bucket/runs", out=str(tmp_path / "r"))
+    assert resolve_run(cfg).local_mode is False
+    with pytest.raises(ConfigError, match="URI"):
+        resolve_run(cfg.replace(local_mode=True))
+
+
+def test_local_mode_with_several_workers_is_refused():
+    with pytest.raises(ConfigError, match="local_mode"):
+        TrainConfig(workers=2, local_mode=True)
+
+
+def test_local_mode_with_gpu_needs_a_gpu_here(cores, tmp_path, monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    with pytest.raises(ConfigError, match="no CUDA GPU"):
+        resolve_run(TrainConfig(gpu=True, out=str(tmp_path / "r")))
+
+
+def _checkpoint(tmp_path, epoch: int):
+    src = tmp_path / f"src{epoch}"
+    src.mkdir()
+    (src / "weights.bin").write_bytes(bytes([epoch]) * 10)
+    return src
+
+
+def test_local_checkpoints_keep_the_best_and_the_latest_in_rays_format(tmp_path):
+    run = tmp_path / "ray" / "run"
+    kept = LocalCheckpoints(run, keep=2)
+    for epoch, acc in enumerate([0.5, 0.9, 0.7, 0.8, 0.6], start=1):
+        kept.register(_checkpoint(tmp_path, epoch), f"epoch-{epoch:04d}", {"epoch": epoch, "val_accuracy": acc})
+    # Best two (epochs 2 and 4) plus the latest (5); nothing half-copied left behind.
+    assert sorted(p.name for p in run.iterdir()) == sorted(["epoch-0002", "epoch-0004", "epoch-0005", SNAPSHOT_FILE])
+    assert (run / "epoch-0005" / "weights.bin").read_bytes() == bytes([5]) * 10
+    assert [m["epoch"] for _, m in kept.results()] == [5, 4, 2]  # worst first, as Ray lists them
+    # A new reader (a resume) sees the same list and latest.
+    again = LocalCheckpoints(run, keep=2)
+    assert again.latest() == run / "epoch-0005"
+    assert again.results() == kept.results()
+    # Ray Train's own checkpoint manager reads the file (so Ray Train workers can resume it).
+    from ray.train.v2._internal.execution.checkpoint.checkpoint_manager import _CheckpointManagerState
+
+    state = _CheckpointManagerState.model_validate(json.loads((run / SNAPSHOT_FILE).read_text()))
+    assert state.latest_checkpoint_result.checkpoint_dir_name == "epoch-0005"
+    assert state.current_report_index == 5
+
+
+def test_unreadable_checkpoint_list_is_a_checkpoint_error(tmp_path):
+    from cnnray.checkpoint import CheckpointError
+
+    (tmp_path / SNAPSHOT_FILE).write_text("{not json")
+    with pytest.raises(CheckpointError, match="unreadable checkpoint list"):
+        LocalCheckpoints(tmp_path, keep=2)
+
+
+def _imports(path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+        elif isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+    return names
+
+
+def test_no_part_calls_up_into_the_cli_or_the_training_driver_for_ray():
+    """Ray start-up lives in cnnray.ray_start; the CLI module is imported by nothing in cnnray."""
+    for path in (REPO / "cnnray").rglob("*.py"):
+        if path.name == "cli.py" and path.parent.name == "cnnray":
+            continue
+        assert "cnnray.cli" not in _imports(path), path
+    for part in ("serve", "tune"):
+        for path in (REPO / "cnnray" / part).rglob("*.py"):
+            src = path.read_text()
+            assert "from cnnray.train.driver import init_ray" not in src, path
+
+
+def test_a_local_ray_runs_its_workers_at_normal_priority():
+    """Ray's default worker niceness (15) lets anything at 0 take the CPU from a training
+    worker; the Ray that cnnray starts runs them at 0."""
+    code = (
+        "import os, ray\n"
+        "from cnnray.ray_start import init_ray\n"
+        "assert init_ray()\n"
+        "try:\n"
+        "    print('NICE', ray.get(ray.remote(num_cpus=0)(lambda: os.nice(0)).remote()))\n"
+        "finally:\n"
+        "    ray.shutdown()\n"
+    )
+    env = {k: v for k, v in __import__("os").environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180, cwd=REPO, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    nice = [line for line in proc.stdout.splitlines() if line.startswith("NICE")]
+    assert nice == [f"NICE {__import__('os').nice(0)}"], proc.stdout

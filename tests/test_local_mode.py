@@ -30,7 +30,7 @@ def test_one_worker_on_this_machine_runs_in_local_mode_on_every_core(cores, tmp_
 
 
 def test_several_workers_share_the_cores_on_ray_train(cores, tmp_path):
-    cfg = resolve_run(TrainConfig(workers=3, out=str(tmp_path / "r")))
+    cfg = resolve_run(TrainConfig(workers=3, batch_size=129, out=str(tmp_path / "r")))
     assert cfg.local_mode is False and cfg.cpus_per_worker == 2  # 8 // 3
 
 

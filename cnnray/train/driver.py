@@ -107,11 +107,12 @@ def preflight(cfg: TrainConfig) -> None:
     if cfg.address or os.environ.get("RAY_ADDRESS"):
         return
     check_split_sizes(cfg, load_for(cfg))
-    need = cfg.workers * cfg.cpus_per_worker
+    cpus = cfg.cpus_per_worker or 1  # None (not yet resolved by resolve_run): at least one each
+    need = cfg.workers * cpus
     have = _local_resource("CPU")
     if need > have:
         raise ConfigError(
-            f"{cfg.workers} worker(s) x {cfg.cpus_per_worker} CPU(s) need {need} CPUs but this machine's Ray "
+            f"{cfg.workers} worker(s) x {cpus} CPU(s) need {need} CPUs but this machine's Ray "
             f"has {have:g}: lower --workers or --cpus-per-worker"
         )
     if cfg.gpu and cfg.workers > _local_resource("GPU"):

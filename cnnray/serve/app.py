@@ -26,7 +26,8 @@ from ray import serve
 from ray.serve import Application
 
 from cnnray.serve.defaults import BATCH_WAIT_S, DEPLOYMENT, MAX_BATCH_SIZE, MAX_ONGOING_REQUESTS
-from cnnray.serve.engine import LoadedModel, load_served_model, user_config_for
+from cnnray.checkpoint import verify_checkpoint
+from cnnray.serve.engine import LoadedModel, load_served_model, resolve_models, user_config_for
 from cnnray.serve.metrics import MetricsHub, MetricsReporter, ServeMetrics
 from cnnray.serve.schemas import Limits, ModelRef, ServeArgs, ServeUserConfig
 
@@ -49,9 +50,18 @@ log = logging.getLogger("ray.serve")
 @serve.ingress()
 class ModelServer:
     def __init__(
-        self, user_config: dict[str, Any], limits: dict[str, Any], device: str = "cpu", threads: int = 1
+        self,
+        user_config: dict[str, Any],
+        limits: dict[str, Any],
+        device: str = "cpu",
+        threads: int = 1,
+        store: dict[str, Any] | None = None,
     ) -> None:
         cfg = ServeUserConfig.model_validate(user_config)
+        # {"args": ServeArgs as JSON, "watch_s": seconds}: this replica looks in the model
+        # store itself, so a RayService or `serve deploy` (no `cnnray serve` polling beside
+        # it) picks up new versions too.
+        self._store = store
         self.limits = Limits.model_validate(limits)
         self.metrics = ServeMetrics()
         self._device = torch.device(device)
@@ -61,7 +71,8 @@ class ModelServer:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cnnray-infer")
         self._models: dict[str, LoadedModel] = {}
         self._failures: dict[str, tuple[int, str]] = {}
-        for name, ref in cfg.models.items():
+        self._watch_task: asyncio.Task | None = None
+        for name, ref in {**cfg.models, **self._newer_in_store(cfg.models)}.items():
             self._load(name, ref)
         self._set_batching(cfg)
         self.metrics.set_versions({n: m.version for n, m in self._models.items()})
@@ -86,6 +97,8 @@ class ModelServer:
             if current is not None and current.path == ref.path and current.version == ref.version:
                 self._failures.pop(name, None)  # a failed newer version was withdrawn
                 continue
+            if self._store and current is not None and current.version > ref.version:
+                continue  # the store watcher already serves a newer version: never go back
             await asyncio.to_thread(self._load, name, ref)
         for name in set(self._models) - set(cfg.models):
             del self._models[name]
@@ -151,15 +164,78 @@ class ModelServer:
 
     async def start(self) -> None:
         self._reporter.start()
+        if self._store and self._store["watch_s"] > 0 and self._watch_task is None:
+            self._watch_task = asyncio.get_running_loop().create_task(self._watch_store())
 
     async def stop(self) -> None:
         await self._reporter.stop()
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+            self._watch_task = None
+
+    # --- the model store, watched by the replica -----------------------------------------
+    def _newer_in_store(self, serving: dict[str, ModelRef]) -> dict[str, ModelRef]:
+        """Models of the store whose newest version is newer than `serving`'s (or new).
+        Never raises: a store that cannot be read is logged and retried at the next look."""
+        if not self._store:
+            return {}
+        try:
+            found = resolve_models(ServeArgs.model_validate(self._store["args"]), verify=False)
+        except Exception as e:
+            log.warning("cnnray: cannot read the model store: %s", e)
+            return {}
+        return {
+            n: r for n, r in found.items()
+            if n not in serving or (r.version > serving[n].version and r.path != serving[n].path)
+        }
+
+    async def _watch_store(self) -> None:
+        while True:
+            await asyncio.sleep(self._store["watch_s"])
+            try:
+                serving = {n: ModelRef(path=m.path, version=m.version) for n, m in self._models.items()}
+                # Versions that failed to load are not retried until a newer one appears.
+                serving.update({n: ModelRef(path="?", version=v) for n, (v, _) in self._failures.items()
+                                if n not in serving or v > serving[n].version})
+                newer = await asyncio.to_thread(self._newer_in_store, serving)
+                for name, ref in newer.items():
+                    await asyncio.to_thread(self._load_verified, name, ref)
+                if newer:
+                    self.metrics.set_versions({n: m.version for n, m in self._models.items()})
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # the watcher must outlive any one bad look
+                log.warning("cnnray: model store watch failed: %s", e)
+
+    def _load_verified(self, name: str, ref: ModelRef) -> None:
+        try:
+            verify_checkpoint(ref.path)
+        except Exception as e:
+            self._failures[name] = (ref.version, str(e).splitlines()[0] if str(e) else type(e).__name__)
+            log.error("cnnray: version %s of %s fails verification: %s", ref.version, name, e)
+            return
+        self._load(name, ref)
+
+
+def auto_replicas(args: ServeArgs) -> int:
+    """`args.replicas`, with "auto" resolved: as many replicas as the cluster's GPUs (with
+    `gpu`) or CPUs (`cpus_per_replica` each, 1 if 0) hold, at least one. Totals, not free
+    resources, so a redeploy beside the running replicas resolves to the same number."""
+    if args.replicas != "auto":
+        return int(args.replicas)
+    import ray
+
+    total = ray.cluster_resources()
+    if args.gpu:
+        return max(1, int(total.get("GPU", 0)))
+    return max(1, int(total.get("CPU", 1) // (args.cpus_per_replica or 1.0)))
 
 
 def build_app(args: ServeArgs) -> Application:
     """Typed app builder: `serve run cnnray.serve.app:build_app model_store=DIR` validates
     the arguments against `ServeArgs` (unknown keys are errors) and resolves the newest
-    version of every model in the store."""
+    version of every model in the store. With a model store and `watch_s` > 0, every
+    replica looks in the store every `watch_s` seconds and swaps newer versions in."""
     import ray
 
     if isinstance(args, dict):  # called directly with plain arguments
@@ -167,8 +243,11 @@ def build_app(args: ServeArgs) -> Application:
     from ray.serve.config import DeploymentActorConfig
 
     user_config = user_config_for(args)
+    store = None
+    if args.model_store and args.watch_s > 0:
+        store = {"args": args.model_dump(mode="json"), "watch_s": args.watch_s}
     return ModelServer.options(
-        num_replicas=args.replicas,
+        num_replicas=auto_replicas(args),
         max_ongoing_requests=max(args.max_ongoing_requests, args.max_batch_size),
         ray_actor_options={"num_cpus": args.cpus_per_replica, "num_gpus": 1 if args.gpu else 0},
         user_config=user_config,
@@ -182,4 +261,5 @@ def build_app(args: ServeArgs) -> Application:
         args.limits.model_dump(),
         device="cuda" if args.gpu else "cpu",
         threads=max(1, int(args.cpus_per_replica)),
+        store=store,
     )

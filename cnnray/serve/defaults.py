@@ -9,3 +9,4 @@ MAX_BODY_BYTES = 8 * 1024 * 1024  # 8 MiB: 64 photos as base64 JPEG, or 64 CIFAR
 MAX_INSTANCES = 64  # instances per :predict request (two full batches)
 MAX_IMAGE_PIXELS = 4096 * 4096  # width x height of an uploaded image, checked before decoding
 MAX_ONGOING_REQUESTS = 128  # per replica; must be >= max_batch_size or batches never fill
+STORE_WATCH_S = 5.0  # seconds between a replica's looks at the model store (a directory listing)

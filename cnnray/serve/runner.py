@@ -65,7 +65,7 @@ class ServeRunner:
     def __init__(self, args: ServeArgs, host: str = "127.0.0.1", port: int = 8000) -> None:
         self.args, self.host, self.port = args, host, port
         self.models: dict[str, ModelRef] = {}
-        self.replicas = args.replicas
+        self.replicas: int | None = None  # resolved at start ("auto": what the cluster fits)
 
     @property
     def url(self) -> str:
@@ -77,7 +77,11 @@ class ServeRunner:
         what `resolve_models(args)` already gave the caller (else resolved, and verified, here)."""
         from ray.serve._private import api as serve_private
 
+        from cnnray.serve.app import auto_replicas
+
         self.models = models if models is not None else resolve_models(self.args)
+        if self.replicas is None:
+            self.replicas = auto_replicas(self.args)
         # serve_start + deploy_apps is what `serve run config.yaml` does (ray/serve/scripts.py).
         self._client = serve_private.serve_start(http_options={"host": self.host, "port": self.port})
         self._deploy()

@@ -202,3 +202,80 @@ def _tail(log) -> str:
     log.flush()
     log.seek(0)
     return log.read()[-3000:]
+
+
+# --- Ray's own `serve run` of jobs/configs/serve.yaml: fast ingress, and the store watched ----------
+def test_serve_run_of_the_shipped_config_swaps_in_new_store_versions_itself(tmp_path):
+    """What a RayService runs (no `cnnray serve` beside it): each replica finds the new version."""
+    import yaml
+
+    from cnnray.store import export
+
+    store = tmp_path / "store"
+    export(save_model(tmp_path / "v1", "cnn", MNIST_INFO, seed=1), store, "digits")
+    config = yaml.safe_load((REPO / "jobs" / "configs" / "serve.yaml").read_text())
+    port = _free_port()
+    config["http_options"]["port"] = port
+    args = config["applications"][0]["args"]
+    args.update(model_store=str(store), replicas=1, watch_s=1)
+    (tmp_path / "serve.yaml").write_text(yaml.safe_dump(config))
+    url = f"http://127.0.0.1:{port}"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    log = open(tmp_path / "serve-run.log", "w+")
+    # As the config's comment says to run it: with the fast ingress, from any directory.
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cnnray.serve.ingress", "--", str(Path(sys.executable).parent / "serve"), "run",
+         str(tmp_path / "serve.yaml")],
+        cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
+    )
+    folder = None
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            assert proc.poll() is None, _tail(log)
+            try:
+                r = requests.get(url + "/v1/models", timeout=5)
+                if r.status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            assert time.monotonic() < deadline, "serve run did not come up\n" + _tail(log)
+            time.sleep(1)
+        assert [(m["name"], m["version"]) for m in r.json()["models"]] == [("digits", 1)]
+        folder = _haproxy_folder(proc.pid)
+        assert folder is not None, "serve run is not behind the fast ingress (no HAProxy)"
+        export(save_model(tmp_path / "v2", "cnn", MNIST_INFO, seed=2), store, "digits")
+        deadline = time.monotonic() + 60
+        while requests.get(url + "/v1/models", timeout=5).json()["models"][0]["version"] != 2:
+            assert time.monotonic() < deadline, "version 2 was not picked up\n" + _tail(log)
+            time.sleep(0.5)
+        r = requests.post(f"{url}/predictions/digits", data=png(np.zeros((28, 28), np.uint8)),
+                          headers={"Content-Type": "image/png"}, timeout=60)
+        assert r.status_code == 200 and r.json()["model_version"] == 2, r.text
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    if folder is not None:
+        from cnnray.serve.ingress import haproxy_processes
+
+        assert not haproxy_processes(folder), "HAProxy left running after serve run ended"
+        assert not folder.exists()
+
+
+def _haproxy_folder(root: int) -> Path | None:
+    """The private folder of the HAProxy running under process `root`, if any."""
+    import psutil
+
+    for pid in _tree(root):
+        try:
+            cmd = psutil.Process(pid).cmdline()
+        except psutil.NoSuchProcess:
+            continue
+        if "-f" in cmd and any(a.startswith("/tmp/cnnray-hap-") for a in cmd):
+            cfg = Path(cmd[cmd.index("-f") + 1])
+            return cfg.parent.parent  # <folder>/<node id>/haproxy.cfg
+    return None

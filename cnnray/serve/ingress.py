@@ -134,16 +134,21 @@ class FastIngress:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def close(self) -> None:
-        if self.folder is None:
-            return
-        stop_leftover_haproxy(self.folder)
+    def restore_environ(self) -> None:
+        """Put os.environ back as it was (a Ray already started keeps the settings)."""
         for k, v in self._saved.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
         self._saved = {}
+
+    def close(self) -> None:
+        """After Ray has stopped: end any HAProxy it left, remove the folder, restore os.environ."""
+        if self.folder is None:
+            return
+        stop_leftover_haproxy(self.folder)
+        self.restore_environ()
         shutil.rmtree(self.folder, ignore_errors=True)
         self.folder = None
 

@@ -189,21 +189,23 @@ def stop_leftover_haproxy(folder: Path, timeout_s: float = 5.0) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m cnnray.serve.ingress [--admin-host H] -- COMMAND ...`: COMMAND with the
-    fast-ingress environment (for `serve run`, or `ray start --head --block`)."""
+    """`python -m cnnray.serve.ingress [--admin-host H] -- COMMAND ...`: COMMAND (e.g.
+    `serve run config.yaml`) with the fast-ingress environment of a single-machine Ray."""
     import argparse
 
     p = argparse.ArgumentParser(prog="python -m cnnray.serve.ingress", description=main.__doc__)
     p.add_argument("--admin-host", default="127.0.0.1", help="address of HAProxy's stats and metrics ports")
-    p.add_argument("--print-env", action="store_true", help="print the settings as `export` lines and exit")
+    p.add_argument("--print-env", metavar="DIR",
+                   help="write HAProxy's wrapper into DIR (created; keep it short) and print the settings as "
+                        "NAME=VALUE lines, for a Ray head started by other means (cluster/local.sh)")
     p.add_argument("command", nargs=argparse.REMAINDER)
     args = p.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if args.print_env:
-        # The folder stays: the printed settings name it.
-        folder = Path(tempfile.mkdtemp(prefix="cnnray-hap-", dir="/tmp"))
+        folder = Path(args.print_env).resolve()
+        folder.mkdir(parents=True, exist_ok=True)
         for k, v in fast_ingress_env(folder, args.admin_host).items():
-            print(f"export {k}={v}")
+            print(f"{k}={v}")
         return 0
     if not command:
         p.error("give a command to run, e.g. -- serve run jobs/configs/serve.yaml")

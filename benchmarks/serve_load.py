@@ -187,9 +187,9 @@ def stop(proc: subprocess.Popen, timeout_s: float = 90.0) -> int:
     return proc.returncode
 
 
-def start_plain(checkpoint: str, name: str, port: int, log: Any, threads: int = 1) -> subprocess.Popen:
+def start_plain(checkpoint: str, name: str, port: int, log: Any, threads: int = 1, gpu: bool = False) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "benchmarks.serve_load", "--plain-server", "--checkpoint", checkpoint,
-           "--name", name, "--port", str(port), "--threads", str(threads)]
+           "--name", name, "--port", str(port), "--threads", str(threads), *(["--gpu"] if gpu else [])]
     return subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
 
 
@@ -200,7 +200,7 @@ def start_cnnray(checkpoint: str, name: str, port: int, log: Any, extra: list[st
     return subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
 
 
-def serve_plain(checkpoint: str, name: str, port: int, threads: int) -> None:
+def serve_plain(checkpoint: str, name: str, port: int, threads: int, gpu: bool = False) -> None:
     """The baseline: one uvicorn process, the same FastAPI routes, no Ray, no batching."""
     import torch
     import uvicorn
@@ -213,7 +213,8 @@ def serve_plain(checkpoint: str, name: str, port: int, threads: int) -> None:
     from cnnray.serve.engine import LocalBackend
     from cnnray.serve.schemas import ModelRef
 
-    backend = LocalBackend({name: ModelRef(path=str(Path(checkpoint).resolve()), version=1)})
+    backend = LocalBackend({name: ModelRef(path=str(Path(checkpoint).resolve()), version=1)},
+                           device="cuda" if gpu else "cpu")
     uvicorn.run(build_http_app(backend), host="127.0.0.1", port=port, log_level="warning", access_log=False)
 
 
@@ -313,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-wait-ms", type=float, default=None, help="cnnray serve's batch wait; default its own")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads per server process (the replica's CPUs); default 1")
+    p.add_argument("--gpu", action="store_true", help="both servers on the GPU (cnnray serve --gpu: one per replica)")
     p.add_argument("--skip-plain", action="store_true", help="only measure cnnray serve")
     p.add_argument("--out", default="runs/bench/serve_load.json", help="JSON record (a run output, not committed); default %(default)s")
     p.add_argument("--log", default=None, help="the servers' output; default a file in the temp folder")
@@ -321,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.plain_server:
-        serve_plain(args.checkpoint, args.name, args.port, args.threads)
+        serve_plain(args.checkpoint, args.name, args.port, args.threads, args.gpu)
         return 0
     if args.requests < 1 or args.concurrency < 1:
         p.error("--requests and --concurrency must be at least 1")
@@ -343,11 +345,11 @@ def main(argv: list[str] | None = None) -> int:
             url = f"http://127.0.0.1:{port}"
             started = time.perf_counter()
             if kind == "plain":
-                proc = start_plain(checkpoint, args.name, port, log, args.threads)
+                proc = start_plain(checkpoint, args.name, port, log, args.threads, args.gpu)
                 label = "plain FastAPI (1 process, no batching)"
             else:
                 flags = ["--replicas", str(args.replicas), "--ingress", args.ingress,
-                         "--cpus-per-replica", str(args.threads)]
+                         "--cpus-per-replica", str(args.threads), *(["--gpu"] if args.gpu else [])]
                 if args.max_batch_size is not None:
                     flags += ["--max-batch-size", str(args.max_batch_size)]
                 if args.batch_wait_ms is not None:

@@ -154,9 +154,10 @@ def test_cnnray_serve_listens_on_loopback_only_and_sigterm_leaves_nothing_behind
         r = requests.post(f"{url}/predictions/digits", data=png(np.zeros((28, 28), np.uint8)),
                           headers={"Content-Type": "image/png"}, timeout=60)
         assert r.status_code == 200, r.text
-        seen = _tree(proc.pid)
-        names = _names(seen)
-        assert any("haproxy" in n for n in names.values()), f"no HAProxy among {sorted(names.items())}"
+        deadline = time.monotonic() + 30  # HAProxy restarts on reloads: look until one is seen
+        while not any("haproxy" in n for n in (names := _names(seen := _tree(proc.pid))).values()):
+            assert time.monotonic() < deadline, f"no HAProxy among {sorted(names.items())}"
+            time.sleep(0.5)
         sockets = _listening(seen)
         assert any(port == port_ for *_, port_ in sockets)
         # HAProxy (serving port, stats page, metrics) listens on loopback alone.

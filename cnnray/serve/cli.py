@@ -95,11 +95,16 @@ def serve_args_from(args: argparse.Namespace):
         raise ConfigError(f"--port {args.port} is not a TCP port (1-65535)")
     if args.watch_s < 0:
         raise ConfigError(f"--watch-s {args.watch_s:g} must be 0 (off) or positive")
+    replicas = args.replicas
+    if replicas != "auto":
+        if not (isinstance(replicas, int) or str(replicas).isascii() and str(replicas).isdigit()) or int(replicas) < 1:
+            raise ConfigError(f"--replicas {replicas!r}: give a whole number of at least 1, or auto")
+        replicas = int(replicas)
     try:
         return ServeArgs(
             model_store=str(Path(args.model_store).expanduser().resolve()) if args.model_store else None,
             checkpoints={args.name: str(Path(args.checkpoint).expanduser().resolve())} if args.checkpoint else {},
-            replicas=args.replicas,
+            replicas=replicas,
             gpu=args.gpu,
             cpus_per_replica=args.cpus_per_replica,
             max_batch_size=args.max_batch_size,

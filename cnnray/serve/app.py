@@ -25,8 +25,8 @@ import torch
 from ray import serve
 from ray.serve import Application
 
-from cnnray.serve.defaults import BATCH_WAIT_S, DEPLOYMENT, MAX_BATCH_SIZE, MAX_ONGOING_REQUESTS
 from cnnray.checkpoint import verify_checkpoint
+from cnnray.serve.defaults import BATCH_WAIT_S, DEPLOYMENT, MAX_BATCH_SIZE, MAX_ONGOING_REQUESTS
 from cnnray.serve.engine import LoadedModel, load_served_model, resolve_models, user_config_for
 from cnnray.serve.metrics import MetricsHub, MetricsReporter, ServeMetrics
 from cnnray.serve.schemas import Limits, ModelRef, ServeArgs, ServeUserConfig
@@ -73,8 +73,11 @@ class ModelServer:
         self._models: dict[str, LoadedModel] = {}
         self._failures: dict[str, tuple[int, str]] = {}
         self._watch_task: asyncio.Task | None = None
-        for name, ref in {**cfg.models, **self._newer_in_store(cfg.models)}.items():
+        for name, ref in cfg.models.items():
             self._load(name, ref)
+        # A replica started later (a restart, a scale-up) serves what the store has now.
+        for name, ref in self._newer_in_store(cfg.models).items():
+            self._load_verified(name, ref)
         self._set_batching(cfg)
         self.metrics.set_versions({n: m.version for n, m in self._models.items()})
         ctx = serve.get_replica_context()

@@ -155,7 +155,11 @@ def test_cnnray_serve_listens_on_loopback_only_and_sigterm_leaves_nothing_behind
                           headers={"Content-Type": "image/png"}, timeout=60)
         assert r.status_code == 200, r.text
         deadline = time.monotonic() + 30  # HAProxy restarts on reloads: look until one is seen
-        while not any("haproxy" in n for n in (names := _names(seen := _tree(proc.pid))).values()):
+        while True:
+            seen = _tree(proc.pid)
+            names = _names(seen)
+            if any("haproxy" in n for n in names.values()):
+                break
             assert time.monotonic() < deadline, f"no HAProxy among {sorted(names.items())}"
             time.sleep(0.5)
         sockets = _listening(seen)

@@ -164,7 +164,7 @@ cmd_up() {
     # `serve deploy`): HAProxy in front of the replicas, its stats and metrics ports free
     # ones on 127.0.0.1, its files in the head's temp dir (cnnray/serve/ingress.py).
     local ingress_env
-    ingress_env="$("$PYTHON" -m cnnray.serve.ingress --print-env "$temp_dir/haproxy")" \
+    ingress_env="$("$PYTHON" -m cnnray.serve.ingress --print-env "$temp_dir/h")" \
         || die "cannot prepare Ray Serve's fast ingress (is cnnray installed for $PYTHON?)"
     # shellcheck disable=SC2086  # NAME=VALUE words without spaces
     env $ingress_env \

@@ -273,3 +273,17 @@ def _haproxy_folder(root: int) -> Path | None:
             cfg = Path(cmd[cmd.index("-f") + 1])
             return cfg.parent.parent  # <folder>/<node id>/haproxy.cfg
     return None
+
+
+def test_haproxy_socket_paths_fit(tmp_path):
+    """HAProxy refuses socket paths over 97 bytes; Ray adds a 56-character node id folder."""
+    from cnnray.serve.ingress import FastIngress, fast_ingress_env
+
+    with pytest.raises(ValueError, match="too long"):
+        fast_ingress_env(Path("/tmp") / ("x" * 40))
+    with FastIngress(apply=False) as env:
+        longest = max(len(v) for k, v in env.items() if k.endswith(("SOCKET_PATH",))) + 57
+        assert longest <= 97
+    # cluster/local.sh's folder: its head's temp dir (/tmp/cnnray-ray.XXXXXX) plus "/h".
+    assert '--print-env "$temp_dir/h"' in (REPO / "cluster" / "local.sh").read_text()
+    assert len("/tmp/cnnray-ray.XXXXXX/h") + 1 + 56 + len("/metrics.sock") <= 97

@@ -89,7 +89,11 @@ def haproxy_wrapper(folder: Path) -> Path:
 def fast_ingress_env(folder: Path, admin_host: str = "127.0.0.1") -> dict[str, str]:
     """The environment for Ray's processes: FAST_INGRESS_ENV, HAProxy's stats and metrics
     ports (free ones, so several servers can share a machine) bound to `admin_host`, and
-    HAProxy's files in `folder` (short: Unix socket paths end near 108 bytes)."""
+    HAProxy's files in `folder` (short: HAProxy refuses socket paths over 97 bytes, and Ray
+    adds a 56-character node id folder). ValueError if `folder` is too long."""
+    longest = len(str(folder)) + 1 + 56 + len("/metrics.sock")
+    if longest > 97:
+        raise ValueError(f"{folder} is too long for HAProxy's socket paths ({longest} > 97 bytes): use a shorter folder")
     stats_port, metrics_port = free_ports(2, admin_host)
     env = dict(FAST_INGRESS_ENV)
     env.update({

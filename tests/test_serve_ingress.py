@@ -22,18 +22,28 @@ from tests.conftest import REPO
 from tests.test_serve_units import MNIST_INFO, png, save_model
 
 
+@pytest.fixture
+def short_dir():
+    """A folder whose path leaves room for HAProxy's socket paths (pytest's tmp_path is too long)."""
+    import tempfile
+
+    d = Path(tempfile.mkdtemp(prefix="cnnray-t-", dir="/tmp"))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
 def _ray_serve_constants() -> str:
     import ray.serve._private.constants as c
 
     return Path(c.__file__).read_text()
 
 
-def test_every_ray_setting_we_set_is_read_by_the_installed_ray(tmp_path):
+def test_every_ray_setting_we_set_is_read_by_the_installed_ray(short_dir):
     """The names are checked against the installed Ray's source (a misspelt one is ignored silently)."""
     from cnnray.serve.ingress import fast_ingress_env
 
     source = _ray_serve_constants()
-    env = fast_ingress_env(tmp_path)
+    env = fast_ingress_env(short_dir)
     ray_names = [k for k in env if k.startswith("RAY_")]
     assert "RAY_SERVE_ENABLE_HA_PROXY" in ray_names and "RAY_SERVE_THROUGHPUT_OPTIMIZED" in ray_names
     for name in ray_names:
@@ -55,7 +65,7 @@ def _render_ray_haproxy_config(tmp_path: Path, host: str) -> str:
 
 
 @pytest.mark.parametrize("host, frontend", [("127.0.0.1", "127.0.0.1:8123"), ("0.0.0.0", "*:8123")])
-def test_haproxy_wrapper_moves_the_operator_ports_onto_loopback(tmp_path, host, frontend):
+def test_haproxy_wrapper_moves_the_operator_ports_onto_loopback(tmp_path, short_dir, host, frontend):
     from cnnray.serve.ingress import fast_ingress_env
 
     cfg = tmp_path / "haproxy.cfg"
@@ -63,8 +73,7 @@ def test_haproxy_wrapper_moves_the_operator_ports_onto_loopback(tmp_path, host, 
     binds = lambda text: re.findall(r"^\s+bind\s+(\S+)", text, flags=re.M)  # noqa: E731
     # Ray's own config listens on every interface for its stats page and metrics.
     assert sorted(b.split(":")[0] for b in binds(original) if not b.endswith(":8123")) == ["", "*"]
-    (tmp_path / "ingress").mkdir()
-    env = fast_ingress_env(tmp_path / "ingress")
+    env = fast_ingress_env(short_dir)
     # What Ray runs: the wrapper with HAProxy's arguments (-c: check the config and exit).
     r = subprocess.run([env["RAY_SERVE_HAPROXY_BINARY_PATH"], "-c", "-f", str(cfg)], capture_output=True,
                        text=True, env={**os.environ, **env}, timeout=60)

@@ -149,6 +149,7 @@ def test_cnnray_serve_listens_on_loopback_only_and_sigterm_leaves_nothing_behind
         cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
     )
     seen: set[int] = set()
+    folder = None
     try:
         deadline = time.monotonic() + 300
         while True:
@@ -176,6 +177,8 @@ def test_cnnray_serve_listens_on_loopback_only_and_sigterm_leaves_nothing_behind
         # HAProxy (serving port, stats page, metrics) listens on loopback alone.
         hap = [s for s in sockets if "haproxy" in s[1]]
         assert len(hap) >= 3 and all(s[2] == "127.0.0.1" for s in hap), hap
+        folder = _haproxy_folder(proc.pid)
+        assert folder is not None and folder.is_dir()
         # Nothing at all beyond loopback: Ray's processes, its agents and metrics endpoint,
         # the replicas' HTTP and gRPC servers.
         wide = [s for s in sockets if s[2] not in ("127.0.0.1", "::1", "::ffff:127.0.0.1")]
@@ -199,6 +202,7 @@ def test_cnnray_serve_listens_on_loopback_only_and_sigterm_leaves_nothing_behind
         time.sleep(0.5)
     with pytest.raises(requests.ConnectionError):
         requests.get(url + "/healthz", timeout=5)
+    assert folder is not None and not folder.exists(), "HAProxy's private folder was left behind"
 
 
 def _tail(log) -> str:

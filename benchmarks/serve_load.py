@@ -6,10 +6,13 @@
 Both servers run the same model with the same routes and preprocessing (cnnray/serve/api.py),
 one after the other on loopback: the plain one is a single uvicorn process without Ray and
 without batching (one forward pass per request); `cnnray serve` is the real command in a
-subprocess. Each gets `--warmup` untimed requests, then N requests of real MNIST test images
-(PNG, TorchServe-style POST /predictions/{name}, or --api kserve) from C concurrent clients.
-The table gives requests/s, p50 and p99 latency (client side), errors and the accuracy of
-the answers; the JSON record (--out) adds the machine, versions and settings.
+subprocess, with its defaults (fast ingress, `--replicas auto`) unless --ingress/--replicas
+say otherwise. On each server, for each route (`--api both`: raw PNG bodies to
+POST /predictions/{name}, then one base64 PNG per JSON body to POST /v1/models/{name}:predict),
+`--warmup` untimed requests, then N requests of real MNIST test images from C concurrent
+clients. The table gives requests/s, p50 and p99 latency (client side), errors and the
+accuracy of the answers, and the ratios to the plain server per route; the JSON record
+(--out) adds the machine, versions, settings, cnnray's ingress mode and replica count.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 @dataclass
 class LoadResult:
     server: str
+    api: str  # "torchserve" (raw PNG, POST /predictions/{name}) or "kserve" (JSON, :predict)
     requests: int
     concurrency: int
     seconds: float
@@ -124,6 +128,7 @@ def run_load(url: str, model: str, pngs: list[bytes], labels: list[int], *, requ
     correct = sum(p == labels[i % len(labels)] for i, p in enumerate(preds))
     return LoadResult(
         server=server,
+        api=api,
         requests=requests,
         concurrency=concurrency,
         seconds=round(elapsed, 3),
@@ -182,9 +187,9 @@ def stop(proc: subprocess.Popen, timeout_s: float = 90.0) -> int:
     return proc.returncode
 
 
-def start_plain(checkpoint: str, name: str, port: int, log: Any, threads: int = 1) -> subprocess.Popen:
+def start_plain(checkpoint: str, name: str, port: int, log: Any, threads: int = 1, gpu: bool = False) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "benchmarks.serve_load", "--plain-server", "--checkpoint", checkpoint,
-           "--name", name, "--port", str(port), "--threads", str(threads)]
+           "--name", name, "--port", str(port), "--threads", str(threads), *(["--gpu"] if gpu else [])]
     return subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
 
 
@@ -195,7 +200,7 @@ def start_cnnray(checkpoint: str, name: str, port: int, log: Any, extra: list[st
     return subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
 
 
-def serve_plain(checkpoint: str, name: str, port: int, threads: int) -> None:
+def serve_plain(checkpoint: str, name: str, port: int, threads: int, gpu: bool = False) -> None:
     """The baseline: one uvicorn process, the same FastAPI routes, no Ray, no batching."""
     import torch
     import uvicorn
@@ -208,7 +213,8 @@ def serve_plain(checkpoint: str, name: str, port: int, threads: int) -> None:
     from cnnray.serve.engine import LocalBackend
     from cnnray.serve.schemas import ModelRef
 
-    backend = LocalBackend({name: ModelRef(path=str(Path(checkpoint).resolve()), version=1)})
+    backend = LocalBackend({name: ModelRef(path=str(Path(checkpoint).resolve()), version=1)},
+                           device="cuda" if gpu else "cpu")
     uvicorn.run(build_http_app(backend), host="127.0.0.1", port=port, log_level="warning", access_log=False)
 
 
@@ -231,17 +237,62 @@ def batch_stats(url: str) -> dict[str, float]:
     return {"forward_passes": count, "images": total, "mean_batch_size": round(total / count, 2) if count else 0.0}
 
 
+ROUTES = {"torchserve": "PNG /predictions", "kserve": "JSON :predict"}
+
+
 def format_table(results: list[LoadResult]) -> str:
     """A Markdown table, as the README shows it."""
     width = max([len("server")] + [len(r.server) for r in results])
-    head = f"| {'server':<{width}} | requests | concurrency | requests/s | p50 ms | p99 ms | errors | accuracy |"
+    head = (f"| {'server':<{width}} | route            | requests | concurrency | requests/s | p50 ms | p99 ms "
+            "| errors | accuracy |")
     rule = "|" + "|".join("-" * len(c) for c in head.split("|")[1:-1]) + "|"
     rows = [
-        f"| {r.server:<{width}} | {r.requests:>8} | {r.concurrency:>11} | {r.requests_per_s:>10.1f} | {r.p50_ms:>6.1f} "
-        f"| {r.p99_ms:>6.1f} | {r.errors:>6} | {r.accuracy:>8.4f} |"
+        f"| {r.server:<{width}} | {ROUTES[r.api]:<16} | {r.requests:>8} | {r.concurrency:>11} "
+        f"| {r.requests_per_s:>10.1f} | {r.p50_ms:>6.1f} | {r.p99_ms:>6.1f} | {r.errors:>6} | {r.accuracy:>8.4f} |"
         for r in results
     ]
     return "\n".join([head, rule, *rows])
+
+
+def compare(results: list[LoadResult]) -> dict[str, dict[str, float]]:
+    """Per route: cnnray serve's requests/s and p99 as multiples of the plain server's."""
+    out = {}
+    for api in ROUTES:
+        plain = [r for r in results if r.api == api and r.server.startswith("plain")]
+        ours = [r for r in results if r.api == api and r.server.startswith("cnnray")]
+        if plain and ours:
+            out[api] = {
+                "requests_per_s_ratio": round(ours[0].requests_per_s / plain[0].requests_per_s, 2),
+                "p99_ratio": round(ours[0].p99_ms / plain[0].p99_ms, 2),
+            }
+    return out
+
+
+def served_replicas_when_all_pushed(url: str, asked: str, timeout_s: float = 30.0) -> int:
+    """The replica count, once every replica has pushed its metrics (each does every 2 s)."""
+    deadline = time.monotonic() + timeout_s
+    n = served_replicas(url)
+    while (asked == "auto" or n < int(asked)) and time.monotonic() < deadline:
+        time.sleep(2.5)
+        m = served_replicas(url)
+        if asked == "auto" and m == n:
+            return n  # stable over one push interval
+        n = m
+    return n
+
+
+def served_replicas(url: str) -> int:
+    """Replicas whose metrics one scrape includes."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"{url}/metrics", timeout=30) as r:
+        text = r.read().decode()
+    for fam in text_string_to_metric_families(text):
+        if fam.name == "cnnray_serve_replicas":
+            return int(fam.samples[0].value)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -253,12 +304,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=2000, help="timed requests per server; default 2000")
     p.add_argument("--concurrency", type=int, default=32, help="concurrent clients; default 32")
     p.add_argument("--warmup", type=int, default=64, help="untimed requests first; default 64")
-    p.add_argument("--api", choices=("torchserve", "kserve"), default="torchserve", help="default torchserve")
-    p.add_argument("--replicas", type=int, default=1, help="replicas for cnnray serve; default 1")
-    p.add_argument("--max-batch-size", type=int, default=32, help="cnnray serve's batch size; default 32")
-    p.add_argument("--batch-wait-ms", type=float, default=5.0, help="cnnray serve's batch wait; default 5")
+    p.add_argument("--api", choices=("torchserve", "kserve", "both"), default="both",
+                   help="torchserve: raw PNG bodies to /predictions/{name}; kserve: one base64 PNG per JSON "
+                        ":predict body; default both, one after the other on the same servers")
+    p.add_argument("--replicas", default="auto", help="cnnray serve --replicas (a number or auto); default auto")
+    p.add_argument("--ingress", choices=("fast", "proxy"), default="fast",
+                   help="cnnray serve --ingress; default fast (its default)")
+    p.add_argument("--max-batch-size", type=int, default=None, help="cnnray serve's batch size; default its own")
+    p.add_argument("--batch-wait-ms", type=float, default=None, help="cnnray serve's batch wait; default its own")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads per server process (the replica's CPUs); default 1")
+    p.add_argument("--gpu", action="store_true", help="both servers on the GPU (cnnray serve --gpu: one per replica)")
     p.add_argument("--skip-plain", action="store_true", help="only measure cnnray serve")
     p.add_argument("--out", default="runs/bench/serve_load.json", help="JSON record (a run output, not committed); default %(default)s")
     p.add_argument("--log", default=None, help="the servers' output; default a file in the temp folder")
@@ -267,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.plain_server:
-        serve_plain(args.checkpoint, args.name, args.port, args.threads)
+        serve_plain(args.checkpoint, args.name, args.port, args.threads, args.gpu)
         return 0
     if args.requests < 1 or args.concurrency < 1:
         p.error("--requests and --concurrency must be at least 1")
@@ -283,37 +339,50 @@ def main(argv: list[str] | None = None) -> int:
     with open(log_path, "w") as log:
         servers = [] if args.skip_plain else ["plain"]
         servers.append("cnnray")
+        apis = ["torchserve", "kserve"] if args.api == "both" else [args.api]
         for kind in servers:
             port = free_port()
             url = f"http://127.0.0.1:{port}"
             started = time.perf_counter()
             if kind == "plain":
-                proc = start_plain(checkpoint, args.name, port, log, args.threads)
+                proc = start_plain(checkpoint, args.name, port, log, args.threads, args.gpu)
                 label = "plain FastAPI (1 process, no batching)"
             else:
-                proc = start_cnnray(checkpoint, args.name, port, log, [
-                    "--replicas", str(args.replicas), "--cpus-per-replica", str(args.threads),
-                    "--max-batch-size", str(args.max_batch_size),
-                    "--batch-wait-ms", str(args.batch_wait_ms)])
-                label = f"cnnray serve ({args.replicas} replica, batch {args.max_batch_size})"
+                flags = ["--replicas", str(args.replicas), "--ingress", args.ingress,
+                         "--cpus-per-replica", str(args.threads), *(["--gpu"] if args.gpu else [])]
+                if args.max_batch_size is not None:
+                    flags += ["--max-batch-size", str(args.max_batch_size)]
+                if args.batch_wait_ms is not None:
+                    flags += ["--batch-wait-ms", str(args.batch_wait_ms)]
+                proc = start_cnnray(checkpoint, args.name, port, log, flags)
+                label = "cnnray serve"
             try:
                 wait_healthy(url, proc, args.start_timeout)
                 ready_s = time.perf_counter() - started
-                print(f"[bench] {label}: up in {ready_s:.1f} s; {args.warmup} warm-up requests", flush=True)
-                run_load(url, args.name, pngs, labels, requests=args.warmup, concurrency=args.concurrency,
-                         server=label, api=args.api)
-                result = run_load(url, args.name, pngs, labels, requests=args.requests,
-                                  concurrency=args.concurrency, server=label, api=args.api)
-                results.append(result)
-                extras[kind] = {"startup_s": round(ready_s, 1), **batch_stats(url)}
-                print(f"[bench] {label}: {result.requests_per_s} requests/s, p50 {result.p50_ms} ms, "
-                      f"p99 {result.p99_ms} ms, {result.errors} errors", flush=True)
+                info: dict[str, Any] = {"startup_s": round(ready_s, 1)}
+                if kind == "cnnray":
+                    info.update(ingress=args.ingress, replicas=served_replicas_when_all_pushed(url, args.replicas))
+                    label = f"cnnray serve ({info['replicas']} replicas, {args.ingress} ingress)"
+                print(f"[bench] {label}: up in {ready_s:.1f} s", flush=True)
+                for api in apis:
+                    run_load(url, args.name, pngs, labels, requests=args.warmup, concurrency=args.concurrency,
+                             server=label, api=api)
+                    result = run_load(url, args.name, pngs, labels, requests=args.requests,
+                                      concurrency=args.concurrency, server=label, api=api)
+                    results.append(result)
+                    print(f"[bench] {label}, {ROUTES[api]}: {result.requests_per_s} requests/s, "
+                          f"p50 {result.p50_ms} ms, p99 {result.p99_ms} ms, {result.errors} errors", flush=True)
+                extras[kind] = {**info, **batch_stats(url)}
             finally:
                 code = stop(proc)
                 extras.setdefault(kind, {})["exit_code"] = code
 
     print()
     print(format_table(results))
+    comparison = compare(results)
+    for api, c in comparison.items():
+        print(f"[bench] {ROUTES[api]}: cnnray serve does {c['requests_per_s_ratio']}x the plain server's "
+              f"requests/s at {c['p99_ratio']}x its p99")
     record = {
         "benchmark": "serve_load",
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -321,6 +390,7 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {k: v for k, v in vars(args).items() if k not in ("plain_server", "port")},
         "checkpoint": checkpoint,
         "results": [{k: v for k, v in asdict(r).items() if k != "predictions"} for r in results],
+        "comparison": comparison,
         "servers": extras,
     }
     out.write_text(json.dumps(record, indent=2) + "\n")

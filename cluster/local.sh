@@ -10,7 +10,7 @@
 #       python jobs/train.py --config jobs/configs/mnist_cnn.yaml --data-dir "$PWD/../shared/datasets/mnist"
 #
 # Everything listens on 127.0.0.1 only (node, GCS, raylet, dashboard/job API, client
-# server), on free ports picked at start, with a private --temp-dir, so the head never
+# server, Serve's HAProxy with its stats and metrics ports), on free ports picked at start, with a private --temp-dir, so the head never
 # collides with another Ray on the same machine. `down` never runs `ray stop` (that kills
 # every Ray process on the machine): it sends SIGTERM to the `ray start --block` it launched
 # (under setsid, so the head and all it spawns form their own session), then ends what is
@@ -176,6 +176,14 @@ cmd_up() {
     # RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S: on SIGTERM the head first drains (lets Serve
     # proxies hand traffic over); after any job that runs into Ray's 30 s default, and a
     # local test head has nothing to hand over.
+    # ingress_env: Ray Serve's fast ingress for apps served from this head (`jobs/serve.py`,
+    # `serve deploy`): HAProxy in front of the replicas, its stats and metrics ports free
+    # ones on 127.0.0.1, its files in the head's temp dir (cnnray/serve/ingress.py).
+    local ingress_env
+    ingress_env="$("$PYTHON" -m cnnray.serve.ingress --print-env "$temp_dir/h")" \
+        || die "cannot prepare Ray Serve's fast ingress (is cnnray installed for $PYTHON?)"
+    # shellcheck disable=SC2086  # NAME=VALUE words without spaces
+    env $ingress_env \
     RAY_AUTH_MODE=token RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 PATH="$BIN_DIR:$PATH" \
         RAY_API_SERVER_ADDRESS="http://127.0.0.1:$dash_port" \
         RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="${CNNRAY_DRAIN_TIMEOUT_S:-5}" \

@@ -220,8 +220,22 @@ def test_kuberay_rayservice_serves_cnnrays_app():
     args = ServeArgs.model_validate(app["args"])  # the app builder's own argument schema
     per_pod, total = _gpus(spec["rayClusterConfig"])
     if args.gpu:
-        assert per_pod >= 1 and args.replicas <= total
+        assert per_pod >= 1 and (args.replicas == "auto" or args.replicas <= total)
     assert args.model_store.startswith("/mnt/cnnray/")
+    # The fast ingress on every pod (head and workers), its names as Ray 2.60 reads them.
+    from cnnray.serve.ingress import FAST_INGRESS_ENV
+
+    cluster = spec["rayClusterConfig"]
+    templates = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
+    for template in templates:
+        for container in template["spec"]["containers"]:
+            env = {e["name"]: e["value"] for e in container.get("env", [])}
+            assert env["RAY_SERVE_ENABLE_HA_PROXY"] == FAST_INGRESS_ENV["RAY_SERVE_ENABLE_HA_PROXY"]
+            assert env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
+            # pip installs the console script there in cluster/Dockerfile's image.
+            assert env["RAY_SERVE_HAPROXY_BINARY_PATH"] == "/usr/local/bin/cnnray-haproxy"
+            assert env["CNNRAY_HAPROXY_ADMIN_HOST"] == "127.0.0.1"
+    assert 'cnnray-haproxy = "cnnray.serve.haproxy_loopback:main"' in (REPO / "pyproject.toml").read_text()
     assert _claims(spec["rayClusterConfig"]) == {_manifest("pvc.yaml", "PersistentVolumeClaim")["metadata"]["name"]}
 
 

@@ -71,12 +71,20 @@ def server(tmp_path_factory, mnist_dir, data_cache):
     direct = save_model(root / "direct", "lenet5", MNIST_INFO, seed=3)
 
     own_ray = not ray.is_initialized()
-    if own_ray:
+    ingress = None
+    if own_ray:  # on the fast ingress, as `cnnray serve` runs (else on the session Ray's proxy)
+        from cnnray.serve.ingress import FastIngress
+
         os.environ.pop("RAY_ADDRESS", None)
+        ingress = FastIngress()
+        ingress.__enter__()
         ray.init(num_cpus=2, include_dashboard=False)
+        ingress.restore_environ()  # for the tests that follow; this Ray keeps the settings
     args = ServeArgs(
         model_store=str(store),
         checkpoints={"direct": str(direct)},
+        replicas=1,  # the last test scales to two
+        watch_s=0,  # the tests call runner.refresh() themselves
         batch_wait_timeout_s=0.02,  # a wide window, so the batching test sees batches form
         limits=Limits(**LIMITS),
     )
@@ -91,6 +99,7 @@ def server(tmp_path_factory, mnist_dir, data_cache):
         finally:
             if own_ray:
                 ray.shutdown()
+                ingress.close()
 
 
 def post_png(server: Server, model: str, data: bytes, content_type: str = "image/png") -> requests.Response:

@@ -89,11 +89,17 @@ def test_load_benchmark_compares_cnnray_serve_with_plain_fastapi(mnist_checkpoin
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     record = json.loads(out.read_text())
-    servers = [r["server"] for r in record["results"]]
-    assert servers[0].startswith("plain FastAPI") and servers[1].startswith("cnnray serve")
+    # Both servers, both routes: raw PNG (/predictions) and JSON (:predict).
+    runs = [(r["server"].split(" (")[0], r["api"]) for r in record["results"]]
+    assert runs == [("plain FastAPI", "torchserve"), ("plain FastAPI", "kserve"),
+                    ("cnnray serve", "torchserve"), ("cnnray serve", "kserve")]
     for r in record["results"]:
         assert r["requests"] == 300 and r["errors"] == 0 and r["accuracy"] > 0.95
         assert r["requests_per_s"] > 0 and 0 < r["p50_ms"] <= r["p99_ms"]
     assert record["machine"]["cpu_count"] >= 1 and record["machine"]["ray"]
-    assert record["servers"]["cnnray"]["exit_code"] == 0 and record["servers"]["cnnray"]["mean_batch_size"] >= 1
+    cnnray = record["servers"]["cnnray"]
+    assert cnnray["exit_code"] == 0 and cnnray["mean_batch_size"] >= 1
+    # The defaults it ran with: the fast ingress, and replicas filling the machine's CPUs.
+    assert cnnray["ingress"] == "fast" and cnnray["replicas"] == max(1, os.cpu_count() or 1)
+    assert set(record["comparison"]) == {"torchserve", "kserve"}
     assert "| cnnray serve" in proc.stdout and "| plain FastAPI" in proc.stdout

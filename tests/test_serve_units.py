@@ -386,6 +386,9 @@ def test_cli_serve_refuses_bad_input_in_one_line(checkpoint, tmp_path, capsys):
         (["--checkpoint", str(checkpoint), "--name", "bad/name"], "invalid model name"),
         (["--checkpoint", str(checkpoint), "--name", "x", "--max-batch-size", "0"], "argument --max-batch-size"),
         (["--checkpoint", str(checkpoint), "--name", "x", "--port", "70000"], "argument --port: '70000' is not in [1, 65535]"),
+        (["--checkpoint", str(checkpoint), "--name", "x", "--replicas", "many"], "argument --replicas: 'many'"),
+        (["--checkpoint", str(checkpoint), "--name", "x", "--replicas", "0"], "argument --replicas"),
+        (["--checkpoint", str(checkpoint), "--name", "x", "--replicas", "nan"], "argument --replicas"),
     ]
     for args, fragment in cases:
         code, _, lines = run_cli(capsys, "serve", *args)
@@ -413,6 +416,7 @@ def test_cli_print_config_is_a_deployable_serve_config(checkpoint, capsys):
     args = ServeArgs.model_validate(app.args)
     assert args.checkpoints == {"mnist": str(checkpoint.resolve())}
     assert config["http_options"] == {"host": "127.0.0.1", "port": 8123}
+    assert args.replicas == "auto" and args.watch_s == 5.0  # the defaults: fill the node, watch the store
 
 
 def test_cli_predict_refusals(tmp_path, capsys):
@@ -437,3 +441,20 @@ def test_wrapped_base64_is_accepted():
     assert "\n" in text
     assert torch.equal(decode_b64(text, [1, 28, 28], 10**6, "instance 0")[0], torch.from_numpy(
         np.random.default_rng(0).integers(0, 256, (28, 28), dtype=np.uint8)))
+
+
+@pytest.mark.parametrize("resources, args, expected", [
+    ({"CPU": 2.0}, {}, 2),  # the CI machine: a replica per core
+    ({"CPU": 16.0}, {"cpus_per_replica": 4}, 4),
+    ({"CPU": 1.0}, {"cpus_per_replica": 2}, 1),  # at least one
+    ({"CPU": 8.0, "GPU": 3.0}, {"gpu": True}, 3),  # one per GPU
+    ({"CPU": 8.0}, {"replicas": 5}, 5),  # a number stays
+])
+def test_auto_replicas_fill_the_cluster(monkeypatch, resources, args, expected):
+    import ray
+
+    from cnnray.serve.app import auto_replicas
+    from cnnray.serve.schemas import ServeArgs
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: resources)
+    assert auto_replicas(ServeArgs(model_store="/x", **args)) == expected

@@ -6,6 +6,8 @@
 
 Modules: schemas (pydantic), preprocess (payload -> model input, as in training), engine
 (loading checkpoints, forward passes), api (the FastAPI routes), metrics (Prometheus),
-app (the Serve deployment and its typed app builder), runner (deploy and hot-swap), cli.
+app (the Serve deployment and its typed app builder), runner (deploy and hot-swap), ingress
+(Ray Serve's fast ingress settings, applied before Ray starts), haproxy_loopback (HAProxy's
+operator ports on loopback), cli.
 Importing this package does no work.
 """

@@ -26,7 +26,7 @@ from ray import serve
 from ray.serve import Application
 
 from cnnray.serve.defaults import BATCH_WAIT_S, DEPLOYMENT, MAX_BATCH_SIZE, MAX_ONGOING_REQUESTS
-from cnnray.serve.engine import LoadedModel, load_served_model, public_error, user_config_for
+from cnnray.serve.engine import LoadedModel, load_served_model, public_error, resolve, user_config_for
 from cnnray.serve.metrics import MetricsHub, MetricsReporter, ServeMetrics
 from cnnray.serve.schemas import Limits, ModelRef, ServeArgs, ServeUserConfig
 
@@ -49,9 +49,19 @@ log = logging.getLogger("ray.serve")
 @serve.ingress()
 class ModelServer:
     def __init__(
-        self, user_config: dict[str, Any], limits: dict[str, Any], device: str = "cpu", threads: int = 1
+        self,
+        user_config: dict[str, Any],
+        limits: dict[str, Any],
+        device: str = "cpu",
+        threads: int = 1,
+        store: dict[str, Any] | None = None,
     ) -> None:
+        _replica_grpc_on_loopback()
         cfg = ServeUserConfig.model_validate(user_config)
+        # {"args": ServeArgs as JSON, "watch_s": seconds}: this replica looks in the model
+        # store itself, so a RayService or `serve deploy` (no `cnnray serve` polling beside
+        # it) picks up new versions too.
+        self._store = store
         self.limits = Limits.model_validate(limits)
         self.metrics = ServeMetrics()
         self._device = torch.device(device)
@@ -62,7 +72,12 @@ class ModelServer:
         self._models: dict[str, LoadedModel] = {}
         self._failures: dict[str, tuple[int, str]] = {}
         self._problems: list[str] = list(cfg.problems)
+        self._watch_task: asyncio.Task | None = None
+        self._bad: dict[str, Any] = {}  # store versions that failed verification, by their files' stamps
         for name, ref in cfg.models.items():
+            self._load(name, ref)
+        # A replica started later (a restart, a scale-up) serves what the store has now.
+        for name, ref in self._newer_in_store(cfg.models).items():
             self._load(name, ref)
         self._set_batching(cfg)
         self.metrics.set_versions({n: m.version for n, m in self._models.items()})
@@ -88,6 +103,8 @@ class ModelServer:
             if current is not None and current.path == ref.path and current.version == ref.version:
                 self._failures.pop(name, None)  # a failed newer version was withdrawn
                 continue
+            if self._store and current is not None and current.version > ref.version:
+                continue  # the store watcher already serves a newer version: never go back
             await asyncio.to_thread(self._load, name, ref)
         for name in set(self._models) - set(cfg.models):
             del self._models[name]
@@ -156,15 +173,94 @@ class ModelServer:
 
     async def start(self) -> None:
         self._reporter.start()
+        if self._store and self._store["watch_s"] > 0 and self._watch_task is None:
+            self._watch_task = asyncio.get_running_loop().create_task(self._watch_store())
 
     async def stop(self) -> None:
         await self._reporter.stop()
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+            self._watch_task = None
+
+    # --- the model store, watched by the replica -----------------------------------------
+    def _newer_in_store(self, serving: dict[str, ModelRef]) -> dict[str, ModelRef]:
+        """Models of the store whose newest usable (verified) version is newer than
+        `serving`'s (or new), by the same rule as `cnnray serve` (engine.resolve: odd entries
+        and versions still being copied are skipped and listed in /v1/models). Never raises:
+        a store that cannot be read is logged and retried at the next look."""
+        if not self._store:
+            return {}
+        try:
+            res = resolve(ServeArgs.model_validate(self._store["args"]), serving, self._bad)
+        except Exception as e:
+            log.warning("cnnray: cannot read the model store: %s", e)  # the server log may name paths
+            return {}
+        self._problems = list(res.problems)
+        return {
+            n: r for n, r in res.models.items()
+            if n not in serving or (r.version > serving[n].version and r.path != serving[n].path)
+        }
+
+    async def _watch_store(self) -> None:
+        while True:
+            await asyncio.sleep(self._store["watch_s"])
+            try:
+                serving = {n: ModelRef(path=m.path, version=m.version) for n, m in self._models.items()}
+                # Versions that failed to load are not retried until a newer one appears.
+                serving.update({n: ModelRef(path="?", version=v) for n, (v, _) in self._failures.items()
+                                if n not in serving or v > serving[n].version})
+                newer = await asyncio.to_thread(self._newer_in_store, serving)
+                for name, ref in newer.items():  # verified by resolve
+                    await asyncio.to_thread(self._load, name, ref)
+                if newer:
+                    self.metrics.set_versions({n: m.version for n, m in self._models.items()})
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # the watcher must outlive any one bad look
+                log.warning("cnnray: model store watch failed: %s", e)
+
+
+def _replica_grpc_on_loopback() -> None:
+    """On a single-machine Ray (node address 127.0.0.1), have this replica's inter-replica
+    gRPC server listen on 127.0.0.1 rather than `[::]`, every interface, which Ray 2.60
+    hard-codes (ray/serve/_private/replica.py, `_on_initialized`, which runs after
+    `__init__`). Callers reach it at the node address, so nothing else changes; on a
+    cluster (a routable node address) Ray's choice stands."""
+    import ray
+    import ray.serve._private.replica as replica_module
+
+    if ray.util.get_node_ip_address() not in ("127.0.0.1", "::1"):
+        return
+    original = getattr(replica_module, "add_port_to_grpc_server", None)
+    if original is None or getattr(original, "_cnnray_loopback", False):
+        return
+
+    def add_port(server: Any, address: str) -> int:
+        return original(server, "127.0.0.1:0" if address == "[::]:0" else address)
+
+    add_port._cnnray_loopback = True  # type: ignore[attr-defined]
+    replica_module.add_port_to_grpc_server = add_port
+
+
+def auto_replicas(args: ServeArgs) -> int:
+    """`args.replicas`, with "auto" resolved: as many replicas as the cluster's GPUs (with
+    `gpu`) or CPUs (`cpus_per_replica` each, 1 if 0) hold, at least one. Totals, not free
+    resources, so a redeploy beside the running replicas resolves to the same number."""
+    if args.replicas != "auto":
+        return int(args.replicas)
+    import ray
+
+    total = ray.cluster_resources()
+    if args.gpu:
+        return max(1, int(total.get("GPU", 0)))
+    return max(1, int(total.get("CPU", 1) // (args.cpus_per_replica or 1.0)))
 
 
 def build_app(args: ServeArgs) -> Application:
     """Typed app builder: `serve run cnnray.serve.app:build_app model_store=DIR` validates
     the arguments against `ServeArgs` (unknown keys are errors) and resolves the newest
-    version of every model in the store."""
+    version of every model in the store. With a model store and `watch_s` > 0, every
+    replica looks in the store every `watch_s` seconds and swaps newer versions in."""
     import ray
 
     if isinstance(args, dict):  # called directly with plain arguments
@@ -172,10 +268,17 @@ def build_app(args: ServeArgs) -> Application:
     from ray.serve.config import DeploymentActorConfig
 
     user_config = user_config_for(args)
+    store = None
+    if args.model_store and args.watch_s > 0:
+        store = {"args": args.model_dump(mode="json"), "watch_s": args.watch_s}
     return ModelServer.options(
-        num_replicas=args.replicas,
+        num_replicas=auto_replicas(args),
         max_ongoing_requests=max(args.max_ongoing_requests, args.max_batch_size),
         ray_actor_options={"num_cpus": args.cpus_per_replica, "num_gpus": 1 if args.gpu else 0},
+        # No access-log line per request: formatting and writing it (with a rollover check
+        # per line) took 7% of a replica's samples under load (py-spy, README "Serving").
+        # cnnray_serve_requests_total counts every request by model, API and status instead.
+        logging_config={"enable_access_log": False},
         user_config=user_config,
         deployment_actors=[
             DeploymentActorConfig(
@@ -187,4 +290,5 @@ def build_app(args: ServeArgs) -> Application:
         args.limits.model_dump(),
         device="cuda" if args.gpu else "cpu",
         threads=max(1, int(args.cpus_per_replica)),
+        store=store,
     )

@@ -43,7 +43,9 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--name", help="model name for --checkpoint (letters, digits, '.', '_', '-')")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on; default 127.0.0.1 (this machine only)")
     p.add_argument("--port", type=TCP_PORT.argtype(int), default=8000, help="HTTP port; default 8000")
-    p.add_argument("--replicas", type=Range(1, 4096).argtype(int), default=1, help="replicas of the deployment; default 1")
+    p.add_argument("--replicas", type=_replicas, default="auto",
+                   help="replicas of the deployment, or 'auto': as many as this node's CPUs (or GPUs, "
+                        "with --gpu) fit, after one core for HAProxy and Ray; default auto")
     p.add_argument("--gpu", action="store_true", help="one GPU per replica")
     p.add_argument("--cpus-per-replica", type=Range(0, 4096, lo_open=True).argtype(float), default=1.0, help="CPUs per replica (torch threads); default 1")
     p.add_argument("--max-batch-size", type=Range(1, 4096).argtype(int), default=s.MAX_BATCH_SIZE,
@@ -56,6 +58,10 @@ def add_parsers(sub: Any) -> None:
                    help=f"instances per :predict request; default {s.MAX_INSTANCES}")
     p.add_argument("--watch-s", type=Range(0, 86_400).argtype(float), default=5.0,
                    help="seconds between looks at the model store for new versions (0: never); default 5")
+    p.add_argument("--ingress", choices=("fast", "proxy"), default="fast",
+                   help="fast: HAProxy in front of replicas that answer HTTP themselves (Ray Serve's fast "
+                        "ingress); proxy: Serve's Python HTTP proxy. For a local Ray only (a cluster's "
+                        "environment decides); default fast")
     p.add_argument("--address", help="Ray cluster to join; default $RAY_ADDRESS or a new local Ray")
     p.add_argument("--print-config", action="store_true",
                    help="print the Serve config YAML for `serve deploy` and exit (starts nothing)")
@@ -99,6 +105,7 @@ def serve_args_from(args: argparse.Namespace):
             cpus_per_replica=args.cpus_per_replica,
             max_batch_size=args.max_batch_size,
             batch_wait_timeout_s=args.batch_wait_ms / 1000,
+            watch_s=args.watch_s,
             limits=Limits(max_body_bytes=int(args.max_body_mb * 2**20), max_instances=args.max_instances),
         )
     except ValidationError as e:
@@ -128,20 +135,35 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(yaml.safe_dump(serve_config(sargs, args.host, args.port), sort_keys=False), end="")
         return 0
 
+    from cnnray.serve.ingress import FastIngress
+
+    joined = bool(args.address or os.environ.get("RAY_ADDRESS"))
+    # Ray reads its settings when it is imported and when it starts: a local Ray gets the
+    # fast ingress here, before `import ray`; a cluster we join has what its nodes' env says.
+    ingress = FastIngress() if args.ingress == "fast" and not joined else None
+    if ingress is not None:
+        ingress.__enter__()
+
     import ray
 
     from cnnray.ray_start import init_ray
 
-    joined = bool(args.address or os.environ.get("RAY_ADDRESS"))
-    init_ray(args.address)
-    runner = ServeRunner(sargs, host=args.host, port=args.port)
-    previous = signal.signal(signal.SIGTERM, _raise_stop)
+    runner = None
+    previous = signal.getsignal(signal.SIGTERM)
     try:
+        init_ray(args.address)
+        # After ray.init: Ray's core worker installs its own SIGTERM handler (which aborts).
+        previous = signal.signal(signal.SIGTERM, _raise_stop)
+        runner = ServeRunner(sargs, host=args.host, port=args.port)
         url = runner.start(models=models)
         served = ", ".join(f"{n} (version {r.version})" for n, r in sorted(models.items()))
         print(f"[cnnray] serving {served} at {url}  (page {url}/, API {url}/v1/models, docs {url}/docs)", flush=True)
-        print("[cnnray] press Ctrl-C to stop", flush=True)
+        print(f"[cnnray] {runner.replicas} replica(s), ingress: {_ingress_name(ingress, joined)}; "
+              "press Ctrl-C to stop", flush=True)
         _print_problems(runner.problems, [])
+        # Each replica also looks in the store every --watch-s seconds itself (app.py, for
+        # `serve run`/RayService); here the deployed user_config follows the store too, so a
+        # restarted replica starts on the newest version, and skipped entries are printed.
         while True:
             time.sleep(args.watch_s or 3600)
             if args.watch_s:
@@ -157,13 +179,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except (KeyboardInterrupt, _Stop):
         print("[cnnray] stopping", flush=True)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        # A second Ctrl-C or SIGTERM while stopping must not cut the clean-up short.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         try:
             # On a cluster we joined, remove our app only; a local Ray is ours to stop.
-            runner.stop(shutdown_serve=not joined)
+            if runner is not None:
+                runner.stop(shutdown_serve=not joined)
         finally:
-            if not joined:
-                ray.shutdown()
+            try:
+                if not joined:
+                    ray.shutdown()
+            finally:
+                if ingress is not None:
+                    ingress.close()  # and any HAProxy Ray left running
+                signal.signal(signal.SIGTERM, previous)
+                signal.signal(signal.SIGINT, signal.default_int_handler)
     return 0
 
 
@@ -171,6 +202,19 @@ def _print_problems(problems: list[str], before: list[str]) -> None:
     for line in problems:
         if line not in before:
             print(f"[cnnray] model store: {line}", flush=True)
+
+
+def _replicas(text: str) -> int | str:
+    """argparse type of --replicas: 'auto', or a whole number in [1, 4096]."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    return Range(1, 4096).argtype(int)(text)
+
+
+def _ingress_name(ingress: Any, joined: bool) -> str:
+    if joined:
+        return "the cluster's"
+    return "fast (HAProxy, direct to replicas)" if ingress is not None else "Serve's HTTP proxy"
 
 
 # --- predict ------------------------------------------------------------------------------

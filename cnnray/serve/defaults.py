@@ -23,3 +23,4 @@ DECODE_THREADS = 2  # per replica: JSON parsing and image decoding run there, ne
 # clients must not take the slots that working clients need.
 MAX_ONGOING_REQUESTS = 512
 MAX_BUFFERED_BYTES = 256 * 1024 * 1024  # request bodies one replica holds at once; beyond: 429
+STORE_WATCH_S = 5.0  # seconds between a replica's looks at the model store (a directory listing)

@@ -66,7 +66,7 @@ class ServeRunner:
         self.models: dict[str, ModelRef] = {}
         self.problems: list[str] = []  # model-store entries skipped, reported in /v1/models
         self._bad: dict[str, Any] = {}  # store versions that failed verification, by their files' stamps
-        self.replicas = args.replicas
+        self.replicas: int | None = None  # resolved at start ("auto": what the cluster fits)
 
     @property
     def url(self) -> str:
@@ -78,8 +78,12 @@ class ServeRunner:
         what `resolve_models(args)` already gave the caller (else resolved, and verified, here)."""
         from ray.serve._private import api as serve_private
 
+        from cnnray.serve.app import auto_replicas
+
         self.models = models if models is not None else resolve_models(self.args)
         self.problems = resolve(self.args, self.models, self._bad).problems if self.args.model_store else []
+        if self.replicas is None:
+            self.replicas = auto_replicas(self.args)
         # serve_start + deploy_apps is what `serve run config.yaml` does (ray/serve/scripts.py).
         self._client = serve_private.serve_start(http_options={"host": self.host, "port": self.port})
         self._deploy()

@@ -11,7 +11,7 @@ Three groups:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -28,6 +28,7 @@ from cnnray.serve.defaults import (
     MAX_INSTANCES,
     MAX_ONGOING_REQUESTS,
     MAX_REQUEST_PIXELS,
+    STORE_WATCH_S,
 )
 
 
@@ -58,12 +59,18 @@ class ServeArgs(_Strict):
     checkpoints: dict[str, str] = Field(
         default_factory=dict, description="name -> checkpoint folder, served as version 1"
     )
-    replicas: int = Field(1, ge=1, description="replicas of the deployment")
+    replicas: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        "auto", description="replicas of the deployment, or 'auto': what the cluster's free CPUs or GPUs fit"
+    )
     gpu: bool = Field(False, description="one GPU per replica")
     cpus_per_replica: float = Field(1.0, ge=0, description="CPUs reserved per replica (and torch threads)")
     max_batch_size: int = Field(MAX_BATCH_SIZE, ge=1, le=4096)
     batch_wait_timeout_s: float = Field(BATCH_WAIT_S, ge=0, le=10)
     max_ongoing_requests: int = Field(MAX_ONGOING_REQUESTS, ge=1)
+    watch_s: float = Field(
+        STORE_WATCH_S, ge=0, allow_inf_nan=False,
+        description="seconds between each replica's looks at the model store for new versions (0: never)",
+    )
     limits: Limits = Field(default_factory=Limits)
 
     # Paths as typed where the app was built (`cnnray serve`, `serve run`), once

@@ -229,6 +229,8 @@ def test_more_gpus_than_the_machine_has_exit_2_in_process(mnist_dir, tmp_path, m
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setattr("torch.cuda.device_count", lambda: 1)
+    # The Ray cnnray would start (not the session's test Ray, if an earlier test started it).
+    monkeypatch.setattr("ray.is_initialized", lambda: False)
     cfg = TrainConfig(data_dir=str(mnist_dir), subset=2000, workers=2, batch_size=64, gpu=True)
     monkeypatch.setattr("os.cpu_count", lambda: 8)
     with pytest.raises(ConfigError, match="needs 2 GPUs but this machine's Ray has 1"):

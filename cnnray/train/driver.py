@@ -288,24 +288,6 @@ def run_training(cfg: TrainConfig, echo: Callable[[str], None] = print) -> dict[
                 ray.shutdown()
     finally:
         os.close(claim)  # releases the flock; the claim file stays: the folder holds a run
-    try:
-        if cfg.resume and not exists:
-            echo(f"[cnnray] no earlier run under {out}: starting a new one")
-        if cfg.resume:
-            check_resume(cfg, last_checkpoint_meta(storage, name), out)
-        preflight(cfg)
-
-        started = time.perf_counter()
-        own_ray = init_ray(cfg.address)
-        try:
-            return _fit(cfg, out, storage, name, started, echo)
-        finally:
-            if own_ray:  # now rather than at exit: ~1 s sooner, and the CPUs are free for the report
-                import ray
-
-                ray.shutdown()
-    finally:
-        os.close(claim)  # releases the flock; the claim file stays: the folder holds a run
 
 
 def _fit(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -72,3 +73,38 @@ def spawn_cnnray(args: list[str], data_home: Path):
     env.pop("RAY_ADDRESS", None)
     return subprocess.Popen([sys.executable, "-m", "cnnray.cli", *args], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1, for a server a test starts (never a fixed one)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def log_tail(log, chars: int = 3000) -> str:
+    """The end of a server's output: a path, or an open file (flushed and read back)."""
+    if isinstance(log, (str, Path)):
+        return Path(log).read_text()[-chars:]
+    log.flush()
+    log.seek(0)
+    return log.read()[-chars:]
+
+
+def wait_http(url: str, proc, log, what: str = "the server", timeout_s: float = 300.0, every_s: float = 0.5) -> None:
+    """Poll GET `url` until it answers 200 while `proc` runs; fail with the end of `log`
+    if the process exits or `timeout_s` seconds pass."""
+    import requests
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        assert proc.poll() is None, f"{what} exited:\n{log_tail(log)}"
+        try:
+            if requests.get(url, timeout=5).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        assert time.monotonic() < deadline, f"{what} did not answer {url}:\n{log_tail(log)}"
+        time.sleep(every_s)

@@ -12,39 +12,18 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.parse
-from pathlib import Path
 
 import numpy as np
 import pytest
 import requests
 
-from tests.conftest import REPO
+from tests.conftest import REPO, free_port, wait_http
 from tests.test_serve_units import MNIST_INFO, png, save_model
 
 pytestmark = pytest.mark.slow
 
 DASHBOARD = REPO / "cluster" / "grafana" / "cnnray.json"
 RATE_INTERVAL = "20s"  # what Grafana's $__rate_interval becomes here (scrapes every 1 s)
-
-
-def _free_port() -> int:
-    from cnnray.serve.ingress import free_ports
-
-    return free_ports(1)[0]
-
-
-def _wait_http(url: str, proc: subprocess.Popen, timeout_s: float, what: str, log: Path) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        assert proc.poll() is None, f"{what} exited:\n{log.read_text()[-3000:]}"
-        try:
-            if requests.get(url, timeout=5).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        assert time.monotonic() < deadline, f"{what} did not answer {url}:\n{log.read_text()[-3000:]}"
-        time.sleep(1)
 
 
 def _stop(proc: subprocess.Popen, sig: int = 2) -> None:
@@ -106,7 +85,7 @@ def test_prometheus_scrapes_serve_and_training_and_every_panel_has_data(local_ra
     started = time.time()
     # 1. cnnray serve, as a user runs it (its own local Ray, the fast ingress).
     ck = save_model(tmp_path / "ck", "cnn", MNIST_INFO)
-    serve_port = _free_port()
+    serve_port = free_port()
     serve_url = f"http://127.0.0.1:{serve_port}"
     serve_log = tmp_path / "serve.log"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -119,7 +98,7 @@ def test_prometheus_scrapes_serve_and_training_and_every_panel_has_data(local_ra
     try:
         # 2. Prometheus: cnnray serve's /metrics and this session's Ray metrics endpoint.
         ray_port = next(int(n["MetricsExportPort"]) for n in ray.nodes() if n["Alive"])
-        prom_port = _free_port()
+        prom_port = free_port()
         (tmp_path / "prometheus.yml").write_text(
             "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
             "scrape_configs:\n"
@@ -133,14 +112,14 @@ def test_prometheus_scrapes_serve_and_training_and_every_panel_has_data(local_ra
             stdout=open(prom_log, "w"), stderr=subprocess.STDOUT,
         )
         prom = Prometheus(f"http://127.0.0.1:{prom_port}")
-        _wait_http(prom.url + "/-/ready", prom_proc, 60, "prometheus", prom_log)
+        wait_http(prom.url + "/-/ready", prom_proc, prom_log, "prometheus", timeout_s=60, every_s=1)
 
         # 3. A training run on the session's Ray while cnnray serve comes up.
         cfg = TrainConfig(model="cnn", dataset="mnist", data_dir=str(mnist_dir), workers=2, subset=2000,
                           epochs=2, batch_size=64, lr=0.05, out=str(tmp_path / "prom-run"), verbose=False)
         trained = threading.Thread(target=run_training, args=(cfg,), kwargs={"echo": lambda _: None}, daemon=True)
         trained.start()
-        _wait_http(serve_url + "/healthz", serve, 300, "cnnray serve", serve_log)
+        wait_http(serve_url + "/healthz", serve, serve_log, "cnnray serve", timeout_s=300, every_s=1)
 
         # 4. Traffic: 40 good requests and 5 refused ones, spread over a few seconds.
         image = png(np.zeros((28, 28), np.uint8))

@@ -25,7 +25,7 @@ import requests
 import torch
 from PIL import Image
 
-from tests.conftest import REPO
+from tests.conftest import REPO, free_port
 from tests.test_serve_units import CIFAR_INFO, MNIST_INFO, encode, offline_probs, png, save_model, train_cnn
 
 LIMITS = {"max_body_bytes": 256 * 1024, "max_instances": 8, "max_image_pixels": 512 * 512}
@@ -41,14 +41,6 @@ class Server:
     test_x: torch.Tensor  # real MNIST test images, uint8 N x 1 x 28 x 28
     test_y: torch.Tensor
     replica: str
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -36,7 +36,7 @@ import requests
 import torch
 from PIL import Image
 
-from tests.conftest import REPO
+from tests.conftest import REPO, free_port, log_tail, wait_http
 from tests.test_serve_units import MNIST_INFO, png, save_model
 
 HEALTH_P99_BOUND_S = 1.0  # generous: the target is 0.1 s; a blocked event loop shows as seconds
@@ -45,12 +45,6 @@ NOISE = np.random.default_rng(3).integers(0, 256, (28, 28), dtype=np.uint8)
 
 
 # --- helpers ------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class HealthProbe:
     """GET /healthz every `every_s` seconds in a thread while an attack runs: latencies and failures."""
 
@@ -607,16 +601,7 @@ def real_serve(tmp_path_factory, good_checkpoint):
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            assert proc.poll() is None, _tail(log)
-            try:
-                if requests.get(url + "/healthz", timeout=5).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            assert time.monotonic() < deadline, "cnnray serve did not come up\n" + _tail(log)
-            time.sleep(0.5)
+        wait_http(url + "/healthz", proc, log, "cnnray serve")
         yield {"url": url, "port": port, "store": store, "proc": proc, "log": log, "checkpoint": good_checkpoint}
     finally:
         proc.send_signal(2)  # Ctrl-C: it removes what it started
@@ -626,12 +611,6 @@ def real_serve(tmp_path_factory, good_checkpoint):
             proc.kill()
             proc.wait(30)
         log.close()
-
-
-def _tail(log) -> str:
-    log.flush()
-    log.seek(0)
-    return log.read()[-3000:]
 
 
 @pytest.mark.slow
@@ -685,7 +664,7 @@ def test_real_serve_keeps_serving_whatever_appears_in_the_store(real_serve):
         locked = store / "locked"
         locked.mkdir(mode=0o700)
         time.sleep(4)  # several polls
-        assert real_serve["proc"].poll() is None, _tail(real_serve["log"])
+        assert real_serve["proc"].poll() is None, log_tail(real_serve["log"])
         listing = requests.get(url + "/v1/models", timeout=30).json()
         info = {m["name"]: m for m in listing["models"]}
         assert info["digits"]["version"] == 1 and info["digits"]["ready"]
@@ -698,7 +677,7 @@ def test_real_serve_keeps_serving_whatever_appears_in_the_store(real_serve):
         shutil.copyfile(ck / "meta.json", partial / "meta.json")  # the copy completes
         deadline = time.monotonic() + 120
         while requests.get(url + "/v1/models/digits", timeout=30).json().get("version") != 2:
-            assert time.monotonic() < deadline, "version 2 was not served once complete\n" + _tail(real_serve["log"])
+            assert time.monotonic() < deadline, "version 2 was not served once complete\n" + log_tail(real_serve["log"])
             time.sleep(0.5)
     probe.check("a model store full of surprises")
     assert real_serve["proc"].poll() is None

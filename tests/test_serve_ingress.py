@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import requests
 
-from tests.conftest import REPO
+from tests.conftest import REPO, free_port, log_tail, wait_http
 from tests.test_serve_units import MNIST_INFO, png, save_model
 
 
@@ -129,17 +129,11 @@ def _names(pids: set[int]) -> dict[int, str]:
     return out
 
 
-def _free_port() -> int:
-    from cnnray.serve.ingress import free_ports
-
-    return free_ports(1)[0]
-
-
 def test_cnnray_serve_listens_on_loopback_only_and_sigterm_leaves_nothing_behind(tmp_path):
     import psutil
 
     ck = save_model(tmp_path / "ck", "cnn", MNIST_INFO)
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     log = open(tmp_path / "serve.log", "w+")
@@ -151,16 +145,7 @@ def test_cnnray_serve_listens_on_loopback_only_and_sigterm_leaves_nothing_behind
     seen: set[int] = set()
     folder = None
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            assert proc.poll() is None, _tail(log)
-            try:
-                if requests.get(url + "/healthz", timeout=5).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            assert time.monotonic() < deadline, "cnnray serve did not come up\n" + _tail(log)
-            time.sleep(1)
+        wait_http(url + "/healthz", proc, log, "cnnray serve", every_s=1)
         r = requests.post(f"{url}/predictions/digits", data=png(np.zeros((28, 28), np.uint8)),
                           headers={"Content-Type": "image/png"}, timeout=60)
         assert r.status_code == 200, r.text
@@ -191,8 +176,8 @@ def test_cnnray_serve_listens_on_loopback_only_and_sigterm_leaves_nothing_behind
         except subprocess.TimeoutExpired:
             proc.kill()
             code = "killed after 120 s"
-    assert code == 0, _tail(log)
-    assert "[cnnray] stopping" in _tail(log)
+    assert code == 0, log_tail(log)
+    assert "[cnnray] stopping" in log_tail(log)
     # Everything it started has ended (give Ray's own children a moment to be reaped).
     deadline = time.monotonic() + 30
     while (alive := [p for p in seen if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]):
@@ -205,12 +190,6 @@ def test_cnnray_serve_listens_on_loopback_only_and_sigterm_leaves_nothing_behind
     assert folder is not None and not folder.exists(), "HAProxy's private folder was left behind"
 
 
-def _tail(log) -> str:
-    log.flush()
-    log.seek(0)
-    return log.read()[-3000:]
-
-
 # --- Ray's own `serve run` of jobs/configs/serve.yaml: fast ingress, and the store watched ----------
 def test_serve_run_of_the_shipped_config_swaps_in_new_store_versions_itself(tmp_path):
     """What a RayService runs (no `cnnray serve` beside it): each replica finds the new version."""
@@ -221,7 +200,7 @@ def test_serve_run_of_the_shipped_config_swaps_in_new_store_versions_itself(tmp_
     store = tmp_path / "store"
     export(save_model(tmp_path / "v1", "cnn", MNIST_INFO, seed=1), store, "digits")
     config = yaml.safe_load((REPO / "jobs" / "configs" / "serve.yaml").read_text())
-    port = _free_port()
+    port = free_port()
     config["http_options"]["port"] = port
     args = config["applications"][0]["args"]
     args.update(model_store=str(store), replicas=1, watch_s=1)
@@ -239,14 +218,14 @@ def test_serve_run_of_the_shipped_config_swaps_in_new_store_versions_itself(tmp_
     try:
         deadline = time.monotonic() + 300
         while True:
-            assert proc.poll() is None, _tail(log)
+            assert proc.poll() is None, log_tail(log)
             try:
                 r = requests.get(url + "/v1/models", timeout=5)
                 if r.status_code == 200:
                     break
             except requests.RequestException:
                 pass
-            assert time.monotonic() < deadline, "serve run did not come up\n" + _tail(log)
+            assert time.monotonic() < deadline, "serve run did not come up\n" + log_tail(log)
             time.sleep(1)
         assert [(m["name"], m["version"]) for m in r.json()["models"]] == [("digits", 1)]
         folder = _haproxy_folder(proc.pid)
@@ -254,7 +233,7 @@ def test_serve_run_of_the_shipped_config_swaps_in_new_store_versions_itself(tmp_
         export(save_model(tmp_path / "v2", "cnn", MNIST_INFO, seed=2), store, "digits")
         deadline = time.monotonic() + 60
         while requests.get(url + "/v1/models", timeout=5).json()["models"][0]["version"] != 2:
-            assert time.monotonic() < deadline, "version 2 was not picked up\n" + _tail(log)
+            assert time.monotonic() < deadline, "version 2 was not picked up\n" + log_tail(log)
             time.sleep(0.5)
         r = requests.post(f"{url}/predictions/digits", data=png(np.zeros((28, 28), np.uint8)),
                           headers={"Content-Type": "image/png"}, timeout=60)

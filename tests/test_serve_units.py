@@ -386,7 +386,7 @@ def test_cli_serve_refuses_bad_input_in_one_line(checkpoint, tmp_path, capsys):
         (["--checkpoint", str(checkpoint), "--name", "bad/name"], "invalid model name"),
         (["--checkpoint", str(checkpoint), "--name", "x", "--max-batch-size", "0"], "argument --max-batch-size"),
         (["--checkpoint", str(checkpoint), "--name", "x", "--port", "70000"], "argument --port: '70000' is not in [1, 65535]"),
-        (["--checkpoint", str(checkpoint), "--name", "x", "--replicas", "many"], "argument --replicas: 'many'"),
+        (["--checkpoint", str(checkpoint), "--name", "x", "--replicas", "many"], "argument --replicas: expected an integer, got 'many' (or auto)"),
         (["--checkpoint", str(checkpoint), "--name", "x", "--replicas", "0"], "argument --replicas"),
         (["--checkpoint", str(checkpoint), "--name", "x", "--replicas", "nan"], "argument --replicas"),
     ]

@@ -12,7 +12,6 @@ import sys
 import pytest
 
 from cnnray.config import ConfigError, TrainConfig
-from cnnray.train import driver
 from cnnray.train.driver import CLAIM_FILE, check_resume, claim_run_folder
 from tests.conftest import REPO
 

@@ -206,9 +206,14 @@ def _print_problems(problems: list[str], before: list[str]) -> None:
 
 def _replicas(text: str) -> int | str:
     """argparse type of --replicas: 'auto', or a whole number in [1, 4096]."""
+    from cnnray.argtypes import Range
+
     if text.strip().lower() == "auto":
         return "auto"
-    return Range(1, 4096).argtype(int)(text)
+    try:
+        return Range(1, 4096).argtype(int)(text)
+    except argparse.ArgumentTypeError as e:
+        raise argparse.ArgumentTypeError(f"{e} (or auto)") from None
 
 
 def _ingress_name(ingress: Any, joined: bool) -> str:

@@ -440,7 +440,7 @@ def test_cli_predict_prints_label_and_probability(server, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "cnnray.cli", "predict", "--url", server.url, "--model", "nope",
                            str(files[0])], capture_output=True, text=True, timeout=120, cwd=REPO)
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert proc.returncode == 1 and len(lines) == 1 and "unknown model 'nope'" in lines[0]
+    assert proc.returncode == 2 and len(lines) == 1 and "unknown model 'nope'" in lines[0]
 
 
 # --- the page, in headless Chromium --------------------------------------------------------------------

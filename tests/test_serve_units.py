@@ -373,6 +373,14 @@ def checkpoint(tmp_path_factory) -> Path:
 
 
 def test_cli_serve_refuses_bad_input_in_one_line(checkpoint, tmp_path, capsys):
+    """Each refused before Ray starts, exit 2, one line (a busy port and more replicas than
+    the machine holds used to fail only after Ray had started, or hang)."""
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    busy_port = listener.getsockname()[1]
     corrupt = tmp_path / "corrupt"
     corrupt.mkdir()
     for f in checkpoint.iterdir():
@@ -385,14 +393,19 @@ def test_cli_serve_refuses_bad_input_in_one_line(checkpoint, tmp_path, capsys):
         (["--checkpoint", str(corrupt), "--name", "x"], "model.pt is corrupt"),
         (["--checkpoint", str(checkpoint), "--name", "bad/name"], "invalid model name"),
         (["--checkpoint", str(checkpoint), "--name", "x", "--max-batch-size", "0"], "argument --max-batch-size"),
+        (["--checkpoint", str(checkpoint), "--name", "x", "--replicas", "4096"], "--replicas 4096 need 4096 CPUs"),
+        (["--checkpoint", str(checkpoint), "--name", "x", "--port", str(busy_port)], "cannot listen on 127.0.0.1"),
         (["--checkpoint", str(checkpoint), "--name", "x", "--port", "70000"], "argument --port: '70000' is not in [1, 65535]"),
         (["--checkpoint", str(checkpoint), "--name", "x", "--replicas", "many"], "argument --replicas: expected an integer, got 'many' (or auto)"),
         (["--checkpoint", str(checkpoint), "--name", "x", "--replicas", "0"], "argument --replicas"),
         (["--checkpoint", str(checkpoint), "--name", "x", "--replicas", "nan"], "argument --replicas"),
     ]
-    for args, fragment in cases:
-        code, _, lines = run_cli(capsys, "serve", *args)
-        assert code == 2 and len(lines) == 1 and fragment in lines[0], (args, lines)
+    try:
+        for args, fragment in cases:
+            code, _, lines = run_cli(capsys, "serve", *args)
+            assert code == 2 and len(lines) == 1 and fragment in lines[0], (args, lines)
+    finally:
+        listener.close()
 
 
 def test_cli_serve_refusal_through_the_command():

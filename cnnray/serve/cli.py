@@ -138,6 +138,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from cnnray.serve.ingress import FastIngress
 
     joined = bool(args.address or os.environ.get("RAY_ADDRESS"))
+    if not joined:  # what a local Ray cannot give is refused before it starts (exit 2)
+        _check_fits_this_machine(sargs)
+        _check_port_free(args.host, args.port)
     # Ray reads its settings when it is imported and when it starts: a local Ray gets the
     # fast ingress here, before `import ray`; a cluster we join has what its nodes' env says.
     ingress = FastIngress() if args.ingress == "fast" and not joined else None
@@ -204,6 +207,49 @@ def _print_problems(problems: list[str], before: list[str]) -> None:
             print(f"[cnnray] model store: {line}", flush=True)
 
 
+def _check_fits_this_machine(sargs: Any) -> None:
+    """Explicit --replicas that this machine's CPUs (or GPUs) cannot hold would wait for
+    resources forever on a local Ray: ConfigError instead."""
+    from cnnray.config import ConfigError
+
+    if sargs.replicas == "auto":
+        return
+    if sargs.gpu:
+        import torch
+
+        have, need, what = torch.cuda.device_count(), sargs.replicas, "GPUs"
+    else:
+        from cnnray.ray_start import local_cpu_count
+
+        have, need, what = local_cpu_count(), sargs.replicas * sargs.cpus_per_replica, "CPUs"
+    if need > have:
+        raise ConfigError(
+            f"--replicas {sargs.replicas} need {need:g} {what} but this machine has {have}: "
+            "lower --replicas (or --cpus-per-replica), or use --replicas auto"
+        )
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """ConfigError when something already listens on host:port (HAProxy or Serve's proxy
+    would fail to bind it only after Ray has started). SO_REUSEADDR, as servers bind, so a
+    port in TIME_WAIT still counts as free."""
+    import socket
+
+    from cnnray.config import ConfigError
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise ConfigError(f"--host {host}: {e.strerror}") from None
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(address)
+        except OSError as e:
+            raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror or e} (choose another --port)") from None
+
+
 def _replicas(text: str) -> int | str:
     """argparse type of --replicas: 'auto', or a whole number in [1, 4096]."""
     from cnnray.argtypes import Range
@@ -247,7 +293,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         if status != 200:
             said = f"answered {status}" if status else "cannot be reached"
             print(f"cnnray: error: {endpoint} {said}: {body.get('error', body)}", file=sys.stderr)
-            return 1
+            return 2 if 400 <= status < 500 else 1  # the request was refused: a user error
         if args.json:
             print(json.dumps(body))
             continue

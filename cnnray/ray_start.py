@@ -12,6 +12,7 @@ started (loopback dashboard, workers at normal priority, Ray Train's local timin
 from __future__ import annotations
 
 import os
+import sys
 
 # Ray Train settings for a local single-node Ray; the user's own values win. Poll the
 # workers every 0.5 s, not 2 s (a run's end is seen ~1.5 s sooner), and no preemption
@@ -35,10 +36,11 @@ def joining_cluster(address: str | None = None) -> bool:
 
 def local_cpu_count() -> int:
     """CPUs a local Ray offers: a running Ray's own count, else the cores this process may
-    use (its affinity mask, which is what `taskset` or a container's cpuset leaves)."""
-    import ray
-
-    if ray.is_initialized():
+    use (its affinity mask, which is what `taskset` or a container's cpuset leaves).
+    Never imports Ray itself: Ray reads some settings from the environment at import
+    (`cnnray serve` sets them after asking this), so only an already-imported Ray is asked."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
         return max(1, int(ray.cluster_resources().get("CPU", 1)))
     try:
         return max(1, len(os.sched_getaffinity(0)))

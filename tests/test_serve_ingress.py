@@ -149,16 +149,17 @@ def test_cnnray_serve_listens_on_loopback_only_and_sigterm_leaves_nothing_behind
         r = requests.post(f"{url}/predictions/digits", data=png(np.zeros((28, 28), np.uint8)),
                           headers={"Content-Type": "image/png"}, timeout=60)
         assert r.status_code == 200, r.text
-        deadline = time.monotonic() + 30  # HAProxy restarts on reloads: look until one is seen
+        # HAProxy restarts on reloads: look until a snapshot of the process tree holds one
+        # that listens on the serving port (a snapshot taken mid-restart may not).
+        deadline = time.monotonic() + 30
         while True:
             seen = _tree(proc.pid)
             names = _names(seen)
-            if any("haproxy" in n for n in names.values()):
+            sockets = _listening(seen)
+            if any("haproxy" in n for n in names.values()) and any(port == port_ for *_, port_ in sockets):
                 break
-            assert time.monotonic() < deadline, f"no HAProxy among {sorted(names.items())}"
+            assert time.monotonic() < deadline, f"no HAProxy on port {port}: {sorted(names.items())} {sockets}"
             time.sleep(0.5)
-        sockets = _listening(seen)
-        assert any(port == port_ for *_, port_ in sockets)
         # HAProxy (serving port, stats page, metrics) listens on loopback alone.
         hap = [s for s in sockets if "haproxy" in s[1]]
         assert len(hap) >= 3 and all(s[2] == "127.0.0.1" for s in hap), hap

@@ -63,16 +63,18 @@ def registered_checkpoints(run_dir: Path) -> set[str]:
     return {r["checkpoint_dir_name"] for r in snapshot.get("checkpoint_results", [])}
 
 
-def spawn_cnnray(args: list[str], data_home: Path):
-    """Start `python -m cnnray.cli ARGS` as a user would, with a private data cache and no
-    RAY_ADDRESS (it starts its own local Ray); output merged into proc.stdout."""
+def spawn_cnnray(args: list[str], data_home: Path | None = None, output=None):
+    """Start `python -m cnnray.cli ARGS` as a user would, with no RAY_ADDRESS (it starts its
+    own local Ray) and, given `data_home`, a private data cache. Output (stderr merged) goes
+    to `output`, an open file, or else to proc.stdout."""
     import subprocess
     import sys
 
-    env = {**os.environ, "CNNRAY_DATA": str(data_home)}
+    env = {**os.environ, **({"CNNRAY_DATA": str(data_home)} if data_home is not None else {})}
     env.pop("RAY_ADDRESS", None)
     return subprocess.Popen([sys.executable, "-m", "cnnray.cli", *args], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE if output is None else output, stderr=subprocess.STDOUT,
+                            text=True)
 
 
 def free_port() -> int:

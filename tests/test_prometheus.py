@@ -6,10 +6,8 @@ data. Skips, saying why, where the `prometheus` binary is missing (.ci/run insta
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 import threading
 import time
 
@@ -17,7 +15,7 @@ import numpy as np
 import pytest
 import requests
 
-from tests.conftest import REPO, free_port, wait_http
+from tests.conftest import REPO, free_port, spawn_cnnray, wait_http
 from tests.test_serve_units import MNIST_INFO, png, save_model
 
 pytestmark = pytest.mark.slow
@@ -88,12 +86,8 @@ def test_prometheus_scrapes_serve_and_training_and_every_panel_has_data(local_ra
     serve_port = free_port()
     serve_url = f"http://127.0.0.1:{serve_port}"
     serve_log = tmp_path / "serve.log"
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    serve = subprocess.Popen(
-        [sys.executable, "-m", "cnnray.cli", "serve", "--checkpoint", str(ck), "--name", "digits",
-         "--port", str(serve_port), "--watch-s", "0", "--replicas", "1"],
-        cwd=REPO, env=env, stdout=open(serve_log, "w"), stderr=subprocess.STDOUT,
-    )
+    serve = spawn_cnnray(["serve", "--checkpoint", str(ck), "--name", "digits", "--port", str(serve_port),
+                          "--watch-s", "0", "--replicas", "1"], output=open(serve_log, "w"))
     prom_proc = None
     try:
         # 2. Prometheus: cnnray serve's /metrics and this session's Ray metrics endpoint.

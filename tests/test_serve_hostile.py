@@ -36,7 +36,7 @@ import requests
 import torch
 from PIL import Image
 
-from tests.conftest import REPO, free_port, log_tail, wait_http
+from tests.conftest import REPO, free_port, log_tail, spawn_cnnray, wait_http
 from tests.test_serve_units import MNIST_INFO, png, save_model
 
 HEALTH_P99_BOUND_S = 1.0  # generous: the target is 0.1 s; a blocked event loop shows as seconds
@@ -592,13 +592,8 @@ def real_serve(tmp_path_factory, good_checkpoint):
     store = root / "store"
     export(good_checkpoint, store, "digits")
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     log = open(root / "serve.log", "w+")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cnnray.cli", "serve", "--model-store", str(store), "--port", str(port),
-         "--watch-s", "1"],
-        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-    )
+    proc = spawn_cnnray(["serve", "--model-store", str(store), "--port", str(port), "--watch-s", "1"], output=log)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_http(url + "/healthz", proc, log, "cnnray serve")

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import requests
 
-from tests.conftest import REPO, free_port, log_tail, wait_http
+from tests.conftest import REPO, free_port, log_tail, spawn_cnnray, wait_http
 from tests.test_serve_units import MNIST_INFO, png, save_model
 
 
@@ -135,13 +135,9 @@ def test_cnnray_serve_listens_on_loopback_only_and_sigterm_leaves_nothing_behind
     ck = save_model(tmp_path / "ck", "cnn", MNIST_INFO)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     log = open(tmp_path / "serve.log", "w+")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cnnray.cli", "serve", "--checkpoint", str(ck), "--name", "digits",
-         "--port", str(port), "--watch-s", "0", "--replicas", "1"],
-        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-    )
+    proc = spawn_cnnray(["serve", "--checkpoint", str(ck), "--name", "digits", "--port", str(port),
+                         "--watch-s", "0", "--replicas", "1"], output=log)
     seen: set[int] = set()
     folder = None
     try:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO
+from tests.conftest import REPO, spawn_cnnray
 from tests.test_serve_units import MNIST_INFO, one_thread, save_model, train_cnn
 
 pytestmark = pytest.mark.slow
@@ -56,13 +56,9 @@ def test_cnnray_serve_answers_the_10000_test_images_as_offline_evaluation(mnist_
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     log = open(tmp_path / "serve.log", "w+")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cnnray.cli", "serve", "--checkpoint", str(ck), "--name", "mnist",
-         "--port", str(port), "--watch-s", "0"],
-        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-    )
+    proc = spawn_cnnray(["serve", "--checkpoint", str(ck), "--name", "mnist", "--port", str(port), "--watch-s", "0"],
+                        output=log)
     try:
         wait_healthy(url, proc, 300)
         result = run_load(url, "mnist", pngs, labels, requests=10_000, concurrency=32, server="cnnray serve")

@@ -128,8 +128,8 @@ def _local_resource(name: str) -> float:
 
     if ray.is_initialized():
         return ray.cluster_resources().get(name, 0.0)
-    if name == "CPU":
-        return float(os.cpu_count() or 1)
+    if name == "CPU":  # the count resolve_run shares out by default
+        return float(local_cpu_count())
     import torch
 
     return float(torch.cuda.device_count())

@@ -121,7 +121,7 @@ def nan_model(directory: Path) -> Path:
 class LocalServer:
     """The HTTP app over `LocalBackend`, served by uvicorn in a thread on a free loopback port."""
 
-    def __init__(self, models: dict, limits) -> None:
+    def __init__(self, models: dict, limits, lean: bool = True) -> None:
         import uvicorn
 
         from cnnray.serve.api import build_http_app
@@ -130,7 +130,7 @@ class LocalServer:
         self.backend = LocalBackend(models, limits=limits)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(build_http_app(self.backend), host="127.0.0.1", port=self.port,
+        config = uvicorn.Config(build_http_app(self.backend, lean=lean), host="127.0.0.1", port=self.port,
                                 log_level="warning", access_log=False)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
@@ -155,6 +155,21 @@ def local(tmp_path_factory):
         "overflow": ModelRef(path=str(overflow_model(root / "overflow")), version=1),
     }
     server = LocalServer(models, Limits(body_timeout_s=BODY_TIMEOUT_S))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory):
+    """The same app as `local` without the lean inference path: FastAPI's router all the way."""
+    from cnnray.serve.schemas import Limits, ModelRef
+
+    root = tmp_path_factory.mktemp("plain")
+    models = {
+        "digits": ModelRef(path=str(save_model(root / "digits", "cnn", MNIST_INFO)), version=1),
+        "overflow": ModelRef(path=str(overflow_model(root / "overflow")), version=1),
+    }
+    server = LocalServer(models, Limits(body_timeout_s=BODY_TIMEOUT_S), lean=False)
     yield server
     server.stop()
 
@@ -206,8 +221,8 @@ def test_pixels_times_instances_are_bounded_before_decoding(local):
 @pytest.mark.parametrize("route", ["torchserve", "kserve"])
 def test_decoding_never_runs_on_the_event_loop(local, monkeypatch, route):
     """A decode that takes seconds (a many-scan progressive JPEG; here a stand-in that sleeps)
-    must not delay /healthz or other requests: decoding runs on the app's thread pool."""
-    import cnnray.serve.api as api
+    must not delay /healthz or other requests: decoding runs off the event loop (in the
+    backend: the plain server's thread pool here, the replica's batch thread on Serve)."""
     import cnnray.serve.preprocess as pre
 
     original = pre.decode_image
@@ -217,7 +232,6 @@ def test_decoding_never_runs_on_the_event_loop(local, monkeypatch, route):
         return original(*args, **kwargs)
 
     monkeypatch.setattr(pre, "decode_image", slow_decode)
-    monkeypatch.setattr(api, "decode_image", slow_decode)
     result: dict = {}
 
     def attack() -> None:
@@ -333,6 +347,57 @@ def test_oversized_upload_with_urllib_and_chunked(local):
     r = requests.post(f"{local.url}/predictions/nope", data=bytes(5 * 1024 * 1024),
                       headers={"Content-Type": "image/png"}, timeout=120)
     assert r.status_code == 404 and "unknown model" in r.json()["error"]
+
+
+# --- the lean inference path answers exactly as FastAPI's router does ------------------------------
+def _same_answers_cases() -> list[tuple]:
+    from tests.test_serve_api import BAD
+
+    good = png(NOISE)
+    bright = png(np.full((28, 28), 255, np.uint8))
+    return [c[:5] for c in BAD] + [
+        # (id, method, path, body, content type)
+        ("png", "POST", "/predictions/digits", good, "image/png"),
+        ("png-put", "PUT", "/predictions/digits", good, None),
+        ("kserve-two", "POST", "/v1/models/digits:predict",
+         json.dumps({"instances": [b64(good), np.zeros((1, 28, 28)).tolist()]}).encode(), "application/json"),
+        ("kserve-large-body", "POST", "/v1/models/digits:predict",  # parsed on the pool, not inline
+         json.dumps({"instances": [np.full((1, 28, 28), 200.5).tolist()] * 4}).encode(), "application/json"),
+        ("non-finite-output", "POST", "/predictions/overflow", bright, "image/png"),
+        ("name-with-slash", "POST", "/predictions/digits/x", good, "image/png"),
+        ("trailing-slash", "POST", "/predictions/digits/", good, "image/png"),
+        ("empty-name", "POST", "/v1/models/:predict", b"{}", "application/json"),
+        ("head", "HEAD", "/predictions/digits", None, None),
+    ]
+
+
+@pytest.mark.parametrize("case", _same_answers_cases(), ids=lambda c: c[0])
+def test_lean_path_answers_as_fastapi_does(local, plain, case):
+    """Every status, error body and header that matters, the same on both apps."""
+    _, method, path, body, ctype = case
+    headers = {"Content-Type": ctype} if ctype else {}
+    a = requests.request(method, local.url + path, data=body, headers=headers, timeout=60, allow_redirects=False)
+    b = requests.request(method, plain.url + path, data=body, headers=headers, timeout=60, allow_redirects=False)
+    assert (a.status_code, a.content) == (b.status_code, b.content)
+    for h in ("content-type", "connection", "retry-after", "location"):
+        assert a.headers.get(h, "").replace(local.url, "") == b.headers.get(h, "").replace(plain.url, ""), h
+
+
+def test_hot_routes_are_the_inference_routes():
+    from cnnray.serve.api import hot_route
+
+    def route(method: str, path: str, root: str = ""):
+        return hot_route({"type": "http", "method": method, "path": root + path, "root_path": root})
+
+    assert route("POST", "/predictions/digits") == ("torchserve", "digits")
+    assert route("PUT", "/predictions/digits") == ("torchserve", "digits")
+    assert route("POST", "/v1/models/digits:predict") == ("kserve", "digits")
+    assert route("POST", "/v1/models/a:predict:predict") == ("kserve", "a:predict")  # as FastAPI's {name}
+    assert route("POST", "/predictions/digits", root="/api") == ("torchserve", "digits")
+    for method, path in [("GET", "/predictions/digits"), ("PUT", "/v1/models/digits:predict"),
+                         ("POST", "/predictions/"), ("POST", "/predictions/a/b"), ("POST", "/v1/models/:predict"),
+                         ("POST", "/v1/models/a/b:predict"), ("POST", "/v1/models/digits"), ("POST", "/healthz")]:
+        assert route(method, path) is None, (method, path)
 
 
 # --- 4. non-finite output -------------------------------------------------------------------------

@@ -164,16 +164,23 @@ def test_colour_image_for_a_grayscale_model_becomes_one_channel():
 
 
 def test_normalisation_is_the_training_batches():
+    """A serving batch (files decoded in the batch, JSON arrays, a bad file among them) gives
+    every good image exactly the input training gives it."""
     from cnnray.data import ShardedBatches
-    from cnnray.serve.preprocess import to_model_input
+    from cnnray.serve.preprocess import EncodedImage, batch_inputs
 
     x = torch.randint(0, 256, (5, 1, 28, 28), dtype=torch.uint8)
     (batch, _), = list(ShardedBatches(x, torch.zeros(5, dtype=torch.long), batch_size=5, shuffle=False,
                                       drop_last=False, mean=(0.1307,), std=(0.3081,)))
-    for i in range(5):
-        assert torch.equal(to_model_input(x[i], (0.1307,), (0.3081,))[0], batch[i])
-        # an array instance of the same pixel values gives the same input
-        assert torch.equal(to_model_input(x[i].float(), (0.1307,), (0.3081,))[0], batch[i])
+    files = [EncodedImage(png(x[i, 0].numpy()), 10**6) for i in range(5)]
+    inputs, errors = batch_inputs(files, (1, 28, 28), (0.1307,), (0.3081,))
+    assert errors == [None] * 5 and torch.equal(inputs, batch)
+    # array instances of the same pixel values (float32) beside files, and a file that is no image
+    mixed = [files[0], x[1].float(), EncodedImage(b"no image", 10**6), files[3], x[4].float()]
+    inputs, errors = batch_inputs(mixed, (1, 28, 28), (0.1307,), (0.3081,))
+    assert [e is None for e in errors] == [True, True, False, True, True]
+    assert errors[2].status == 400 and "not an image" in errors[2].message
+    assert torch.equal(inputs, batch[[0, 1, 3, 4]])
 
 
 @pytest.mark.parametrize(

@@ -28,6 +28,7 @@ from ray.serve import Application
 from cnnray.serve.defaults import BATCH_WAIT_S, DEPLOYMENT, MAX_BATCH_SIZE, MAX_ONGOING_REQUESTS
 from cnnray.serve.engine import LoadedModel, load_served_model, public_error, resolve, user_config_for
 from cnnray.serve.metrics import MetricsHub, MetricsReporter, ServeMetrics
+from cnnray.serve.preprocess import Payload, RequestError
 from cnnray.serve.schemas import Limits, ModelRef, ServeArgs, ServeUserConfig
 
 # No `from __future__ import annotations` here: Serve reads `build_app`'s annotation as a
@@ -66,8 +67,8 @@ class ModelServer:
         self.metrics = ServeMetrics()
         self._device = torch.device(device)
         torch.set_num_threads(max(1, threads))
-        # One inference thread: forward passes run one at a time, off the event loop, so
-        # requests keep being parsed and batched while the model computes.
+        # One inference thread: batches are decoded and run one at a time, off the event
+        # loop, so requests keep being read and batched while the model computes.
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cnnray-infer")
         self._models: dict[str, LoadedModel] = {}
         self._failures: dict[str, tuple[int, str]] = {}
@@ -146,26 +147,32 @@ class ModelServer:
     def problems(self) -> list[str]:
         return list(self._problems)
 
-    async def infer(self, entry: LoadedModel, inputs: list[torch.Tensor]) -> torch.Tensor:
-        """Probabilities for each 1 x C x H x W input; each image joins the replica's batches."""
-        return torch.cat(await asyncio.gather(*(self._batched((entry, x)) for x in inputs)))
+    async def infer(self, entry: LoadedModel, payloads: list[Payload]) -> list[list[float] | RequestError]:
+        """Class probabilities (or the RequestError refusing it) for each payload of a request;
+        each payload joins the replica's batches, where it is decoded."""
+        if len(payloads) == 1:  # the common case: no gather, no task per payload
+            return [await self._batched((entry, payloads[0]))]
+        return list(await asyncio.gather(*(self._batched((entry, p)) for p in payloads)))
 
     @serve.batch(max_batch_size=MAX_BATCH_SIZE, batch_wait_timeout_s=BATCH_WAIT_S)
-    async def _batched(self, items: list[tuple[LoadedModel, torch.Tensor]]) -> list[torch.Tensor]:
+    async def _batched(self, items: list[tuple[LoadedModel, Payload]]) -> list[list[float] | RequestError]:
         # Items name their model version: a batch may mix models, or the versions before
-        # and after a swap, so it runs one forward pass per (model, version).
+        # and after a swap, so it runs one forward pass per (model, version). Decoding,
+        # normalisation and the forward pass of a group are one call on the inference
+        # thread: one thread hop per batch, not one per request.
         groups: dict[int, list[int]] = {}
         for i, (entry, _) in enumerate(items):
             groups.setdefault(id(entry), []).append(i)
-        out: list[torch.Tensor] = [torch.empty(0)] * len(items)
+        out: list[list[float] | RequestError] = [[]] * len(items)
         loop = asyncio.get_running_loop()
         for idx in groups.values():
             entry = items[idx[0]][0]
-            x = torch.cat([items[i][1] for i in idx])
-            self.metrics.batch_size.labels(entry.name).observe(len(idx))
-            probs = await loop.run_in_executor(self._pool, entry.predict, x)
-            for j, i in enumerate(idx):
-                out[i] = probs[j : j + 1]
+            results = await loop.run_in_executor(self._pool, entry.classify, [items[i][1] for i in idx])
+            decoded = sum(1 for r in results if not isinstance(r, RequestError))
+            if decoded:
+                self.metrics.batch_size.labels(entry.name).observe(decoded)
+            for i, r in zip(idx, results):
+                out[i] = r
         return out
 
     async def metrics_text(self) -> bytes:

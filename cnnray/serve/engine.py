@@ -7,8 +7,11 @@ No Ray here: the Serve deployment (app.py) and the plain single-process baseline
 
 from __future__ import annotations
 
+import asyncio
 import math
 import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +20,9 @@ import torch
 
 from cnnray.checkpoint import CheckpointError, load_model, verify_checkpoint
 from cnnray.config import ConfigError
+from cnnray.serve.defaults import DECODE_THREADS
 from cnnray.serve.metrics import MetricsReporter, ServeMetrics
+from cnnray.serve.preprocess import Payload, RequestError, batch_inputs
 from cnnray.serve.schemas import Limits, ModelRef, ServeArgs, ServeUserConfig
 from cnnray.store import check_name, scan
 
@@ -55,6 +60,24 @@ class LoadedModel:
         with torch.inference_mode():
             logits = self.module(x.to(self.device, non_blocking=True))
             return torch.softmax(logits.float(), dim=1).cpu()
+
+    def inputs(self, payloads: Sequence[Payload]) -> tuple[torch.Tensor | None, list[RequestError | None]]:
+        """Payloads -> (normalised inputs of those that decode, one RequestError or None per
+        payload): `preprocess.batch_inputs` with this model's input shape and normalisation."""
+        return batch_inputs(payloads, self.input_shape, self.mean, self.std)
+
+    def scores(self, x: torch.Tensor | None, errors: list[RequestError | None]) -> list[list[float] | RequestError]:
+        """One forward pass over `x` (the payloads without an error) -> per payload its class
+        probabilities (a list of floats, one per class) or its RequestError."""
+        if x is None:
+            return list(errors)  # type: ignore[arg-type]
+        rows = iter(self.predict(x).tolist())  # one tolist for the batch, not one per request
+        return [e if e is not None else next(rows) for e in errors]
+
+    def classify(self, payloads: Sequence[Payload]) -> list[list[float] | RequestError]:
+        """`inputs` then `scores`: decoding, normalisation and one forward pass for payloads of
+        one or many requests. CPU work, for a thread: never call it on the event loop."""
+        return self.scores(*self.inputs(payloads))
 
     def describe(self) -> dict[str, Any]:
         from cnnray.serve.preprocess import finite_json
@@ -245,6 +268,8 @@ class LocalBackend:
         self._models = {name: load_served_model(name, ref, device) for name, ref in models.items()}
         self.metrics.set_versions({n: m.version for n, m in self._models.items()})
         self._reporter = MetricsReporter(self.metrics, self.replica_name(), None)
+        # Decoding off the event loop, as any server must (a large image decodes for seconds).
+        self._pool = ThreadPoolExecutor(max_workers=DECODE_THREADS, thread_name_prefix="cnnray-plain-decode")
 
     def replica_name(self) -> str:
         return f"local-{os.getpid()}"
@@ -261,10 +286,13 @@ class LocalBackend:
     def problems(self) -> list[str]:
         return []
 
-    async def infer(self, entry: LoadedModel, inputs: list[torch.Tensor]) -> torch.Tensor:
-        # Plain: the forward pass runs on the event loop, one request at a time.
-        self.metrics.batch_size.labels(entry.name).observe(len(inputs))
-        return entry.predict(torch.cat(inputs))
+    async def infer(self, entry: LoadedModel, payloads: list[Payload]) -> list[list[float] | RequestError]:
+        # Plain: each request decoded on the thread pool, its forward pass on the event loop,
+        # one request at a time.
+        x, errors = await asyncio.get_running_loop().run_in_executor(self._pool, entry.inputs, payloads)
+        if x is not None:
+            self.metrics.batch_size.labels(entry.name).observe(x.shape[0])
+        return entry.scores(x, errors)
 
     async def metrics_text(self) -> bytes:
         return await self._reporter.text()
@@ -273,5 +301,5 @@ class LocalBackend:
         pass
 
     async def stop(self) -> None:
-        pass
+        self._pool.shutdown(wait=False, cancel_futures=True)
 

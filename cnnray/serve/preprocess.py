@@ -19,7 +19,8 @@ import base64
 import binascii
 import math
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Union
 
 import numpy as np
 import torch
@@ -102,31 +103,39 @@ def array_instance(value: list[Any], input_shape: Sequence[int], where: str) -> 
     return torch.from_numpy(arr.astype(np.float32))
 
 
-def to_model_input(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """C x H x W pixels (uint8, or float in 0..255) -> 1 x C x H x W normalised float32.
+@dataclass(frozen=True, slots=True)
+class EncodedImage:
+    """An image file (PNG, JPEG or BMP bytes) still to be decoded, within `max_pixels`
+    (width x height, checked from its header before decoding)."""
 
-    Uint8 goes through the very call training batches go through; floats through the
-    same formula. Normalising one image at a time gives the same numbers as a batch."""
-    return normalize(pixels.unsqueeze(0), mean, std)
+    data: bytes
+    max_pixels: int
 
 
-def decode_instances(
+# What a request hands to the batch: a file to decode there, or validated float32
+# C x H x W pixels in 0..255 (a JSON array instance).
+Payload = Union[EncodedImage, torch.Tensor]
+
+
+def instance_payloads(
     instances: list[Any], input_shape: Sequence[int], max_pixels: int, max_total_pixels: int | None = None
-) -> list[torch.Tensor]:
-    """Every instance of a :predict request, as C x H x W pixels (uint8 or float32).
+) -> list[Payload]:
+    """Every instance of a :predict request, checked and ready for the batch: arrays as
+    float32 pixels, {"b64": ...} files as `EncodedImage`s (decoded later, in the batch).
 
-    The images' headers are read first: width x height summed over the request must stay
+    The images' headers are read here: width x height summed over the request must stay
     within `max_total_pixels` (else 413) before any image is decoded, so a request's decoding
     cost is bounded whatever its images (64 PNGs of 4096 x 4096 in 4 MiB are refused at once)."""
-    files: dict[int, bytes] = {}
+    out: list[Payload] = []
     total = 0
     for i, inst in enumerate(instances):
+        where = f"instance {i}"
         if isinstance(inst, list):
+            out.append(array_instance(inst, input_shape, where))
             continue
-        where = f"instance {i}"  # a B64Instance (pydantic has checked the alternatives)
-        files[i] = b64_bytes(inst.b64, where)
+        data = b64_bytes(inst.b64, where)  # a B64Instance (pydantic has checked the alternatives)
         try:
-            total += image_pixels(files[i], max_pixels)
+            total += image_pixels(data, max_pixels)
         except RequestError as e:
             raise RequestError(e.status, f"{where}: {e.message}") from None
         if max_total_pixels is not None and total > max_total_pixels:
@@ -134,17 +143,38 @@ def decode_instances(
                 413, f"the images of instances 0..{i} hold {total} pixels, over the limit of "
                      f"{max_total_pixels} pixels per request: send fewer or smaller images"
             )
-    out = []
-    for i, inst in enumerate(instances):
-        where = f"instance {i}"
-        if isinstance(inst, list):
-            out.append(array_instance(inst, input_shape, where))
-            continue
-        try:
-            out.append(decode_image(files[i], input_shape, max_pixels))
-        except RequestError as e:
-            raise RequestError(e.status, f"{where}: {e.message}") from None
+        out.append(EncodedImage(data, max_pixels))
     return out
+
+
+def batch_inputs(
+    payloads: Sequence[Payload], input_shape: Sequence[int], mean: Sequence[float], std: Sequence[float]
+) -> tuple[torch.Tensor | None, list[RequestError | None]]:
+    """Payloads of several requests -> (N x C x H x W normalised float32 of those that
+    decoded, in order; one RequestError or None per payload).
+
+    Files are decoded by training's decoder (`decode_image`); the pixels are then normalised
+    as one batch with training's call (`cnnray.data.normalize`): uint8 pixels exactly as
+    training batches are, a batch holding JSON arrays in float32 by the same formula (uint8
+    values convert to float32 exactly, so the numbers are the same). CPU work: the serving
+    batch runs it on its inference thread, never on the event loop."""
+    pixels: list[torch.Tensor] = []
+    errors: list[RequestError | None] = []
+    for p in payloads:
+        if isinstance(p, EncodedImage):
+            try:
+                pixels.append(decode_image(p.data, input_shape, p.max_pixels))
+            except RequestError as e:
+                errors.append(e)
+                continue
+        else:
+            pixels.append(p)
+        errors.append(None)
+    if not pixels:
+        return None, errors
+    if any(t.dtype != torch.uint8 for t in pixels):
+        pixels = [t.float() for t in pixels]
+    return normalize(torch.stack(pixels), mean, std), errors
 
 
 _NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")

@@ -201,7 +201,8 @@ def start_cnnray(checkpoint: str, name: str, port: int, log: Any, extra: list[st
 
 
 def serve_plain(checkpoint: str, name: str, port: int, threads: int, gpu: bool = False) -> None:
-    """The baseline: one uvicorn process, the same FastAPI routes, no Ray, no batching."""
+    """The baseline: one uvicorn process, the same FastAPI routes (through FastAPI's router: no lean
+    path), no Ray, no batching."""
     import torch
     import uvicorn
 
@@ -215,7 +216,7 @@ def serve_plain(checkpoint: str, name: str, port: int, threads: int, gpu: bool =
 
     backend = LocalBackend({name: ModelRef(path=str(Path(checkpoint).resolve()), version=1)},
                            device="cuda" if gpu else "cpu")
-    uvicorn.run(build_http_app(backend), host="127.0.0.1", port=port, log_level="warning", access_log=False)
+    uvicorn.run(build_http_app(backend, lean=False), host="127.0.0.1", port=port, log_level="warning", access_log=False)
 
 
 def batch_stats(url: str) -> dict[str, float]:

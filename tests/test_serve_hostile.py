@@ -160,18 +160,20 @@ def local(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def plain(tmp_path_factory):
-    """The same app as `local` without the lean inference path: FastAPI's router all the way."""
+def twins(tmp_path_factory):
+    """The app with its lean inference path and without it (FastAPI's router all the way),
+    over the same models: (lean, plain)."""
     from cnnray.serve.schemas import Limits, ModelRef
 
-    root = tmp_path_factory.mktemp("plain")
+    root = tmp_path_factory.mktemp("twins")
     models = {
         "digits": ModelRef(path=str(save_model(root / "digits", "cnn", MNIST_INFO)), version=1),
         "overflow": ModelRef(path=str(overflow_model(root / "overflow")), version=1),
     }
-    server = LocalServer(models, Limits(body_timeout_s=BODY_TIMEOUT_S), lean=False)
-    yield server
-    server.stop()
+    servers = [LocalServer(models, Limits(body_timeout_s=BODY_TIMEOUT_S), lean=lean) for lean in (True, False)]
+    yield servers
+    for server in servers:
+        server.stop()
 
 
 def predict(url: str, model: str, instances: list, timeout: float = 60) -> requests.Response:
@@ -372,8 +374,9 @@ def _same_answers_cases() -> list[tuple]:
 
 
 @pytest.mark.parametrize("case", _same_answers_cases(), ids=lambda c: c[0])
-def test_lean_path_answers_as_fastapi_does(local, plain, case):
+def test_lean_path_answers_as_fastapi_does(twins, case):
     """Every status, error body and header that matters, the same on both apps."""
+    local, plain = twins
     _, method, path, body, ctype = case
     headers = {"Content-Type": ctype} if ctype else {}
     a = requests.request(method, local.url + path, data=body, headers=headers, timeout=60, allow_redirects=False)
@@ -381,6 +384,19 @@ def test_lean_path_answers_as_fastapi_does(local, plain, case):
     assert (a.status_code, a.content) == (b.status_code, b.content)
     for h in ("content-type", "connection", "retry-after", "location"):
         assert a.headers.get(h, "").replace(local.url, "") == b.headers.get(h, "").replace(plain.url, ""), h
+
+
+def test_lean_path_counts_requests_as_fastapi_does(twins):
+    """After the cases above, both apps counted the same requests by model, API and status."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def counts(server) -> dict:
+        text = requests.get(server.url + "/metrics", timeout=30).text
+        return {tuple(sorted(s.labels.items())): s.value for fam in text_string_to_metric_families(text)
+                for s in fam.samples if s.name == "cnnray_serve_requests_total"}
+
+    lean, plain = twins
+    assert counts(lean) == counts(plain) and sum(counts(lean).values()) > 10
 
 
 def test_hot_routes_are_the_inference_routes():

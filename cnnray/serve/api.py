@@ -209,46 +209,9 @@ def build_http_app(backend: Backend, lean: bool = True) -> FastAPI:
     async def _internal_error(_: Request, exc: Exception) -> JSONResponse:
         return internal(exc)
 
-    # --- pages and probes ---------------------------------------------------------------
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    async def page() -> HTMLResponse:
-        return HTMLResponse(index_html())
-
-    @app.get("/healthz", response_model=Health)
-    async def healthz() -> dict[str, Any]:
-        return {"status": "ok", "models": sorted(m.name for m in backend.models()), "replica": backend.replica_name()}
-
-    @app.get("/metrics", response_class=Response)
-    async def metrics() -> Response:
-        from prometheus_client import CONTENT_TYPE_LATEST
-
-        return Response(await backend.metrics_text(), media_type=CONTENT_TYPE_LATEST)
-
-    # --- models -------------------------------------------------------------------------
-    @app.get("/v1/models", response_model=ModelList)
-    async def list_models() -> dict[str, Any]:
-        described = {m.name: m.describe() for m in backend.models()}
-        for name, (version, why) in backend.failures().items():
-            if name in described:
-                described[name]["error"] = f"version {version} failed to load: {why}"
-            else:
-                described[name] = {"name": name, "version": version, "ready": False, "error": why}
-        return {"models": [described[n] for n in sorted(described)], "problems": backend.problems()}
-
-    @app.get(
-        "/v1/models/{name}", response_model=ModelStatus, responses={404: _ERRORS[404], 503: {"model": ModelStatus}}
-    )
-    async def model_status(name: str) -> Any:
-        entry = backend.model(name)
-        failed = backend.failures().get(name)
-        if entry is not None:
-            return {"name": name, "version": entry.version, "ready": True}
-        if failed is not None:
-            body = {"name": name, "version": failed[0], "ready": False, "error": failed[1]}
-            return JSONResponse(body, status_code=503)
-        raise RequestError(404, _unknown(backend, name))
-
     # --- inference: one handler per route, reached through FastAPI or the lean path -------
+    # Registered first: Ray Serve matches each request against the app's routes in order
+    # (to label its metrics), and these take nearly all the traffic.
     async def kserve(name: str, request: Request) -> Response:
         # A RequestError leaves the tracker (which counts its status) for the caller's handler.
         with backend.metrics.track(_label(backend, name), "kserve") as t:
@@ -325,6 +288,45 @@ def build_http_app(backend: Backend, lean: bool = True) -> FastAPI:
     )
     async def predictions(name: str, request: Request) -> Response:
         return await torchserve(name, request)
+
+    # --- pages and probes ---------------------------------------------------------------
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page() -> HTMLResponse:
+        return HTMLResponse(index_html())
+
+    @app.get("/healthz", response_model=Health)
+    async def healthz() -> dict[str, Any]:
+        return {"status": "ok", "models": sorted(m.name for m in backend.models()), "replica": backend.replica_name()}
+
+    @app.get("/metrics", response_class=Response)
+    async def metrics() -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return Response(await backend.metrics_text(), media_type=CONTENT_TYPE_LATEST)
+
+    # --- models -------------------------------------------------------------------------
+    @app.get("/v1/models", response_model=ModelList)
+    async def list_models() -> dict[str, Any]:
+        described = {m.name: m.describe() for m in backend.models()}
+        for name, (version, why) in backend.failures().items():
+            if name in described:
+                described[name]["error"] = f"version {version} failed to load: {why}"
+            else:
+                described[name] = {"name": name, "version": version, "ready": False, "error": why}
+        return {"models": [described[n] for n in sorted(described)], "problems": backend.problems()}
+
+    @app.get(
+        "/v1/models/{name}", response_model=ModelStatus, responses={404: _ERRORS[404], 503: {"model": ModelStatus}}
+    )
+    async def model_status(name: str) -> Any:
+        entry = backend.model(name)
+        failed = backend.failures().get(name)
+        if entry is not None:
+            return {"name": name, "version": entry.version, "ready": True}
+        if failed is not None:
+            body = {"name": name, "version": failed[0], "ready": False, "error": failed[1]}
+            return JSONResponse(body, status_code=503)
+        raise RequestError(404, _unknown(backend, name))
 
     return app
 

@@ -126,12 +126,13 @@ def _declared_length(request: Request, strict: bool = True) -> int | None:
 async def _receive(request: Request, deadline: float) -> dict[str, Any] | None:
     """The next ASGI message of the body; None once `deadline` (loop time) has passed.
     A client that went away ends the request with RequestError 499 (nobody reads it)."""
-    left = deadline - asyncio.get_running_loop().time()
-    if left <= 0:
+    if deadline - asyncio.get_running_loop().time() <= 0:
         return None
     try:
-        message = await asyncio.wait_for(request.receive(), left)
-    except asyncio.TimeoutError:
+        # A timer on the loop, not the task per call that asyncio.wait_for creates.
+        async with asyncio.timeout_at(deadline):
+            message = await request.receive()
+    except TimeoutError:
         return None
     if message["type"] == "http.disconnect":
         request.state.body_done = True

@@ -69,10 +69,21 @@ class ServeMetrics:
         self.model_version = Gauge(
             "cnnray_serve_model_version", "model version being served", ["model"], registry=self.registry,
         )
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
 
     def track(self, model: str, api: str) -> _Tracker:
         """`with metrics.track(model, api) as t: ...; t.status = 200` counts one request."""
         return _Tracker(self, model, api)
+
+    def child(self, metric: Any, *labels: str) -> Any:
+        """`metric.labels(*labels)`, looked up once: the per-request series are few (served
+        models, or "_unknown", x 2 APIs x the statuses sent) and never removed, and
+        prometheus-client's `labels()` takes a lock and builds a key on every call."""
+        key = (id(metric), labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
 
     def set_versions(self, versions: dict[str, int]) -> None:
         for sample in list(self._label_values(self.model_version)):
@@ -107,7 +118,7 @@ class _Tracker:
 
     def __enter__(self) -> _Tracker:
         self.start = time.perf_counter()
-        self.metrics.in_flight.labels(self.model).inc()
+        self.metrics.child(self.metrics.in_flight, self.model).inc()
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
@@ -115,9 +126,10 @@ class _Tracker:
             self.status = 499  # the client went away (nginx's convention)
         elif isinstance(exc, RequestError):  # answered by the app's RequestError handler
             self.status = exc.status
-        self.metrics.in_flight.labels(self.model).dec()
-        self.metrics.requests.labels(self.model, self.api, str(self.status)).inc()
-        self.metrics.latency.labels(self.model).observe(time.perf_counter() - self.start)
+        m = self.metrics
+        m.child(m.in_flight, self.model).dec()
+        m.child(m.requests, self.model, self.api, str(self.status)).inc()
+        m.child(m.latency, self.model).observe(time.perf_counter() - self.start)
 
 
 def merge(snapshots: Iterable[list[Family]]) -> list[Family]:

@@ -5,6 +5,7 @@ behind after SIGTERM."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -83,10 +84,25 @@ def test_haproxy_wrapper_moves_the_operator_ports_onto_loopback(tmp_path, short_
     assert frontend in after  # the serving port keeps the host --host gave it
     others = [b for b in after if not b.endswith(":8123")]
     assert len(others) == 2 and all(b.startswith("127.0.0.1:") for b in others), after
-    # Nothing else changed.
-    assert [ln for ln in rewritten.splitlines() if "bind" not in ln] == [
-        ln for ln in original.splitlines() if "bind" not in ln
-    ]
+    # Besides: HAProxy's own errors answer JSON, forwarded requests skip Serve's disconnect
+    # watcher, and nothing else changed.
+    added = [ln.strip() for ln in rewritten.splitlines() if ln not in original.splitlines() and "bind" not in ln]
+    folder = cfg.parent
+    assert sorted(added) == sorted(
+        [f"errorfile {code} {folder}/cnnray-{code}.http" for code in (400, 408, 413, 501)]
+        + [f"errorfile {code} {folder}/cnnray-500.http" for code in (502, 503, 504)]
+        + ["http-request set-header x-request-disconnect-disabled ?1"]
+    )
+    removed = [ln for ln in original.splitlines() if ln not in rewritten.splitlines() and "bind" not in ln]
+    assert [ln.split()[:2] for ln in removed] == [["errorfile", str(c)] for c in (502, 503, 504)]
+    for code in (400, 408, 413, 500, 501):
+        head, body = (folder / f"cnnray-{code}.http").read_bytes().split(b"\r\n\r\n", 1)
+        assert head.startswith(f"HTTP/1.1 {code} ".encode()) and b"Content-Type: application/json" in head
+        assert f"Content-Length: {len(body)}".encode() in head and list(json.loads(body)) == ["error"]
+    # Run again (Ray reloads HAProxy on the same file): nothing more changes.
+    r = subprocess.run([env["RAY_SERVE_HAPROXY_BINARY_PATH"], "-c", "-f", str(cfg)], capture_output=True,
+                       text=True, env={**os.environ, **env}, timeout=60)
+    assert r.returncode == 0 and cfg.read_text() == rewritten, r.stdout + r.stderr
 
 
 # --- a real `cnnray serve` -----------------------------------------------------------------------

@@ -11,7 +11,8 @@ say otherwise. On each server, for each route (`--api both`: raw PNG bodies to
 POST /predictions/{name}, then one base64 PNG per JSON body to POST /v1/models/{name}:predict),
 `--warmup` untimed requests, then N requests of real MNIST test images from C concurrent
 clients. The table gives requests/s, p50 and p99 latency (client side), errors and the
-accuracy of the answers, and the ratios to the plain server per route; the JSON record
+accuracy of the answers, the CPU time of all the server's processes per request (steadier
+than requests/s on a shared machine), and the ratios to the plain server per route; the JSON record
 (--out) adds the machine, versions, settings, cnnray's ingress mode and replica count.
 """
 
@@ -52,6 +53,10 @@ class LoadResult:
     errors: int
     accuracy: float
     error_samples: list[str] = field(default_factory=list)
+    # CPU seconds (user + system) of every process of the server (the process tree it
+    # started: for cnnray serve, Ray's daemons, HAProxy and the replicas) per request, in
+    # ms; steadier than requests/s when other jobs share the machine. None off Linux.
+    server_cpu_ms_per_request: float | None = None
     predictions: list[int] = field(default_factory=list, repr=False)  # class index per request, -1 on error
 
 
@@ -151,6 +156,32 @@ def _quantile(sorted_values: list[float], q: float) -> float:
 
 
 # --- servers ----------------------------------------------------------------------------------
+def tree_cpu_s(pid: int) -> float | None:
+    """User + system CPU seconds of process `pid` and all its descendants now alive (Linux
+    /proc; None elsewhere). Children that already exited are not counted."""
+    proc = Path("/proc")
+    if not (proc / str(pid)).is_dir():
+        return None
+    parents: dict[int, list[int]] = {}
+    times: dict[int, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # exited meanwhile
+        parents.setdefault(int(fields[1]), []).append(int(entry.name))
+        times[int(entry.name)] = (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        total += times.get(p, 0.0)
+        todo.extend(parents.get(p, []))
+    return total
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -245,18 +276,24 @@ def format_table(results: list[LoadResult]) -> str:
     """A Markdown table, as the README shows it."""
     width = max([len("server")] + [len(r.server) for r in results])
     head = (f"| {'server':<{width}} | route            | requests | concurrency | requests/s | p50 ms | p99 ms "
-            "| errors | accuracy |")
+            "| errors | accuracy | server CPU ms/request |")
     rule = "|" + "|".join("-" * len(c) for c in head.split("|")[1:-1]) + "|"
     rows = [
         f"| {r.server:<{width}} | {ROUTES[r.api]:<16} | {r.requests:>8} | {r.concurrency:>11} "
-        f"| {r.requests_per_s:>10.1f} | {r.p50_ms:>6.1f} | {r.p99_ms:>6.1f} | {r.errors:>6} | {r.accuracy:>8.4f} |"
+        f"| {r.requests_per_s:>10.1f} | {r.p50_ms:>6.1f} | {r.p99_ms:>6.1f} | {r.errors:>6} | {r.accuracy:>8.4f} "
+        f"| {_cpu(r):>21} |"
         for r in results
     ]
     return "\n".join([head, rule, *rows])
 
 
+def _cpu(r: LoadResult) -> str:
+    return "-" if r.server_cpu_ms_per_request is None else f"{r.server_cpu_ms_per_request:.3f}"
+
+
 def compare(results: list[LoadResult]) -> dict[str, dict[str, float]]:
-    """Per route: cnnray serve's requests/s and p99 as multiples of the plain server's."""
+    """Per route: cnnray serve's requests/s, p99 and server CPU per request as multiples of
+    the plain server's."""
     out = {}
     for api in ROUTES:
         plain = [r for r in results if r.api == api and r.server.startswith("plain")]
@@ -266,6 +303,9 @@ def compare(results: list[LoadResult]) -> dict[str, dict[str, float]]:
                 "requests_per_s_ratio": round(ours[0].requests_per_s / plain[0].requests_per_s, 2),
                 "p99_ratio": round(ours[0].p99_ms / plain[0].p99_ms, 2),
             }
+            if ours[0].server_cpu_ms_per_request and plain[0].server_cpu_ms_per_request:
+                out[api]["server_cpu_ratio"] = round(
+                    ours[0].server_cpu_ms_per_request / plain[0].server_cpu_ms_per_request, 2)
     return out
 
 
@@ -368,11 +408,16 @@ def main(argv: list[str] | None = None) -> int:
                 for api in apis:
                     run_load(url, args.name, pngs, labels, requests=args.warmup, concurrency=args.concurrency,
                              server=label, api=api)
+                    cpu_before = tree_cpu_s(proc.pid)
                     result = run_load(url, args.name, pngs, labels, requests=args.requests,
                                       concurrency=args.concurrency, server=label, api=api)
+                    cpu_after = tree_cpu_s(proc.pid)
+                    if cpu_before is not None and cpu_after is not None:
+                        result.server_cpu_ms_per_request = round((cpu_after - cpu_before) * 1000 / args.requests, 3)
                     results.append(result)
                     print(f"[bench] {label}, {ROUTES[api]}: {result.requests_per_s} requests/s, "
-                          f"p50 {result.p50_ms} ms, p99 {result.p99_ms} ms, {result.errors} errors", flush=True)
+                          f"p50 {result.p50_ms} ms, p99 {result.p99_ms} ms, {result.errors} errors, "
+                          f"server CPU {result.server_cpu_ms_per_request} ms per request", flush=True)
                 extras[kind] = {**info, **batch_stats(url)}
             finally:
                 code = stop(proc)
@@ -382,8 +427,9 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(results))
     comparison = compare(results)
     for api, c in comparison.items():
+        cpu = f", {c['server_cpu_ratio']}x its CPU per request" if "server_cpu_ratio" in c else ""
         print(f"[bench] {ROUTES[api]}: cnnray serve does {c['requests_per_s_ratio']}x the plain server's "
-              f"requests/s at {c['p99_ratio']}x its p99")
+              f"requests/s at {c['p99_ratio']}x its p99{cpu}")
     record = {
         "benchmark": "serve_load",
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -292,3 +292,56 @@ def test_haproxy_socket_paths_fit(tmp_path):
     # cluster/local.sh's folder: its head's temp dir (/tmp/cnnray-ray.XXXXXX) plus "/h".
     assert '--print-env "$temp_dir/h"' in (REPO / "cluster" / "local.sh").read_text()
     assert len("/tmp/cnnray-ray.XXXXXX/h") + 1 + 56 + len("/metrics.sock") <= 97
+
+
+def test_haproxy_answers_its_own_errors_readably(short_dir):
+    """HAProxy as Ray configures it, through the wrapper: with no replica to answer, the client
+    reads a JSON 500 (Ray's 502/503/504 mapping, cnnray's body); malformed HTTP gets a 400 that
+    closes the connection (HAProxy 2.8 sends its built-in HTML there: README, "Fast ingress")."""
+    import socket
+
+    from ray.serve._private.haproxy import BackendConfig, HAProxyApi, HAProxyConfig, ServerConfig
+    from ray.serve.config import HTTPOptions
+
+    from cnnray.serve.ingress import fast_ingress_env
+
+    env = fast_ingress_env(short_dir)
+    port, dead = free_port(), free_port()  # nothing listens on `dead`: the replica is gone
+    cfg = HAProxyConfig(http_options=HTTPOptions(host="127.0.0.1", port=port), socket_path=str(short_dir / "a.sock"),
+                        server_state_file=str(short_dir / "state"), server_state_base=str(short_dir),
+                        stats_port=int(env["RAY_SERVE_HAPROXY_STATS_PORT"]),
+                        metrics_port=int(env["RAY_SERVE_HAPROXY_METRICS_PORT"]))
+    backend = BackendConfig(name="cnnray", path_prefix="/", app_name="cnnray",
+                            servers=[ServerConfig(name="replica", host="127.0.0.1", port=dead)])
+    api = HAProxyApi(cfg=cfg, config_file_path=str(short_dir / "haproxy.cfg"), backend_configs={"cnnray": backend})
+    api._generate_config_file_internal()
+    proc = subprocess.Popen([env["RAY_SERVE_HAPROXY_BINARY_PATH"], "-db", "-f", str(short_dir / "haproxy.cfg")],
+                            env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def exchange(request: bytes) -> bytes:
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+            s.sendall(request)
+            data = b""
+            while chunk := s.recv(65536):  # HAProxy closes after these answers
+                data += chunk
+            return data
+
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert proc.poll() is None, proc.stderr.read().decode()
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "HAProxy did not listen"
+                time.sleep(0.1)
+        answer = exchange(b"POST /predictions/digits HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi")
+        head, body = answer.split(b"\r\n\r\n", 1)
+        assert head.startswith(b"HTTP/1.1 500 ") and b"content-type: application/json" in head.lower(), answer
+        assert "no replica could answer" in json.loads(body)["error"]
+        head = exchange(b"GARBAGE\r\n\r\n").split(b"\r\n\r\n", 1)[0].lower()
+        assert head.startswith(b"http/1.1 400 ") and b"connection: close" in head
+    finally:
+        proc.terminate()
+        proc.wait(30)

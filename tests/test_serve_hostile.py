@@ -400,7 +400,7 @@ def test_lean_path_counts_requests_as_fastapi_does(twins):
 
 
 def test_hot_routes_are_the_inference_routes():
-    from cnnray.serve.api import hot_route
+    from cnnray.serve.lean import hot_route
 
     def route(method: str, path: str, root: str = ""):
         return hot_route({"type": "http", "method": method, "path": root + path, "root_path": root})

@@ -5,7 +5,8 @@
     cnnray predict --url http://127.0.0.1:8000 --model mnist digit.png
 
 Modules: schemas (pydantic), preprocess (payload -> model input, as in training), engine
-(loading checkpoints, forward passes), api (the FastAPI routes), metrics (Prometheus),
+(loading checkpoints, forward passes), api (the FastAPI routes), lean (the inference routes
+without FastAPI's middleware and router), metrics (Prometheus),
 app (the Serve deployment and its typed app builder), runner (deploy and hot-swap), ingress
 (Ray Serve's fast ingress settings, applied before Ray starts), haproxy_loopback (HAProxy's
 operator ports on loopback), cli.

@@ -42,6 +42,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from cnnray.serve.body import BodyBudget, discard_body
 from cnnray.serve.defaults import DECODE_THREADS, INLINE_PARSE_BYTES
 from cnnray.serve.engine import LoadedModel
+from cnnray.serve.lean import LeanApp
 from cnnray.serve.metrics import UNKNOWN_MODEL, ServeMetrics
 from cnnray.serve.preprocess import (
     EncodedImage,
@@ -107,49 +108,10 @@ def index_html() -> str:
     return resources.files("cnnray.serve").joinpath("static/index.html").read_text(encoding="utf-8")
 
 
-class _App(FastAPI):
-    """FastAPI, with the two inference routes (`POST /predictions/{name}` and
-    `POST /v1/models/{name}:predict`) answered before FastAPI's middleware stack, router and
-    parameter solving when `hot` is set. The routes stay registered with FastAPI (the OpenAPI
-    document; every other method and path), and both ways call the same handler, so they
-    answer alike. Measured with py-spy on a replica under load: that stack was ~6% of the
-    replica's CPU per request (README, "Serving performance")."""
-
-    hot: Any = None  # async (kind, name, scope, receive, send) -> None
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if self.hot is not None and scope["type"] == "http":
-            route = hot_route(scope)
-            if route is not None:
-                await self.hot(*route, scope, receive, send)
-                return
-        await super().__call__(scope, receive, send)
-
-
-def hot_route(scope: dict[str, Any]) -> tuple[str, str] | None:
-    """("torchserve" | "kserve", model name) for a request that FastAPI's router would give
-    to an inference route (the same methods, and a name of one or more characters without
-    "/", as its `{name}` matches), else None."""
-    method = scope.get("method")
-    path = scope.get("path", "")
-    root = scope.get("root_path", "")
-    if root and path.startswith(root):
-        path = path[len(root):]
-    if method in ("POST", "PUT") and path.startswith("/predictions/"):
-        name = path[len("/predictions/"):]
-        if name and "/" not in name:
-            return "torchserve", name
-    elif method == "POST" and path.startswith("/v1/models/") and path.endswith(":predict"):
-        name = path[len("/v1/models/"):-len(":predict")]
-        if name and "/" not in name:
-            return "kserve", name
-    return None
-
-
 def build_http_app(backend: Backend, lean: bool = True) -> FastAPI:
     """The FastAPI app (routes, schemas, error handlers) over `backend`. `lean`: the inference
-    routes skip FastAPI's middleware and router (see `_App`); False gives a plain FastAPI app
-    (the load benchmark's baseline)."""
+    routes skip FastAPI's middleware and router (see `cnnray.serve.lean.LeanApp`); False
+    gives a plain FastAPI app (the load benchmark's baseline)."""
 
     # JSON bodies larger than INLINE_PARSE_BYTES are parsed off the event loop; image files
     # are decoded in the backend, off the loop too (Pillow and numpy release the GIL while
@@ -167,7 +129,7 @@ def build_http_app(backend: Backend, lean: bool = True) -> FastAPI:
         await backend.stop()
         pool.shutdown(wait=False, cancel_futures=True)
 
-    app = _App(
+    app = LeanApp(
         title="cnnray serve",
         description="Classify images with cnnray checkpoints (KServe v1 and TorchServe-style APIs).",
         version="1",

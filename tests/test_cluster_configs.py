@@ -230,8 +230,8 @@ def test_kuberay_rayservice_serves_cnnrays_app():
     for template in templates:
         for container in template["spec"]["containers"]:
             env = {e["name"]: e["value"] for e in container.get("env", [])}
-            assert env["RAY_SERVE_ENABLE_HA_PROXY"] == FAST_INGRESS_ENV["RAY_SERVE_ENABLE_HA_PROXY"]
-            assert env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
+            # Every setting `cnnray serve` applies locally, so the pods serve as the tests measure.
+            assert {k: env.get(k) for k in FAST_INGRESS_ENV} == FAST_INGRESS_ENV
             # pip installs the console script there in cluster/Dockerfile's image.
             assert env["RAY_SERVE_HAPROXY_BINARY_PATH"] == "/usr/local/bin/cnnray-haproxy"
             assert env["CNNRAY_HAPROXY_ADMIN_HOST"] == "127.0.0.1"

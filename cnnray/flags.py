@@ -47,6 +47,8 @@ TRAIN_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "--epochs": ("epochs", dict(type=_number("epochs", int), help="training epochs; default 3")),
     "--workers": ("workers", dict(type=_workers, help="Ray Train workers (DDP ranks), or an elastic range MIN-MAX "
                                   "(e.g. 1-2: goes on with fewer when nodes leave); default 1")),
+    "--elastic-resize-s": ("elastic_resize_s", dict(type=_number("elastic_resize_s", float),
+                                                    help="an elastic run looks this often (seconds) for room to grow; default 60")),
     "--local-mode": ("local_mode", dict(action=argparse.BooleanOptionalAction,
                                         help="Ray Train's local mode: train in this process, no Ray start-up; "
                                         "default: on for one worker on this machine")),

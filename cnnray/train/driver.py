@@ -42,7 +42,7 @@ def resolve_run(cfg: TrainConfig) -> TrainConfig:
     local_storage = local_run_dir(cfg) is not None
     local_mode = cfg.local_mode
     if local_mode is None:
-        local_mode = cfg.workers == 1 and not joining and local_storage  # never elastic: workers >= 2
+        local_mode = cfg.workers == 1 and not joining and local_storage
     elif local_mode and not local_storage:
         raise ConfigError(f"local_mode keeps checkpoints on this machine: storage_path {cfg.storage_path!r} is a URI")
     if local_mode and cfg.gpu:
@@ -116,9 +116,9 @@ def preflight(cfg: TrainConfig) -> None:
             f"{fewest} worker(s) x {cpus} CPU(s) need {need} CPUs but this machine's Ray "
             f"has {have:g}: lower --workers or --cpus-per-worker"
         )
-    if cfg.gpu and cfg.workers > _local_resource("GPU"):
+    if cfg.gpu and fewest > _local_resource("GPU"):
         raise ConfigError(
-            f"--gpu with {cfg.workers} worker(s) needs {cfg.workers} GPUs but this machine's Ray has "
+            f"--gpu with {fewest} worker(s) needs {fewest} GPUs but this machine's Ray has "
             f"{_local_resource('GPU'):g}: lower --workers or drop --gpu"
         )
 

@@ -92,17 +92,19 @@ def local_cpu_count() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def init_ray(address: str | None = None) -> bool:
+def init_ray(address: str | None = None, ray_train: bool = False) -> bool:
     """Join `address` (or $RAY_ADDRESS) if given, else start a private local single-node
     Ray. Returns True when this call started the Ray (the caller shuts it down when done),
-    False when Ray was already initialised in this process or a cluster was joined."""
+    False when Ray was already initialised in this process or a cluster was joined.
+    `ray_train`: the job runs Ray Train (train, tune), whose repeated cleaner warning every
+    worker process of the job then shows once (REPEATED_WARNINGS)."""
     import ray
 
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS")
     # Every worker process of this job (Ray Train's controller and cleaner included) runs the hook.
-    runtime_env = {"worker_process_setup_hook": WORKER_SETUP_HOOK}
+    runtime_env = {"worker_process_setup_hook": WORKER_SETUP_HOOK} if ray_train else None
     if address:
         ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)
         return False

@@ -19,6 +19,9 @@ from tests.multinode import LoopbackCluster
 TRAIN = ["train", "--model", "cnn", "--dataset", "mnist", "--subset", "4000", "--batch-size", "64",
          "--lr", "0.05", "--seed", "0", "--no-report"]
 PROGRESS = re.compile(r"\[cnnray\] epoch (\d+)/(\d+) ")
+# The cluster tests start Ray nodes and train on real MNIST (~4-5 min together): in the
+# default run and CI, out of the quick `-m "not slow"` loop.
+slow = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +69,7 @@ def _assert_one_line_per_epoch(text: str, epochs: int) -> None:
     assert text.count("Found multiple active Ray instances") <= 2
 
 
+@slow
 def test_two_nodes_train_checkpoint_to_shared_storage_and_survive_a_lost_node(cluster, mnist_dir, tmp_path):
     """2 workers, one on each node, checkpoint into --storage-path; the node of one of them
     is killed after the epoch-1 checkpoint and a fresh node joins: the run continues from
@@ -109,6 +113,7 @@ def _world_sizes(run_dir: Path) -> list[int]:
     return [h["world_size"] for h in (meta or {}).get("history", [])]
 
 
+@slow
 def test_elastic_run_goes_on_with_fewer_workers(cluster, mnist_dir, tmp_path, monkeypatch):
     """--workers 1-2 loses a node after epoch 1 and finishes on the one left, with the same
     global batch (per-worker batch 64 instead of 32) and nothing repeated but the last epoch."""
@@ -133,6 +138,7 @@ def test_elastic_run_goes_on_with_fewer_workers(cluster, mnist_dir, tmp_path, mo
     assert "1-2 Ray Train worker(s)" in text
 
 
+@slow
 def test_node_local_storage_is_refused_when_workers_may_run_on_another_machine(cluster, mnist_dir, tmp_path):
     """A node at 127.0.0.2 stands for another machine: its disk is not this one's, so a
     storage path on this machine's disk is refused before training, with what to pass."""
@@ -149,6 +155,7 @@ def test_node_local_storage_is_refused_when_workers_may_run_on_another_machine(c
     assert not (tmp_path / "run" / "ray" / "run").exists()  # nothing trained
 
 
+@slow
 def test_elastic_run_grows_when_a_node_returns(cluster, mnist_dir, tmp_path, monkeypatch):
     """--workers 1-2 started on one node trains with one worker; when a second node joins,
     Ray Train's elastic policy (looking every --elastic-resize-s) restarts it with two from

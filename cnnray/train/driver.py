@@ -294,7 +294,7 @@ def run_training(cfg: TrainConfig, echo: Callable[[str], None] = print) -> dict[
 
         started = time.perf_counter()
         # Local mode needs no Ray at all (not even to start one: that is ~8 s on a laptop).
-        own_ray = False if cfg.local_mode else init_ray(cfg.address)
+        own_ray = False if cfg.local_mode else init_ray(cfg.address, ray_train=True)
         try:
             return _fit(cfg, out, storage, name, started, echo)
         finally:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, fields
@@ -42,6 +43,8 @@ FIELD_RANGES: dict[str, Range] = {
     "subset": Range(10, 2**40),
     "seed": Range(0, 2**32 - 1),  # numpy and Python seeds take 32 bits; torch takes more
     "workers": Range(1, 4096),
+    "min_workers": Range(1, 4096),
+    "elastic_resize_s": Range(0, 86_400),
     "cpus_per_worker": Range(1, 4096),
     "max_failures": Range(-1, 1000),  # -1: unlimited
     "keep_checkpoints": Range(1, 100_000),
@@ -78,7 +81,13 @@ class TrainConfig:
     subset: int | None = None  # use only N training and N test examples (smoke runs)
     seed: int = 0
     # --- scaling
-    workers: int = 1  # Ray Train workers, one DDP rank each
+    workers: int = 1  # Ray Train workers, one DDP rank each (an elastic run's most)
+    # Elastic run (`workers: MIN-MAX`, ScalingConfig(num_workers=(min, max))): the fewest
+    # workers it trains with; None: always `workers`. The global batch and lr stay as set.
+    min_workers: int | None = None
+    # An elastic run looks this often (seconds) for room to grow; growing restarts the
+    # workers from the last checkpoint (Ray's elastic_resize_monitor_interval_s).
+    elastic_resize_s: float = 60.0
     gpu: bool = False  # one GPU per worker (NCCL); else CPU workers (gloo)
     # Also the torch thread count of a CPU worker. None: on a local Ray, all cores shared by
     # the workers (cores // workers); joining a cluster, 1.
@@ -113,15 +122,30 @@ class TrainConfig:
             _check(value is None or allowed.contains(value), key, value, f"must be {allowed.describe()}")
         # Every worker takes batch_size / workers examples a step: a remainder would
         # silently shrink the global batch the learning rate was chosen for.
-        _check(
-            self.batch_size % self.workers == 0,
-            "batch_size",
-            self.batch_size,
-            f"must be a multiple of workers={self.workers} (each worker takes an equal share); "
-            f"try {_nearest_multiples(self.batch_size, self.workers)}",
-        )
+        if self.min_workers is None:
+            _check(
+                self.batch_size % self.workers == 0,
+                "batch_size",
+                self.batch_size,
+                f"must be a multiple of workers={self.workers} (each worker takes an equal share); "
+                f"try {_nearest_multiples(self.batch_size, self.workers)}",
+            )
+        else:
+            _check(self.min_workers <= self.workers, "min_workers", self.min_workers,
+                   f"must not be above workers={self.workers}")
+            # An elastic run may train at any size in the range: each must split the batch.
+            step = math.lcm(*range(self.min_workers, self.workers + 1))
+            _check(
+                self.batch_size % step == 0,
+                "batch_size",
+                self.batch_size,
+                f"must be a multiple of every worker count in {self.min_workers}-{self.workers} "
+                f"(an elastic run splits it evenly at any size); try {_nearest_multiples(self.batch_size, step)}",
+            )
         _check(not (self.local_mode and self.workers > 1), "local_mode", self.local_mode,
                f"trains in one process: use one worker (not workers={self.workers}) or drop local_mode")
+        _check(not (self.local_mode and self.elastic), "local_mode", self.local_mode,
+               f"trains in one process: an elastic run (workers={self.min_workers}-{self.workers}) needs Ray Train workers")
         if self.hidden_sizes is not None:
             _check(
                 len(self.hidden_sizes) > 0 and all(h >= 1 for h in self.hidden_sizes),
@@ -153,6 +177,7 @@ class TrainConfig:
                 close = difflib.get_close_matches(str(key), known, n=1)
                 hints.append(f"'{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
             raise ConfigError(f"unknown config key {', '.join(hints)}; valid keys: {', '.join(known)}")
+        data = _expand_worker_range(data)
         hints = typing.get_type_hints(cls)
         values = {k: _coerce(k, v, hints[k]) for k, v in data.items()}
         return cls(**values)
@@ -182,6 +207,44 @@ class TrainConfig:
     @property
     def batch_size_per_worker(self) -> int:
         return self.batch_size // self.workers
+
+    @property
+    def elastic(self) -> bool:
+        """Whether Ray Train may run this config with fewer workers than `workers`."""
+        return self.min_workers is not None and self.min_workers < self.workers
+
+    @property
+    def workers_text(self) -> str:
+        """`workers` as typed: "2", or "1-2" for an elastic run."""
+        return f"{self.min_workers}-{self.workers}" if self.elastic else str(self.workers)
+
+
+def parse_workers(value: Any) -> tuple[int | None, int]:
+    """(min_workers, workers) from a worker count (2, "2") or an elastic range "MIN-MAX"
+    ("1-2"); min_workers is None for a fixed count (also for "2-2"). ConfigError, one line,
+    for anything else ("2-1", "0-3", "a-b")."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return None, value
+    text = str(value).strip() if isinstance(value, str) else None
+    low, sep, high = (text or "").partition("-")
+    if text is None or not low.strip().isdecimal() or (sep and not high.strip().isdecimal()):
+        raise ConfigError(f"workers={value!r} must be a count N or a range MIN-MAX such as 1-2")
+    lo, hi = int(low), int(high) if sep else int(low)
+    allowed = FIELD_RANGES["workers"]
+    for n in (lo, hi):
+        _check(allowed.contains(n), "workers", value, f"must be {allowed.describe()}" + (" at each end" if sep else ""))
+    _check(lo <= hi, "workers", value, f"is not a range: MIN {lo} is above MAX {hi}")
+    return (lo if lo < hi else None), hi
+
+
+def _expand_worker_range(data: Mapping[str, Any]) -> dict[str, Any]:
+    """`workers: MIN-MAX` (YAML, a flag) becomes workers=MAX, min_workers=MIN."""
+    data = dict(data)
+    if isinstance(data.get("workers"), str):
+        if data.get("min_workers") is not None:
+            raise ConfigError("give an elastic range in workers (workers: 1-2), not also min_workers")
+        data["min_workers"], data["workers"] = parse_workers(data["workers"])
+    return data
 
 
 # Path fields: (a URI is accepted, it is an output that must outlive a Ray job's files).

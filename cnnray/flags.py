@@ -20,6 +20,28 @@ def _csv_ints(text: str) -> list[int]:
     return sizes
 
 
+class _Workers:
+    """argparse type of --workers: a count N or an elastic range MIN-MAX (the config's
+    rule, `parse_workers`); each end within the config's range for `workers`."""
+
+    __name__ = "workers"  # argparse names the type in its "invalid ... value" message
+
+    @property
+    def range(self):
+        from cnnray.config import FIELD_RANGES
+
+        return FIELD_RANGES["workers"]
+
+    def __call__(self, text: str) -> str:
+        from cnnray.config import ConfigError, parse_workers
+
+        try:
+            parse_workers(text)
+        except ConfigError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        return text
+
+
 def _number(key: str, kind: type):
     """argparse type of the flag for TrainConfig field `key`: the config's own range."""
     from cnnray.config import FIELD_RANGES
@@ -34,7 +56,10 @@ TRAIN_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "--dataset": ("dataset", dict(help="mnist | fashion_mnist | cifar10 | imagefolder; default mnist")),
     "--data-dir": ("data_dir", dict(help="the dataset's files as their source names them; default $CNNRAY_DATA/<dataset>")),
     "--epochs": ("epochs", dict(type=_number("epochs", int), help="training epochs; default 3")),
-    "--workers": ("workers", dict(type=_number("workers", int), help="Ray Train workers (DDP ranks); default 1")),
+    "--workers": ("workers", dict(type=_Workers(), help="Ray Train workers (DDP ranks), or an elastic range MIN-MAX "
+                                  "(e.g. 1-2: goes on with fewer when nodes leave); default 1")),
+    "--elastic-resize-s": ("elastic_resize_s", dict(type=_number("elastic_resize_s", float),
+                                                    help="an elastic run looks this often (seconds) for room to grow; default 60")),
     "--local-mode": ("local_mode", dict(action=argparse.BooleanOptionalAction,
                                         help="Ray Train's local mode: train in this process, no Ray start-up; "
                                         "default: on for one worker on this machine")),
@@ -81,4 +106,6 @@ def config_from_args(args: argparse.Namespace):
     for _, (key, _) in TRAIN_FLAGS.items():
         if getattr(args, key, None) is not None:
             values[key] = getattr(args, key)
+    if getattr(args, "workers", None) is not None:
+        values.pop("min_workers", None)  # --workers N or MIN-MAX replaces the file's whole range
     return TrainConfig.from_dict(values)

@@ -11,6 +11,7 @@ started (loopback dashboard, workers at normal priority, Ray Train's local timin
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
@@ -26,6 +27,49 @@ LOCAL_RAY_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_TRAIN_EN
 # at 0.71-0.76x its plain-loop speed. A private local Ray runs its workers at the user's
 # own priority instead; joining a cluster keeps the cluster's setting.
 LOCAL_SYSTEM_CONFIG = {"worker_niceness": 0}
+
+
+# Ray Train V2 starts a PlacementGroupCleaner actor per run that asks Ray's state API every
+# second whether the run's controller is alive. The state API is served by the dashboard
+# process, so on a cluster without one (`ray start --include-dashboard=false`, a
+# `ray.cluster_utils.Cluster`) every ask fails and the cleaner logs a warning, each of
+# which reaches the driver's output: one line a second between the progress lines (and on
+# a machine running several Rays, a second "Found multiple active Ray instances" line with
+# each, from the state client's address lookup). Ray has no setting for that interval or
+# that logger, so every worker process of a cnnray job runs this hook at start-up: it lets
+# each of these warnings through once per process and drops the repeats. The cleaner works
+# as before (it keeps asking); only its repeated line is gone.
+REPEATED_WARNINGS = {
+    "ray.train.v2._internal.execution.controller.placement_group_cleaner":
+        "Failed to query Ray Train Controller actor state",
+    "ray._private.services": "Found multiple active Ray instances",
+}
+WORKER_SETUP_HOOK = "cnnray.ray_start.quiet_repeated_warnings"
+
+
+class _OncePerProcess(logging.Filter):
+    """Passes the first record whose message starts with `prefix`, drops later ones."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix, self.seen = prefix, False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith(self.prefix):
+            return True
+        if self.seen:
+            return False
+        self.seen = True
+        record.msg = f"{record.msg} (cnnray shows this once per process; repeats are dropped)"
+        return True
+
+
+def quiet_repeated_warnings() -> None:
+    """Ray's worker_process_setup_hook for cnnray jobs (see REPEATED_WARNINGS)."""
+    for name, prefix in REPEATED_WARNINGS.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _OncePerProcess) for f in logger.filters):
+            logger.addFilter(_OncePerProcess(prefix))
 
 
 def joining_cluster(address: str | None = None) -> bool:
@@ -48,17 +92,21 @@ def local_cpu_count() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def init_ray(address: str | None = None) -> bool:
+def init_ray(address: str | None = None, ray_train: bool = False) -> bool:
     """Join `address` (or $RAY_ADDRESS) if given, else start a private local single-node
     Ray. Returns True when this call started the Ray (the caller shuts it down when done),
-    False when Ray was already initialised in this process or a cluster was joined."""
+    False when Ray was already initialised in this process or a cluster was joined.
+    `ray_train`: the job runs Ray Train (train, tune), whose repeated cleaner warning every
+    worker process of the job then shows once (REPEATED_WARNINGS)."""
     import ray
 
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS")
+    # Every worker process of this job (Ray Train's controller and cleaner included) runs the hook.
+    runtime_env = {"worker_process_setup_hook": WORKER_SETUP_HOOK} if ray_train else None
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)
         return False
     for var, value in LOCAL_RAY_TRAIN_ENV.items():
         os.environ.setdefault(var, value)
@@ -67,6 +115,7 @@ def init_ray(address: str | None = None) -> bool:
     # The dashboard (if installed) listens on loopback only. Ray may create the auth token
     # here, readable by every local user: keep it (and its folder) to this user.
     secure_auth_token()
-    ray.init(dashboard_host="127.0.0.1", log_to_driver=True, _system_config=dict(LOCAL_SYSTEM_CONFIG))
+    ray.init(dashboard_host="127.0.0.1", log_to_driver=True, runtime_env=runtime_env,
+             _system_config=dict(LOCAL_SYSTEM_CONFIG))
     secure_auth_token()
     return True

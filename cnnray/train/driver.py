@@ -108,16 +108,17 @@ def preflight(cfg: TrainConfig) -> None:
         return
     check_split_sizes(cfg, load_for(cfg))
     cpus = cfg.cpus_per_worker or 1  # None (not yet resolved by resolve_run): at least one each
-    need = cfg.workers * cpus
+    fewest = cfg.min_workers or cfg.workers  # an elastic run starts with what fits
+    need = fewest * cpus
     have = _local_resource("CPU")
     if need > have:
         raise ConfigError(
-            f"{cfg.workers} worker(s) x {cpus} CPU(s) need {need} CPUs but this machine's Ray "
+            f"{fewest} worker(s) x {cpus} CPU(s) need {need} CPUs but this machine's Ray "
             f"has {have:g}: lower --workers or --cpus-per-worker"
         )
-    if cfg.gpu and cfg.workers > _local_resource("GPU"):
+    if cfg.gpu and fewest > _local_resource("GPU"):
         raise ConfigError(
-            f"--gpu with {cfg.workers} worker(s) needs {cfg.workers} GPUs but this machine's Ray has "
+            f"--gpu with {fewest} worker(s) needs {fewest} GPUs but this machine's Ray has "
             f"{_local_resource('GPU'):g}: lower --workers or drop --gpu"
         )
 
@@ -218,11 +219,7 @@ def make_trainer(
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=cfg.to_dict(),
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=0 if cfg.local_mode else cfg.workers,
-            use_gpu=cfg.gpu,
-            resources_per_worker={"CPU": cfg.cpus_per_worker or 1, **({"GPU": 1} if cfg.gpu else {})},
-        ),
+        scaling_config=_scaling_config(cfg, storage_path),
         run_config=ray.train.RunConfig(
             name=name,
             storage_path=storage_path,
@@ -236,6 +233,25 @@ def make_trainer(
             # Ray Train's per-report INFO lines drown the progress lines; warnings still show.
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
+    )
+
+
+def _scaling_config(cfg: TrainConfig, storage_path: str):
+    """Ray Train's ScalingConfig for `cfg`: local mode, a fixed count, or an elastic
+    (min, max) range. Workers on other machines need `storage_path` there too, so unless
+    local mode, this first refuses (ConfigError) storage that they could not reach."""
+    import ray.train
+
+    if not cfg.local_mode:
+        from cnnray.train.shared_storage import check_shared_storage
+
+        check_shared_storage(storage_path, cfg.cpus_per_worker or 1, cfg.gpu)
+    workers = 0 if cfg.local_mode else (cfg.min_workers, cfg.workers) if cfg.elastic else cfg.workers
+    return ray.train.ScalingConfig(
+        num_workers=workers,
+        use_gpu=cfg.gpu,
+        resources_per_worker={"CPU": cfg.cpus_per_worker or 1, **({"GPU": 1} if cfg.gpu else {})},
+        elastic_resize_monitor_interval_s=cfg.elastic_resize_s,
     )
 
 
@@ -278,7 +294,7 @@ def run_training(cfg: TrainConfig, echo: Callable[[str], None] = print) -> dict[
 
         started = time.perf_counter()
         # Local mode needs no Ray at all (not even to start one: that is ~8 s on a laptop).
-        own_ray = False if cfg.local_mode else init_ray(cfg.address)
+        own_ray = False if cfg.local_mode else init_ray(cfg.address, ray_train=True)
         try:
             return _fit(cfg, out, storage, name, started, echo)
         finally:
@@ -298,7 +314,7 @@ def _fit(
     trainer = make_trainer(cfg, name=name, storage_path=storage)
     device = "GPU" if cfg.gpu else f"{cfg.cpus_per_worker} CPU(s)"
     where = (f"in this process on {device} (Ray Train local mode)" if cfg.local_mode
-             else f"{cfg.workers} Ray Train worker(s) with {device} each")
+             else f"{cfg.workers_text} Ray Train worker(s) with {device} each")
     echo(f"[cnnray] training {cfg.model} on {cfg.dataset}: {cfg.epochs} epochs, {where}, global batch {cfg.batch_size}")
     try:
         result = trainer.fit()
@@ -327,6 +343,7 @@ def _fit(
         "dataset": cfg.dataset,
         "epochs": cfg.epochs,
         "workers": cfg.workers,
+        "min_workers": cfg.min_workers,
         "local_mode": cfg.local_mode,
         "cpus_per_worker": cfg.cpus_per_worker,
         "gpu": cfg.gpu,

@@ -271,6 +271,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> str | None:
     _quiet_report_log()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if cfg.elastic:  # this attempt's size: the same global batch, split over `world` ranks
+        cfg = cfg.replace(workers=world)
     device = _worker_device(cfg)
     # Local mode: this process keeps the run's checkpoints (Ray Train's manager is absent).
     local_ckpts = LocalCheckpoints(local_run_dir(cfg), cfg.keep_checkpoints) if cfg.local_mode else None

@@ -246,7 +246,7 @@ def _run_sweep(sweep: SweepConfig, echo: Callable[[str], None]) -> dict[str, Any
     sweep, out, restore = _prepare(sweep, echo)
     cfg = sweep.train
     preflight(cfg)  # decode the data once here, and fail fast on unreadable data
-    init_ray(cfg.address)
+    init_ray(cfg.address, ray_train=True)
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", EXPERIMENT_SAVE_PERIOD_S)
     limit = concurrency(cfg, sweep.max_concurrent)
     if sweep.max_concurrent and limit < sweep.max_concurrent:

@@ -53,7 +53,9 @@ def resolve_run(cfg: TrainConfig) -> TrainConfig:
     cpus = cfg.cpus_per_worker
     if cpus is None:
         cpus = 1 if joining else max(1, local_cpu_count() // cfg.workers)
-    return cfg.replace(local_mode=local_mode, cpus_per_worker=cpus)
+    from cnnray.data.stream import resolve_loader
+
+    return cfg.replace(local_mode=local_mode, cpus_per_worker=cpus, data_loader=resolve_loader(cfg))
 
 
 def _progress_callback(epochs: int):
@@ -102,11 +104,11 @@ def preflight(cfg: TrainConfig) -> None:
     (a local Ray would wait for them forever). On one machine this also downloads and decodes once,
     so every worker then reads the cache. Skipped when joining a cluster (--address or
     $RAY_ADDRESS): the data may exist only there, and the cluster may scale up."""
-    from cnnray.train.worker_data import check_split_sizes, load_for
+    from cnnray.train.worker_data import check_data
 
     if cfg.address or os.environ.get("RAY_ADDRESS"):
         return
-    check_split_sizes(cfg, load_for(cfg))
+    check_data(cfg)
     cpus = cfg.cpus_per_worker or 1  # None (not yet resolved by resolve_run): at least one each
     need = cfg.workers * cpus
     have = _local_resource("CPU")
@@ -209,15 +211,23 @@ def make_trainer(
     cfg: TrainConfig, *, name: str, storage_path: str, callbacks: Sequence[Any] = ()
 ):
     """The TorchTrainer for one run of `cfg` (also what each Tune trial builds); with
-    `cfg.local_mode` Ray Train's local mode (num_workers=0: the loop runs in this process)."""
+    `cfg.local_mode` Ray Train's local mode (num_workers=0: the loop runs in this process).
+    data_loader ray-data (Ray running): the Ray Datasets go in datasets= (DataError from
+    the scan of every image)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from cnnray.data.stream import data_config, resolve_loader
     from cnnray.train.loop import train_loop_per_worker
+    from cnnray.train.worker_data import loop_config, stream_datasets
 
+    cfg = cfg.replace(data_loader=resolve_loader(cfg))  # auto is resolved once, here or in resolve_run
+    info, datasets = stream_datasets(cfg) if cfg.data_loader == "ray-data" else (None, None)
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=cfg.to_dict(),
+        train_loop_config=loop_config(cfg, info),
+        datasets=datasets,
+        dataset_config=data_config() if datasets else None,
         scaling_config=ray.train.ScalingConfig(
             num_workers=0 if cfg.local_mode else cfg.workers,
             use_gpu=cfg.gpu,
@@ -277,8 +287,9 @@ def run_training(cfg: TrainConfig, echo: Callable[[str], None] = print) -> dict[
         preflight(cfg)
 
         started = time.perf_counter()
-        # Local mode needs no Ray at all (not even to start one: that is ~8 s on a laptop).
-        own_ray = False if cfg.local_mode else init_ray(cfg.address)
+        # Local mode needs no Ray at all (not even to start one: that is ~8 s on a laptop),
+        # unless Ray Data streams the images (its decode tasks need one).
+        own_ray = False if cfg.local_mode and cfg.data_loader == "memory" else init_ray(cfg.address)
         try:
             return _fit(cfg, out, storage, name, started, echo)
         finally:

@@ -68,7 +68,7 @@ def tarball(folder, tmp_path_factory) -> Path:
 
 def _cfg(data_dir, loader: str, **kw) -> TrainConfig:
     base = dict(model="cnn", dataset="imagefolder", data_dir=str(data_dir), data_loader=loader, batch_size=16,
-                epochs=1, lr=0.05, val_fraction=0.2, seed=3)
+                epochs=1, lr=0.05, val_fraction=0.2, seed=3, schedule="constant")
     return TrainConfig(**{**base, **kw})
 
 

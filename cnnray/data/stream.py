@@ -439,15 +439,14 @@ def read_items(listing: Listing, items: list[Item], *, shuffle: bool, reserved: 
     import ray.data
 
     args = _task_args(reserved)
-    remote = {"num_cpus": args["num_cpus"]}
     if listing.archive:
         display = listing.path if "://" not in listing.uri else listing.uri
         source = _TarMembers(listing.uri, listing.path, display, frozenset(i.name for i in items))
-        ds = ray.data.read_datasource(source, ray_remote_args=remote)
+        ds = ray.data.read_datasource(source, **args)
         return ds.randomize_block_order() if shuffle else ds
     return ray.data.read_binary_files(
         [i.name for i in items], include_paths=True, filesystem=listing.filesystem,
-        shuffle="files" if shuffle else None, ray_remote_args=remote,
+        shuffle="files" if shuffle else None, **args,
     )
 
 

@@ -163,6 +163,10 @@ def test_both_loaders_give_the_same_checkpoint_metadata_and_served_predictions(
     offline = evaluate(model, held_out_batches(cfg, torch.device("cpu")), torch.device("cpu"))
     assert offline.accuracy == pytest.approx(results["ray-data"]["test_accuracy"])
     assert offline.count == results["ray-data"]["test_samples"] == 2 * 12
+    # The driver's own test evaluation of a ray-data run (held_out_batches streams it) too.
+    streamed = evaluate(model, held_out_batches(_cfg(data_dir, "ray-data"), torch.device("cpu")), torch.device("cpu"))
+    assert (streamed.count, streamed.correct) == (offline.count, offline.correct)
+    assert streamed.loss == pytest.approx(offline.loss, rel=1e-5)
     d = meta["data"]
     correct = 0
     with torch.no_grad():

@@ -63,9 +63,11 @@ DECODE_BATCH = 64
 # flight between decode tasks and trainers are capped here, so streaming stays bounded
 # however large the dataset (Ray Data applies back-pressure to the reads beyond it).
 OBJECT_STORE_LIMIT = 512 * 2**20
-# Rows kept in each trainer's local shuffle buffer (decoded, so bounded: 2,048 224 x 224
-# RGB float32 images are 1.2 GB; CIFAR's are 25 MB): mixes the files' blocks.
-SHUFFLE_ROWS = 2048
+# Bytes of decoded samples in each trainer's local shuffle buffer, which mixes the blocks
+# of files Ray Data delivers: 5,461 CIFAR images (float32), 341 of 128 x 128 RGB; at most
+# SHUFFLE_MAX_ROWS, at least one batch.
+SHUFFLE_BYTES = 64 * 2**20
+SHUFFLE_MAX_ROWS = 4096
 # auto: the in-memory loader when the decoded dataset needs at most this share of the
 # memory each worker has (it holds the decoded set, its shard and float batches).
 MEMORY_SHARE = 0.25
@@ -533,11 +535,13 @@ def data_config():  # noqa: ANN201 (ray.train.DataConfig)
 class StreamBatches:
     """A worker's batches of (normalised float32 images, int64 labels) from a Ray Data
     shard (a DataIterator, or a Dataset in local mode), with ShardedBatches' interface:
-    `len()` batches per epoch (`rows` is this rank's row count), `set_epoch`."""
+    `len()` batches per epoch (`rows` is this rank's row count), `set_epoch`. Memory: the
+    shuffle buffer (SHUFFLE_BYTES) and one prefetched batch."""
 
     def __init__(self, shard: Any, *, rows: int, batch_size: int, drop_last: bool, shuffle: bool,
-                 device: torch.device, mean: Any, std: Any, channels_last: bool = False) -> None:
+                 device: torch.device, mean: Any, std: Any, sample_shape: Any, channels_last: bool = False) -> None:
         self.shard, self.rows, self.batch_size = shard, rows, batch_size
+        self.sample_shape = tuple(sample_shape)  # C, H, W
         self.drop_last, self.shuffle, self.device, self.channels_last = drop_last, shuffle, device, channels_last
         self._scale, self._shift = normalization(mean, std, device)
         self.epoch = 0
@@ -555,10 +559,14 @@ class StreamBatches:
         reshuffles the files and draws new augmentations by itself."""
         self.epoch = epoch
 
+    def _shuffle_rows(self) -> int:
+        per_sample = 4 * int(np.prod(self.sample_shape))  # float32 after augmentation
+        return max(self.batch_size, min(SHUFFLE_MAX_ROWS, SHUFFLE_BYTES // max(per_sample, 1)))
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         batches = self.shard.iter_torch_batches(
             batch_size=self.batch_size, drop_last=self.drop_last, device=self.device,
-            local_shuffle_buffer_size=max(SHUFFLE_ROWS, self.batch_size) if self.shuffle else None,
+            local_shuffle_buffer_size=self._shuffle_rows() if self.shuffle else None,
         )
         for batch in batches:
             x, y = batch["image"], batch["label"]

@@ -157,7 +157,7 @@ def _stream_worker_data(
     import ray.train
 
     n_train, n_val, n_test = split_counts(cfg, info.n_train, info.n_test)
-    common = dict(device=device, mean=info.mean, std=info.std)
+    common = dict(device=device, mean=info.mean, std=info.std, sample_shape=info.input_shape)
     # Train: equal shards of n_train // world rows; the others: this rank's share, at most.
     train = StreamBatches(ray.train.get_dataset_shard("train"), rows=n_train // world,
                           batch_size=cfg.batch_size_per_worker, drop_last=True, shuffle=True,
@@ -194,7 +194,8 @@ def held_out_batches(
         info = scan(cfg)
         test = build_datasets(cfg, info, "none", ("test",))["test"]
         return StreamBatches(test, rows=split_counts(cfg, info.n_train, info.n_test)[2], batch_size=EVAL_BATCH,
-                             drop_last=False, shuffle=False, device=device, mean=info.mean, std=info.std)
+                             drop_last=False, shuffle=False, device=device, mean=info.mean, std=info.std,
+                             sample_shape=info.input_shape)
     ds = ds or load_for(cfg)
     x, y = take_subset(ds.test_images, ds.test_labels, cfg.subset, cfg.seed)
     return ShardedBatches(

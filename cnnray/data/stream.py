@@ -64,9 +64,9 @@ DECODE_BATCH = 64
 # however large the dataset (Ray Data applies back-pressure to the reads beyond it).
 OBJECT_STORE_LIMIT = 512 * 2**20
 # Bytes of decoded samples in each trainer's local shuffle buffer, which mixes the blocks
-# of files Ray Data delivers: 5,461 CIFAR images (float32), 341 of 128 x 128 RGB; at most
+# of files Ray Data delivers: 2,730 CIFAR images (float32), 170 of 128 x 128 RGB; at most
 # SHUFFLE_MAX_ROWS, at least one batch.
-SHUFFLE_BYTES = 64 * 2**20
+SHUFFLE_BYTES = 32 * 2**20
 SHUFFLE_MAX_ROWS = 4096
 # auto: the in-memory loader when the decoded dataset needs at most this share of the
 # memory each worker has (it holds the decoded set, its shard and float batches).

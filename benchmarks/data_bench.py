@@ -58,9 +58,24 @@ def child(argv: list[str]) -> None:
     from cnnray.cli import main
     import cnnray.train.driver  # noqa: F401
 
+    import threading
+
     baseline = _status_kib("VmRSS")
-    rc = main(["train", *argv])
-    print(json.dumps({"rc": rc, "baseline_kib": baseline, "peak_kib": _status_kib("VmHWM")}), flush=True)
+    peaks = {"RssAnon": 0, "RssShmem": 0}
+    done = threading.Event()
+
+    def sample() -> None:  # the kernel keeps no high-water mark per kind: sample every 20 ms
+        while not done.wait(0.02):
+            for k in peaks:
+                peaks[k] = max(peaks[k], _status_kib(k))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    rc = main(["train", "--no-report", *argv])  # the report is not training: see the README
+    done.set()
+    sampler.join()
+    print(json.dumps({"rc": rc, "baseline_kib": baseline, "peak_kib": _status_kib("VmHWM"),
+                      "anon_peak_kib": peaks["RssAnon"], "shmem_peak_kib": peaks["RssShmem"]}), flush=True)
 
 
 def run_train(argv: list[str], data_home: Path, log: Path) -> dict[str, Any]:

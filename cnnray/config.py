@@ -26,7 +26,7 @@ AUGMENTS = ("auto", "none", "crop", "crop_flip")
 LR_SCALINGS = ("none", "linear")
 # memory: decode the whole dataset into every worker; ray-data: stream image folders with
 # Ray Data (cnnray.data.stream); auto: memory unless an image folder's decoded size is over
-# a quarter of each worker's share of this machine's memory (stream.resolve_loader).
+# a quarter of each worker's share of this machine's memory (worker_data.resolve_loader).
 DATA_LOADERS = ("auto", "memory", "ray-data")
 # The batch size `lr` refers to when lr_scaling="linear" (Goyal et al., 2017).
 LR_REFERENCE_BATCH = 128

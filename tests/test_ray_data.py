@@ -19,7 +19,9 @@ from cnnray.cli import main
 from cnnray.config import ConfigError, TrainConfig
 from cnnray.data import DataError, load_dataset, split_train_val, take_subset
 from cnnray.data.loader import crop_flip, normalize
-from cnnray.data.stream import build_datasets, decode_batch, list_source, resolve_loader, scan
+from cnnray.data.sources import list_source
+from cnnray.data.stream import build_datasets, decode_batch, scan
+from cnnray.train.worker_data import resolve_loader
 from cnnray.train.loop import evaluate
 
 CLASSES = ("circle", "square")
@@ -177,14 +179,14 @@ def test_both_loaders_give_the_same_checkpoint_metadata_and_served_predictions(
     assert correct / offline.count == pytest.approx(offline.accuracy)
 
 
-def test_auto_picks_memory_for_small_and_ray_data_for_large(folder, tmp_path, monkeypatch):
-    import cnnray.data.stream as stream
+def test_auto_picks_memory_for_small_and_ray_data_for_large(folder, data_cache, monkeypatch):
+    import cnnray.data.sources as sources
 
-    assert resolve_loader(_cfg(folder, "auto"), tmp_path) == "memory"
-    assert resolve_loader(TrainConfig(dataset="mnist"), tmp_path) == "memory"
+    assert resolve_loader(_cfg(folder, "auto")) == "memory"
+    assert resolve_loader(TrainConfig(dataset="mnist")) == "memory"
     # 104 images x 3 x 16 x 16 = 80 KB decoded: over a quarter of 200 KB per worker.
-    monkeypatch.setattr(stream, "memory_per_worker", lambda workers: 200_000 // workers)
-    assert resolve_loader(_cfg(folder, "auto"), tmp_path) == "ray-data"
+    monkeypatch.setattr(sources, "memory_per_worker", lambda workers: 200_000 // workers)
+    assert resolve_loader(_cfg(folder, "auto")) == "ray-data"
     with pytest.raises(ConfigError, match="ray-data"):
         resolve_loader(TrainConfig(dataset="mnist", data_loader="ray-data"))
 

@@ -25,9 +25,6 @@ every file's path, size and mtime and the decoder's id. Every problem raises `Da
 
 from __future__ import annotations
 
-import hashlib
-import io
-import json
 import os
 import tarfile
 import zlib
@@ -38,24 +35,24 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from cnnray.data.base import DataError, default_cache_dir, default_data_dir, split_train_val, take_subset
-from cnnray.data.decode import DECODER_ID, TRAINING_LIMITS, DecodeError, decode_image
-from cnnray.data.imagefolder import (
-    IMAGE_EXTENSIONS,
-    LAYOUT,
-    SPLITS,
-    is_archive,
-    is_image_member,
-    member_parts,
-    pixel_sums,
-    stats_from_sums,
-)
+from cnnray.data.base import DataError, split_train_val, take_subset
+from cnnray.data.decode import TRAINING_LIMITS, DecodeError, decode_image
+from cnnray.data.imagefolder import pixel_sums, stats_from_sums
 from cnnray.data.loader import augment_offsets, crop_flip, normalization, normalize
-from cnnray.paths import PathError, check_printable
+from cnnray.data.sources import (
+    Item,
+    Listing,
+    cache_key,
+    cache_read,
+    cache_write,
+    file_stat,
+    filesystem,
+    first_line,
+    list_source,
+    open_tar,
+    source_uri,
+)
 
-# Datasets whose files may be an image folder (cifar10 also comes as python batches).
-STREAMABLE = ("imagefolder", "cifar10")
-SCAN_VERSION = 1  # bump when what `scan` stores changes
 # Images per decode task call: ~3 MB of decoded CIFAR, ~19 MB of 224 x 224 RGB; small enough
 # that a decode task's memory stays far below a worker's, big enough to amortise the call.
 DECODE_BATCH = 64
@@ -68,36 +65,6 @@ OBJECT_STORE_LIMIT = 512 * 2**20
 # SHUFFLE_MAX_ROWS, at least one batch.
 SHUFFLE_BYTES = 32 * 2**20
 SHUFFLE_MAX_ROWS = 4096
-# auto: the in-memory loader when the decoded dataset needs at most this share of the
-# memory each worker has (it holds the decoded set, its shard and float batches).
-MEMORY_SHARE = 0.25
-
-
-@dataclass(frozen=True)
-class Item:
-    """One image: its split, class and name (a path in the source's file system, or
-    "archive:member" for a tarball)."""
-
-    split: str
-    cls: str
-    name: str
-
-
-@dataclass(frozen=True)
-class Listing:
-    """Every image of a source, in the in-memory loader's order: train then test, each
-    sorted by (class, name)."""
-
-    uri: str  # what the user passed, for messages
-    path: str  # inside the file system
-    archive: bool
-    train: tuple[Item, ...]
-    test: tuple[Item, ...]
-    first_train: bytes  # the first train image's bytes: its size is every image's size
-
-    @property
-    def filesystem(self):  # noqa: ANN201 (a pyarrow.fs.FileSystem)
-        return _filesystem(self.uri)[0]
 
 
 @dataclass(frozen=True)
@@ -126,158 +93,6 @@ class StreamInfo:
         """The checkpoint's data metadata, key for key as `worker_data.data_info` writes it."""
         return {"dataset": self.dataset, "input_shape": list(self.input_shape), "mean": list(self.mean),
                 "std": list(self.std), "classes": list(self.classes)}
-
-
-# --- listing ---------------------------------------------------------------------------
-
-
-def _filesystem(uri: str):  # noqa: ANN202
-    import pyarrow.fs
-
-    try:
-        if "://" in uri:
-            return pyarrow.fs.FileSystem.from_uri(uri)
-        return pyarrow.fs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
-    except (pyarrow.ArrowException, OSError, ValueError) as e:
-        raise DataError(f"cannot open data source {uri!r}: {_first_line(e)}") from None
-
-
-def source_uri(dataset: str, data_dir: str | None) -> str:
-    """The data_dir to stream (the dataset's default folder when None)."""
-    return data_dir if data_dir is not None else str(default_data_dir(dataset))
-
-
-def _locate(uri: str) -> tuple[Any, str, bool]:
-    """(file system, path, is a tarball): the tree or tarball at uri, or a folder's one tarball."""
-    import pyarrow.fs as pafs
-
-    fs, path = _filesystem(uri)
-    try:
-        info = fs.get_file_info(path)
-        if info.type == pafs.FileType.File:
-            if not is_archive(Path(path)):
-                raise DataError(f"{uri} is not a .tar, .tar.gz or .tgz archive of {LAYOUT}")
-            return fs, path, True
-        if info.type == pafs.FileType.Directory:
-            if fs.get_file_info(f"{path.rstrip('/')}/train").type == pafs.FileType.Directory:
-                return fs, path, False
-            entries = fs.get_file_info(pafs.FileSelector(path))
-            archives = sorted(e.path for e in entries if e.type == pafs.FileType.File and is_archive(Path(e.path)))
-            if len(archives) == 1:
-                return fs, archives[0], True
-            if len(archives) > 1:
-                names = ", ".join(Path(a).name for a in archives)
-                raise DataError(f"{uri} holds several archives ({names}); pass the one to use")
-            raise DataError(f"{uri} holds no image folder; pass --data-dir pointing to a tree {LAYOUT}, or to a .tar.gz of it")
-    except OSError as e:  # pyarrow's errors (permissions, network, bucket) are OSErrors
-        raise DataError(f"cannot read data source {uri}: {_first_line(e)}") from None
-    raise DataError(f"{uri} does not exist; pass --data-dir pointing to a tree {LAYOUT}, or to a .tar.gz of it")
-
-
-def _list_tree(fs: Any, root: str) -> tuple[list[Item], dict[str, tuple[int, int]]]:
-    """Images at root/<split>/<class>/<file> (as imagefolder.list_dir), and each file's
-    (size, mtime ns) for the cache key."""
-    import pyarrow.fs as pafs
-
-    items, stats = [], {}
-    for split in SPLITS:
-        base = f"{root.rstrip('/')}/{split}"
-        if fs.get_file_info(base).type != pafs.FileType.Directory:
-            continue
-        for e in fs.get_file_info(pafs.FileSelector(base, recursive=True)):
-            rel = e.path[len(base) + 1:].split("/")
-            if e.type != pafs.FileType.File or len(rel) != 2:
-                continue
-            cls, name = rel
-            if _hidden(cls) or _hidden(name) or os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
-                continue
-            items.append(Item(split, cls, e.path))
-            stats[e.path] = (int(e.size or 0), int(e.mtime_ns or 0))
-    return items, stats
-
-
-def _hidden(name: str) -> bool:
-    return member_parts(name) == ()
-
-
-def _open_tar(fs: Any, path: str) -> tarfile.TarFile:
-    # Stream mode: one sequential read, no seeking (object stores stream well).
-    return tarfile.open(fileobj=fs.open_input_stream(path), mode="r|*")
-
-
-def _list_tar(fs: Any, path: str, display: str) -> tuple[list[Item], bytes]:
-    """The images of a tarball (as imagefolder.scan_tar), and the first train image's bytes."""
-    items, prefixes = [], set()
-    first: tuple[tuple[str, str], bytes] | None = None
-    try:
-        with _open_tar(fs, path) as tar:
-            for member in tar:
-                parts = member_parts(member.name)
-                if not member.isfile() or not parts or not is_image_member(parts):
-                    continue
-                prefixes.add(parts[:-3])
-                item = Item(parts[-3], parts[-2], f"{display}:{member.name}")
-                items.append(item)
-                if item.split == "train" and (first is None or (item.cls, item.name) < first[0]):
-                    f = tar.extractfile(member)
-                    first = ((item.cls, item.name), f.read() if f is not None else b"")
-    except (tarfile.TarError, EOFError, zlib.error) as exc:
-        raise DataError(f"{display} is not a readable tar archive ({exc})") from None
-    except OSError as exc:
-        raise DataError(f"cannot read {display}: {_first_line(exc)}") from None
-    if len(prefixes) > 1:
-        roots = ", ".join("/".join(p) or "." for p in sorted(prefixes))
-        raise DataError(f"{display} holds several image-folder roots ({roots}); expected one")
-    return items, first[1] if first else b""
-
-
-def list_source(uri: str, cache_dir: Path | None = None) -> Listing:
-    """Every image of the tree or tarball at `uri` (a path or a URI), sorted as the
-    in-memory loader sorts them. A tarball's listing is cached (it costs a full read)."""
-    fs, path, archive = _locate(uri)
-    display = path if "://" not in uri else uri
-    if archive:
-        key = _key("listing", display, [_stat(fs, path)])
-        cached = _cache_read(cache_dir, key)
-        if cached is not None:
-            items = [Item(*t) for t in cached["items"]]
-            first = bytes.fromhex(cached["first"])
-        else:
-            items, first = _list_tar(fs, path, display)
-            _cache_write(cache_dir, key, {"items": [list(asdict(i).values()) for i in items], "first": first.hex()})
-    else:
-        items, _ = _list_tree(fs, path)
-        first = b""
-    train = sorted((i for i in items if i.split == "train"), key=lambda i: (i.cls, i.name))
-    test = sorted((i for i in items if i.split == "test"), key=lambda i: (i.cls, i.name))
-    if not train or not test:
-        split = "train" if not train else "test"
-        raise DataError(f"no {split} images found in {uri}; expected {LAYOUT}")
-    classes = sorted({i.cls for i in train})
-    for name in classes:
-        try:
-            check_printable(name, f"{uri}: class folder")
-        except PathError as e:
-            raise DataError(str(e)) from None
-    unknown = sorted({i.cls for i in test} - set(classes))
-    if unknown:
-        raise DataError(f"{uri}: test classes {unknown} have no train folder; train classes are {classes}")
-    if not archive:
-        first = _read_bytes(fs, train[0].name)
-    return Listing(uri, path, archive, tuple(train), tuple(test), first)
-
-
-def _read_bytes(fs: Any, path: str) -> bytes:
-    try:
-        with fs.open_input_stream(path) as f:
-            return f.read()
-    except OSError as e:
-        raise DataError(f"cannot read image {path}: {_first_line(e)}") from None
-
-
-def _stat(fs: Any, path: str) -> tuple[str, int, int]:
-    info = fs.get_file_info(path)
-    return (path, int(info.size or 0), int(info.mtime_ns or 0))
 
 
 # --- the one decode pass: check every image, pixel statistics ---------------------------
@@ -332,13 +147,11 @@ def scan(cfg: Any, cache_dir: Path | None = None) -> StreamInfo:
     """Classes, image shape and train mean/std of cfg's source (TrainConfig), exactly as the
     in-memory loader computes them; every image is decoded once (Ray Data tasks) and the
     result cached. Needs a running Ray. DataError for any unreadable file."""
-    import ray.data
-
     listing = list_source(source_uri(cfg.dataset, cfg.data_dir), cache_dir)
     fs = listing.filesystem
-    sources = [_stat(fs, listing.path)] if listing.archive else [_stat(fs, i.name) for i in (*listing.train, *listing.test)]
-    key = _key("scan", listing.uri, sources)
-    cached = _cache_read(cache_dir, key)
+    sources = [file_stat(fs, listing.path)] if listing.archive else [file_stat(fs, i.name) for i in (*listing.train, *listing.test)]
+    key = cache_key("scan", listing.uri, sources)
+    cached = cache_read(cache_dir, key)
     if cached is None:
         size = first_size(listing)
         train_names = frozenset(i.name for i in listing.train)
@@ -355,7 +168,7 @@ def scan(cfg: Any, cache_dir: Path | None = None) -> StreamInfo:
         c = 1 if gray else 3
         cached = {"size": list(size), "channels": c, "mean": [float(m) for m in mean[:c]],
                   "std": [float(s) for s in std[:c]]}
-        _cache_write(cache_dir, key, cached)
+        cache_write(cache_dir, key, cached)
     classes = tuple(sorted({i.cls for i in listing.train}))
     mean, std = tuple(cached["mean"]), tuple(cached["std"])
     if cfg.dataset == "cifar10":  # CIFAR-10's own classes and published statistics
@@ -373,41 +186,34 @@ def scan(cfg: Any, cache_dir: Path | None = None) -> StreamInfo:
 # --- Ray Datasets -------------------------------------------------------------------------
 
 
-class _TarMembers:
+def _tar_members(uri: str, path: str, display: str, wanted: frozenset[str]):  # noqa: ANN202 (a Datasource)
     """A Ray Data datasource: the `wanted` image members of one tarball, as (path, bytes)
     rows, read in one sequential task (a compressed tar cannot be split) in blocks of
-    DECODE_BATCH rows, so the read holds one block at a time."""
+    DECODE_BATCH rows, so the read holds one block at a time. (Defined here, not at module
+    level, so that importing this module does not import Ray.)"""
+    from ray.data.block import BlockMetadata
+    from ray.data.datasource import Datasource, ReadTask
 
-    def __new__(cls, *args: Any, **kwargs: Any):  # noqa: ANN204 (subclass built lazily: Ray import)
-        from ray.data.block import BlockMetadata
-        from ray.data.datasource import Datasource, ReadTask
+    class TarMembers(Datasource):
+        def estimate_inmemory_data_size(self) -> int | None:
+            return None
 
-        class TarMembers(Datasource):
-            def __init__(self, uri: str, path: str, display: str, wanted: frozenset[str]) -> None:
-                super().__init__()
-                self.uri, self.path, self.display, self.wanted = uri, path, display, wanted
+        def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
+                           data_context: Any = None) -> list[ReadTask]:
+            meta = BlockMetadata(num_rows=len(wanted), size_bytes=None, input_files=(path,), exec_stats=None)
+            return [ReadTask(lambda: _read_tar_blocks(uri, path, display, wanted), meta)]
 
-            def estimate_inmemory_data_size(self) -> int | None:
-                return None
-
-            def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
-                               data_context: Any = None) -> list[ReadTask]:
-                meta = BlockMetadata(num_rows=len(self.wanted), size_bytes=None, input_files=(self.path,),
-                                     exec_stats=None)
-                uri, path, display, wanted = self.uri, self.path, self.display, self.wanted
-                return [ReadTask(lambda: _read_tar_blocks(uri, path, display, wanted), meta)]
-
-        return TarMembers(*args, **kwargs)
+    return TarMembers()
 
 
 def _read_tar_blocks(uri: str, path: str, display: str, wanted: frozenset[str]) -> Iterator[Any]:
     import pyarrow as pa
 
-    fs = _filesystem(uri)[0]
+    fs = filesystem(uri)[0]
     names: list[str] = []
     blobs: list[bytes] = []
     try:
-        with _open_tar(fs, path) as tar:
+        with open_tar(fs, path) as tar:
             for member in tar:
                 name = f"{display}:{member.name}"
                 if name not in wanted or not member.isfile():
@@ -419,7 +225,7 @@ def _read_tar_blocks(uri: str, path: str, display: str, wanted: frozenset[str]) 
                     yield pa.table({"path": names, "bytes": pa.array(blobs, pa.binary())})
                     names, blobs = [], []
     except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
-        raise DataError(f"cannot read {display}: {_first_line(exc)}") from None
+        raise DataError(f"cannot read {display}: {first_line(exc)}") from None
     if names:
         yield pa.table({"path": names, "bytes": pa.array(blobs, pa.binary())})
 
@@ -443,7 +249,7 @@ def read_items(listing: Listing, items: list[Item], *, shuffle: bool, reserved: 
     args = _task_args(reserved)
     if listing.archive:
         display = listing.path if "://" not in listing.uri else listing.uri
-        source = _TarMembers(listing.uri, listing.path, display, frozenset(i.name for i in items))
+        source = _tar_members(listing.uri, listing.path, display, frozenset(i.name for i in items))
         ds = ray.data.read_datasource(source, **args)
         return ds.randomize_block_order() if shuffle else ds
     return ray.data.read_binary_files(
@@ -577,95 +383,4 @@ class StreamBatches:
             yield x, y
 
 
-# --- auto ------------------------------------------------------------------------------------
 
-
-def memory_per_worker(workers: int) -> int:
-    """Bytes each of `workers` workers on this machine may use: the memory available now
-    (MemAvailable, or the cgroup's limit when lower) shared equally."""
-    avail = None
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    avail = int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        if limit.isdigit():
-            avail = min(avail or int(limit), int(limit))
-    except OSError:
-        pass
-    if avail is None:
-        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    return avail // max(1, workers)
-
-
-def decoded_bytes(listing: Listing) -> int:
-    """Upper bound of the decoded dataset's size: images x 3 x the first image's H x W."""
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(listing.first_train)) as img:
-            w, h = img.size
-    except Exception:  # an unreadable first image: the decode pass names it later
-        w = h = 0
-    return (len(listing.train) + len(listing.test)) * 3 * h * w
-
-
-def resolve_loader(cfg: Any, cache_dir: Path | None = None) -> str:
-    """'memory' or 'ray-data' for cfg.data_loader. auto: ray-data only for an image folder
-    whose decoded size (images x 3 x H x W of the first image) exceeds MEMORY_SHARE of the
-    memory each worker has on this machine (`memory_per_worker`); memory otherwise (MNIST,
-    CIFAR-10: 47 MB and 184 MB decoded). ConfigError for ray-data on a dataset that is not
-    an image folder."""
-    from cnnray.config import ConfigError
-
-    if cfg.data_loader == "ray-data":
-        if cfg.dataset not in STREAMABLE:
-            raise ConfigError(f"data_loader 'ray-data' streams image folders and tarballs ({', '.join(STREAMABLE)}); "
-                              f"{cfg.dataset} is read from its own files: use data_loader 'memory'")
-        return "ray-data"
-    if cfg.data_loader == "memory" or cfg.dataset != "imagefolder":
-        return "memory"
-    try:
-        need = decoded_bytes(list_source(source_uri(cfg.dataset, cfg.data_dir), cache_dir))
-    except DataError:  # not readable from here (a cluster's path?): the in-memory loader says why
-        return "memory"
-    return "memory" if need <= MEMORY_SHARE * memory_per_worker(cfg.workers) else "ray-data"
-
-
-# --- the small cache of listings and scans ----------------------------------------------------
-
-
-def _key(kind: str, source: str, stats: list[tuple[str, int, int]]) -> str:
-    h = hashlib.sha256(f"cnnray-stream v{SCAN_VERSION} {kind} {DECODER_ID} {source}".encode())
-    for path, size, mtime in stats:
-        h.update(f"\0{path}\0{size}\0{mtime}".encode())
-    return f"stream-{kind}-{h.hexdigest()[:24]}.json"
-
-
-def _cache_read(cache_dir: Path | None, key: str) -> dict[str, Any] | None:
-    path = (cache_dir or default_cache_dir()) / key
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _cache_write(cache_dir: Path | None, key: str, value: dict[str, Any]) -> None:
-    """Atomic (write, then rename); a cache that cannot be written is only slower."""
-    directory = cache_dir or default_cache_dir()
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        tmp = directory / f".{key}.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps(value))
-        os.replace(tmp, directory / key)
-    except OSError:
-        pass
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__

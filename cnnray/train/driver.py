@@ -53,7 +53,7 @@ def resolve_run(cfg: TrainConfig) -> TrainConfig:
     cpus = cfg.cpus_per_worker
     if cpus is None:
         cpus = 1 if joining else max(1, local_cpu_count() // cfg.workers)
-    from cnnray.data.stream import resolve_loader
+    from cnnray.train.worker_data import resolve_loader
 
     return cfg.replace(local_mode=local_mode, cpus_per_worker=cpus, data_loader=resolve_loader(cfg))
 
@@ -217,9 +217,9 @@ def make_trainer(
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from cnnray.data.stream import data_config, resolve_loader
+    from cnnray.data.stream import data_config
     from cnnray.train.loop import train_loop_per_worker
-    from cnnray.train.worker_data import loop_config, stream_datasets
+    from cnnray.train.worker_data import loop_config, resolve_loader, stream_datasets
 
     cfg = cfg.replace(data_loader=resolve_loader(cfg))  # auto is resolved once, here or in resolve_run
     info, datasets = stream_datasets(cfg) if cfg.data_loader == "ray-data" else (None, None)

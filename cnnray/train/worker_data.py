@@ -6,15 +6,27 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from cnnray.config import ConfigError, TrainConfig
-from cnnray.data import Dataset, ShardedBatches, load_dataset, split_train_val, take_subset
+from cnnray.data import DataError, Dataset, ShardedBatches, load_dataset, split_train_val, take_subset
 from cnnray.data.stream import StreamBatches, StreamInfo
 from cnnray.train.loop import use_channels_last
 
-# Evaluation batches are larger than training ones: no activations are kept for backward.
+# Evaluation batches are larger than training ones (no activations are kept for backward):
+# up to EVAL_BATCH images, and at most as many input values as EVAL_BATCH CIFAR images, so
+# that 128 x 128 or 224 x 224 images do not multiply activation memory by 16 or 49 (a
+# 1,024-batch of 128 x 128 images took ~2 GB in tutorial_cnn); never fewer than a
+# training batch, whose activations (kept for backward) the worker holds anyway.
 EVAL_BATCH = 1024
+EVAL_VALUES = EVAL_BATCH * 3 * 32 * 32
+
+
+def eval_batch(cfg: TrainConfig, input_shape: tuple[int, ...]) -> int:
+    """Images per evaluation batch for images of `input_shape` (C, H, W)."""
+    per_image = max(1, int(np.prod(input_shape)))
+    return max(cfg.batch_size_per_worker, min(EVAL_BATCH, EVAL_VALUES // per_image))
 # The train_loop_config key beside TrainConfig's own that carries a streamed dataset's
 # StreamInfo from the driver's scan to the workers (they cannot rescan: every image).
 STREAM_INFO = "_stream_info"
@@ -36,6 +48,34 @@ def resolve_augment(cfg: TrainConfig, ds: Dataset | StreamInfo) -> str:
     if cfg.augment != "auto":
         return cfg.augment
     return "crop_flip" if ds.input_shape[0] == 3 else "none"
+
+
+# auto: the in-memory loader when the decoded dataset needs at most this share of the
+# memory each worker has (it holds the decoded set, its shard and float batches).
+MEMORY_SHARE = 0.25
+STREAMABLE = ("imagefolder", "cifar10")  # datasets whose files may be an image folder
+
+
+def resolve_loader(cfg: TrainConfig) -> str:
+    """'memory' or 'ray-data' for cfg.data_loader. auto: ray-data only for an image folder
+    whose decoded size (images x 3 x H x W of the first image) exceeds MEMORY_SHARE of the
+    memory each worker has on this machine (`sources.memory_per_worker`); memory otherwise
+    (MNIST, CIFAR-10: 47 MB and 184 MB decoded). ConfigError for ray-data on a dataset that
+    is not an image folder."""
+    from cnnray.data import sources
+
+    if cfg.data_loader == "ray-data":
+        if cfg.dataset not in STREAMABLE:
+            raise ConfigError(f"data_loader 'ray-data' streams image folders and tarballs ({', '.join(STREAMABLE)}); "
+                              f"{cfg.dataset} is read from its own files: use data_loader 'memory'")
+        return "ray-data"
+    if cfg.data_loader == "memory" or cfg.dataset != "imagefolder":
+        return "memory"
+    try:
+        need = sources.decoded_bytes(sources.list_source(sources.source_uri(cfg.dataset, cfg.data_dir)))
+    except DataError:  # not readable from here (a cluster's path?): the in-memory loader says why
+        return "memory"
+    return "memory" if need <= MEMORY_SHARE * sources.memory_per_worker(cfg.workers) else "ray-data"
 
 
 def loop_config(cfg: TrainConfig, info: StreamInfo | None) -> dict[str, Any]:
@@ -69,7 +109,7 @@ def check_data(cfg: TrainConfig) -> None:
     per worker (DataError, ConfigError). Memory: the dataset is loaded (and cached);
     ray-data: only listed (every image is checked by the driver's scan, once Ray runs)."""
     if cfg.data_loader == "ray-data":
-        from cnnray.data.stream import list_source, source_uri
+        from cnnray.data.sources import list_source, source_uri
 
         listing = list_source(source_uri(cfg.dataset, cfg.data_dir))
         check_split_counts(cfg, len(listing.train), len(listing.test), cfg.dataset)
@@ -145,7 +185,7 @@ def prepare_worker_data(
     )
     # A rank may hold fewer validation (and test) batches than another, or none at all:
     # evaluation enters no collective per batch (see loop.validate).
-    val = ShardedBatches(vx, vy, batch_size=EVAL_BATCH, shuffle=False, drop_last=False, **common)
+    val = ShardedBatches(vx, vy, batch_size=eval_batch(cfg, ds.input_shape), shuffle=False, drop_last=False, **common)
     test = held_out_batches(cfg, device, rank, world, ds) if cfg.test_at_end else None
     return WorkerData(train, val, test, ds.num_classes, ds.input_shape, data_info(ds))
 
@@ -162,12 +202,13 @@ def _stream_worker_data(
     train = StreamBatches(ray.train.get_dataset_shard("train"), rows=n_train // world,
                           batch_size=cfg.batch_size_per_worker, drop_last=True, shuffle=True,
                           channels_last=use_channels_last(cfg.channels_last, device), **common)
-    val = StreamBatches(ray.train.get_dataset_shard("val"), rows=-(-n_val // world), batch_size=EVAL_BATCH,
+    val = StreamBatches(ray.train.get_dataset_shard("val"), rows=-(-n_val // world), batch_size=eval_batch(cfg, info.input_shape),
                         drop_last=False, shuffle=False, channels_last=use_channels_last(cfg.channels_last, device),
                         **common)
     test = None
     if cfg.test_at_end:
-        test = StreamBatches(ray.train.get_dataset_shard("test"), rows=-(-n_test // world), batch_size=EVAL_BATCH,
+        test = StreamBatches(ray.train.get_dataset_shard("test"), rows=-(-n_test // world),
+                             batch_size=eval_batch(cfg, info.input_shape),
                              drop_last=False, shuffle=False, **common)
     return WorkerData(train, val, test, len(info.classes), info.input_shape, info.data_info())
 
@@ -193,12 +234,13 @@ def held_out_batches(
 
         info = scan(cfg)
         test = build_datasets(cfg, info, "none", ("test",))["test"]
-        return StreamBatches(test, rows=split_counts(cfg, info.n_train, info.n_test)[2], batch_size=EVAL_BATCH,
+        return StreamBatches(test, rows=split_counts(cfg, info.n_train, info.n_test)[2],
+                             batch_size=eval_batch(cfg, info.input_shape),
                              drop_last=False, shuffle=False, device=device, mean=info.mean, std=info.std,
                              sample_shape=info.input_shape)
     ds = ds or load_for(cfg)
     x, y = take_subset(ds.test_images, ds.test_labels, cfg.subset, cfg.seed)
     return ShardedBatches(
-        x, y, batch_size=EVAL_BATCH, rank=rank, world_size=world, shuffle=False, drop_last=False,
+        x, y, batch_size=eval_batch(cfg, ds.input_shape), rank=rank, world_size=world, shuffle=False, drop_last=False,
         device=device, mean=ds.mean, std=ds.std,
     )

@@ -165,7 +165,7 @@ def main() -> None:
                 for name, folder in (("small", small), ("big", big)):
                     run = tmp / f"{name}-{loader}"
                     argv = ["--model", "tutorial_cnn", "--dataset", "imagefolder", "--data-dir", str(folder),
-                            "--epochs", "1", "--batch-size", "64", "--augment", "none", "--data-loader", loader,
+                            "--epochs", "1", "--batch-size", "64", "--lr", "0.01", "--augment", "none", "--data-loader", loader,
                             "--out", str(run)]
                     r[name] = run_train(argv, tmp / f"home-{name}-{loader}", tmp / f"{name}-{loader}.log")
                 r["peak_mib"] = r["big"]["peak_kib"] / 1024

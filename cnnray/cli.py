@@ -32,7 +32,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     summary = run_training(cfg)
-    if args.report:
+    if args.report and summary["config"]["data_loader"] == "ray-data":
+        # The report decodes its test images through the in-memory loader: not for a
+        # dataset streamed because it does not fit.
+        print(f"[cnnray] no report for a ray-data run (it loads the data in memory); "
+              f"`cnnray report {summary['config']['out']}` makes one if the data fits", flush=True)
+    elif args.report:
         from cnnray.report import report_after_training
 
         report_after_training(summary["config"]["out"])

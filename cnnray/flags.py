@@ -55,6 +55,8 @@ TRAIN_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "--model": ("model", dict(help="model name (see `cnnray models`); default cnn")),
     "--dataset": ("dataset", dict(help="mnist | fashion_mnist | cifar10 | imagefolder; default mnist")),
     "--data-dir": ("data_dir", dict(help="the dataset's files as their source names them; default $CNNRAY_DATA/<dataset>")),
+    "--data-loader": ("data_loader", dict(help="auto | memory | ray-data (stream image folders with Ray Data); "
+                                          "default auto: ray-data when the decoded folder would not fit comfortably in a worker's memory")),
     "--epochs": ("epochs", dict(type=_number("epochs", int), help="training epochs; default 3")),
     "--workers": ("workers", dict(type=_Workers(), help="Ray Train workers (DDP ranks), or an elastic range MIN-MAX "
                                   "(e.g. 1-2: goes on with fewer when nodes leave); default 1")),

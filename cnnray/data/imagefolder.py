@@ -85,6 +85,21 @@ def list_dir(root: Path) -> list[ImageItem]:
     return items
 
 
+def member_parts(name: str) -> tuple[str, ...]:
+    """A tar member's path parts; () for a hidden one (never an image nor a wanted file)."""
+    parts = tuple(p for p in name.split("/") if p not in ("", "."))
+    return () if any(_hidden(p) for p in parts) else parts
+
+
+def is_image_member(parts: tuple[str, ...]) -> bool:
+    """Whether a member (`member_parts`) is an image at .../<split>/<class>/<file>."""
+    return (
+        len(parts) >= 3
+        and parts[-3] in SPLITS
+        and os.path.splitext(parts[-1])[1].lower() in IMAGE_EXTENSIONS
+    )
+
+
 def scan_tar(
     archive: Path, wanted: frozenset[str] = frozenset()
 ) -> tuple[list[ImageItem], dict[str, bytes]]:
@@ -101,14 +116,10 @@ def scan_tar(
             for member in tar:
                 if not member.isfile():
                     continue
-                parts = tuple(p for p in member.name.split("/") if p not in ("", "."))
-                if not parts or any(_hidden(p) for p in parts):
+                parts = member_parts(member.name)
+                if not parts:
                     continue
-                is_image = (
-                    len(parts) >= 3
-                    and parts[-3] in SPLITS
-                    and os.path.splitext(parts[-1])[1].lower() in IMAGE_EXTENSIONS
-                )
+                is_image = is_image_member(parts)
                 if parts[-1] not in wanted and not is_image:
                     continue
                 f = tar.extractfile(member)
@@ -130,21 +141,31 @@ def scan_tar(
     return items, extra
 
 
-def _mean_std(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel mean and std of uint8 N x C x H x W images, in [0, 1] pixel units.
-
-    Exact integer sums (uint64 cannot overflow: 255**2 * 2**40 < 2**64), squared in
-    uint16 chunks so that no float copy of the whole dataset is made.
-    """
+def pixel_sums(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel exact sums of the pixels and of their squares of uint8 N x C x H x W
+    images, as uint64 (cannot overflow: 255**2 * 2**40 < 2**64), squared in uint16 chunks
+    so that no float copy of the whole dataset is made."""
     total = x.sum(axis=(0, 2, 3), dtype=np.uint64)
     total_sq = np.zeros(x.shape[1], dtype=np.uint64)
     for start in range(0, len(x), _STATS_CHUNK):
         chunk = x[start : start + _STATS_CHUNK].astype(np.uint16)
         total_sq += np.square(chunk, out=chunk).sum(axis=(0, 2, 3), dtype=np.uint64)
-    count = float(max(x.shape[0] * x.shape[2] * x.shape[3], 1))
-    mean = total / count  # in 0..255 pixel units
-    var = np.maximum(total_sq / count - mean**2, 0.0)
+    return total, total_sq
+
+
+def stats_from_sums(total: np.ndarray, total_sq: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and std in [0, 1] pixel units from `pixel_sums` over `count` pixels
+    per channel (N x H x W); the streamed loader adds sums batch by batch (cnnray.data.stream)."""
+    count_f = float(max(count, 1))
+    mean = total / count_f  # in 0..255 pixel units
+    var = np.maximum(total_sq / count_f - mean**2, 0.0)
     return mean / 255.0, np.sqrt(var) / 255.0
+
+
+def _mean_std(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and std of uint8 N x C x H x W images, in [0, 1] pixel units."""
+    total, total_sq = pixel_sums(x)
+    return stats_from_sums(total, total_sq, x.shape[0] * x.shape[2] * x.shape[3])
 
 
 def decode_images(items: Sequence[ImageItem], source: str) -> dict[str, np.ndarray]:

@@ -61,6 +61,49 @@ def normalize(images_uint8: torch.Tensor, mean: Sequence[float], std: Sequence[f
     return torch.addcmul(shift, images_uint8, scale)
 
 
+def augment_offsets(
+    n: int, pad: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dy, dx, flips) for n samples: crop offsets uniform in [0, 2 * pad], flips with p=0.5.
+    The one rule for the in-memory and the streamed (cnnray.data.stream) loaders."""
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    return dy, dx, torch.rand(n, generator=generator) < 0.5
+
+
+def crop_flip(
+    x: torch.Tensor,
+    dy: torch.Tensor,
+    dx: torch.Tensor,
+    flip: torch.Tensor | None,
+    pad: int,
+    rows: torch.Tensor | None = None,
+    cols: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Random crops of normalised B x C x H x W images (offsets dy, dx in [0, 2 * pad]) and
+    optional flips, in one gather; `rows`/`cols` are arange(H)/arange(W) on x's device
+    (made here when not given).
+
+    Padding is applied after normalisation, so the zero border is the dataset's mean
+    colour rather than black: it adds no artificial edge the first conv could key on.
+    """
+    b, c, h, w = x.shape
+    rows = torch.arange(h, device=x.device) if rows is None else rows
+    cols0 = torch.arange(w, device=x.device) if cols is None else cols
+    p = pad
+    padded = F.pad(x, (p, p, p, p)) if p else x
+    src_rows = dy[:, None] + rows  # B x H: source row of each output row
+    src_cols = cols0.expand(b, w)
+    if flip is not None:
+        # Flipping is reading the columns backwards: choose per sample with torch.where
+        # on the (small) index tensor instead of on the images.
+        src_cols = torch.where(flip[:, None], cols0.flip(0).expand(b, w), src_cols)
+    src_cols = src_cols + dx[:, None]  # B x W
+    batch = torch.arange(b, device=x.device).view(b, 1, 1, 1)
+    chan = torch.arange(c, device=x.device).view(1, c, 1, 1)
+    return padded[batch, chan, src_rows[:, None, :, None], src_cols[:, None, None, :]]
+
+
 class ShardedBatches:
     """Batches of (normalised float32 images, int64 labels) from one rank's shard, on `device`.
 
@@ -137,24 +180,7 @@ class ShardedBatches:
     def _crop_flip(
         self, x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: torch.Tensor | None
     ) -> torch.Tensor:
-        """Random crops (offsets dy, dx in [0, 2 * pad]) and optional flips, in one gather.
-
-        Padding is applied after normalisation, so the zero border is the dataset's mean
-        colour rather than black: it adds no artificial edge the first conv could key on.
-        """
-        b, c, h, w = x.shape
-        p = self.pad
-        padded = F.pad(x, (p, p, p, p)) if p else x
-        rows = dy[:, None] + self._rows  # B x H: source row of each output row
-        cols = self._cols.expand(b, w)
-        if flip is not None:
-            # Flipping is reading the columns backwards: choose per sample with torch.where
-            # on the (small) index tensor instead of on the images.
-            cols = torch.where(flip[:, None], self._cols.flip(0).expand(b, w), cols)
-        cols = cols + dx[:, None]  # B x W
-        batch = torch.arange(b, device=x.device).view(b, 1, 1, 1)
-        chan = torch.arange(c, device=x.device).view(1, c, 1, 1)
-        return padded[batch, chan, rows[:, None, :, None], cols[:, None, None, :]]
+        return crop_flip(x, dy, dx, flip, self.pad, self._rows, self._cols)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n = self.num_samples
@@ -165,9 +191,7 @@ class ShardedBatches:
         if self.augment != "none":
             # Draw the whole epoch's offsets at once: one small host-to-device copy.
             g = _generator(self.seed, _AUGMENT, self.epoch, self.rank)
-            dy = torch.randint(0, 2 * self.pad + 1, (n,), generator=g).to(self.device)
-            dx = torch.randint(0, 2 * self.pad + 1, (n,), generator=g).to(self.device)
-            flips = (torch.rand(n, generator=g) < 0.5).to(self.device)
+            dy, dx, flips = (t.to(self.device) for t in augment_offsets(n, self.pad, g))
         for start in range(0, len(self) * self.batch_size, self.batch_size):
             sl = slice(start, min(start + self.batch_size, n))
             if order is None:

@@ -53,7 +53,9 @@ def resolve_run(cfg: TrainConfig) -> TrainConfig:
     cpus = cfg.cpus_per_worker
     if cpus is None:
         cpus = 1 if joining else max(1, local_cpu_count() // cfg.workers)
-    return cfg.replace(local_mode=local_mode, cpus_per_worker=cpus)
+    from cnnray.train.worker_data import resolve_loader
+
+    return cfg.replace(local_mode=local_mode, cpus_per_worker=cpus, data_loader=resolve_loader(cfg))
 
 
 def _progress_callback(epochs: int):
@@ -102,11 +104,11 @@ def preflight(cfg: TrainConfig) -> None:
     (a local Ray would wait for them forever). On one machine this also downloads and decodes once,
     so every worker then reads the cache. Skipped when joining a cluster (--address or
     $RAY_ADDRESS): the data may exist only there, and the cluster may scale up."""
-    from cnnray.train.worker_data import check_split_sizes, load_for
+    from cnnray.train.worker_data import check_data
 
     if cfg.address or os.environ.get("RAY_ADDRESS"):
         return
-    check_split_sizes(cfg, load_for(cfg))
+    check_data(cfg)
     cpus = cfg.cpus_per_worker or 1  # None (not yet resolved by resolve_run): at least one each
     fewest = cfg.min_workers or cfg.workers  # an elastic run starts with what fits
     need = fewest * cpus
@@ -210,15 +212,23 @@ def make_trainer(
     cfg: TrainConfig, *, name: str, storage_path: str, callbacks: Sequence[Any] = ()
 ):
     """The TorchTrainer for one run of `cfg` (also what each Tune trial builds); with
-    `cfg.local_mode` Ray Train's local mode (num_workers=0: the loop runs in this process)."""
+    `cfg.local_mode` Ray Train's local mode (num_workers=0: the loop runs in this process).
+    data_loader ray-data (Ray running): the Ray Datasets go in datasets= (DataError from
+    the scan of every image)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from cnnray.data.stream import data_config
     from cnnray.train.loop import train_loop_per_worker
+    from cnnray.train.worker_data import loop_config, resolve_loader, stream_datasets
 
+    cfg = cfg.replace(data_loader=resolve_loader(cfg))  # auto is resolved once, here or in resolve_run
+    info, datasets = stream_datasets(cfg) if cfg.data_loader == "ray-data" else (None, None)
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=cfg.to_dict(),
+        train_loop_config=loop_config(cfg, info),
+        datasets=datasets,
+        dataset_config=data_config() if datasets else None,
         scaling_config=_scaling_config(cfg, storage_path),
         run_config=ray.train.RunConfig(
             name=name,
@@ -293,8 +303,9 @@ def run_training(cfg: TrainConfig, echo: Callable[[str], None] = print) -> dict[
         preflight(cfg)
 
         started = time.perf_counter()
-        # Local mode needs no Ray at all (not even to start one: that is ~8 s on a laptop).
-        own_ray = False if cfg.local_mode else init_ray(cfg.address, ray_train=True)
+        # Local mode needs no Ray at all (not even to start one: that is ~8 s on a laptop),
+        # unless Ray Data streams the images (its decode tasks need one).
+        own_ray = False if cfg.local_mode and cfg.data_loader == "memory" else init_ray(cfg.address, ray_train=True)
         try:
             return _fit(cfg, out, storage, name, started, echo)
         finally:

@@ -252,7 +252,7 @@ def format_progress(metrics: dict[str, Any], epochs: int) -> str:
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> str | None:
-    """Entry point of every Ray Train worker: `config` is `TrainConfig.to_dict()`.
+    """Entry point of every Ray Train worker: `config` is `worker_data.loop_config`'s.
 
     Returns None, or when training diverged the one line saying where (every rank stops
     in the same epoch; rank 0's value reaches the driver as the Result's `return_value`).
@@ -265,9 +265,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> str | None:
     from cnnray.train.metrics import TrainMetrics
     from cnnray.train.optim import build_optimizer, build_scheduler
     from cnnray.train.run_dir import LocalCheckpoints, local_run_dir
-    from cnnray.train.worker_data import prepare_worker_data
+    from cnnray.train.worker_data import from_loop_config, prepare_worker_data
 
-    cfg = TrainConfig.from_dict(config)
+    cfg, stream_info = from_loop_config(config)  # stream_info: the driver's scan (ray-data)
     _quiet_report_log()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -282,7 +282,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> str | None:
         torch.set_num_threads(cfg.cpus_per_worker or 1)
     else:
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick kernels
-    data = prepare_worker_data(cfg, rank, world, device)
+    data = prepare_worker_data(cfg, rank, world, device, stream_info)
 
     model_args = resolve_model_args(
         cfg.model,

@@ -1,36 +1,93 @@
-"""From a TrainConfig to one worker's in-memory batches (glue between config and data)."""
+"""From a TrainConfig to one worker's batches (glue between config and data): in memory
+(ShardedBatches), or streamed by Ray Data (cnnray.data.stream, `data_loader="ray-data"`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from cnnray.config import ConfigError, TrainConfig
-from cnnray.data import Dataset, ShardedBatches, load_dataset, split_train_val, take_subset
+from cnnray.data import DataError, Dataset, ShardedBatches, load_dataset, split_train_val, take_subset
+from cnnray.data.stream import StreamBatches, StreamInfo
 from cnnray.train.loop import use_channels_last
 
-# Evaluation batches are larger than training ones: no activations are kept for backward.
+# Evaluation batches are larger than training ones (no activations are kept for backward):
+# up to EVAL_BATCH images, and at most as many input values as EVAL_BATCH CIFAR images, so
+# that 128 x 128 or 224 x 224 images do not multiply activation memory by 16 or 49 (a
+# 1,024-batch of 128 x 128 images took ~2 GB in tutorial_cnn); never fewer than a
+# training batch, whose activations (kept for backward) the worker holds anyway.
 EVAL_BATCH = 1024
+EVAL_VALUES = EVAL_BATCH * 3 * 32 * 32
+
+
+def eval_batch(cfg: TrainConfig, input_shape: tuple[int, ...]) -> int:
+    """Images per evaluation batch for images of `input_shape` (C, H, W)."""
+    per_image = max(1, int(np.prod(input_shape)))
+    return max(cfg.batch_size_per_worker, min(EVAL_BATCH, EVAL_VALUES // per_image))
+# The train_loop_config key beside TrainConfig's own that carries a streamed dataset's
+# StreamInfo from the driver's scan to the workers (they cannot rescan: every image).
+STREAM_INFO = "_stream_info"
 
 
 @dataclass
 class WorkerData:
-    train: ShardedBatches
-    val: ShardedBatches
-    test: ShardedBatches | None  # this rank's shard of the test split, if cfg.test_at_end
+    train: ShardedBatches | StreamBatches
+    val: ShardedBatches | StreamBatches
+    test: ShardedBatches | StreamBatches | None  # this rank's shard of the test split, if cfg.test_at_end
     num_classes: int
     input_shape: tuple[int, int, int]
     info: dict[str, Any]  # what Serve needs to preprocess inputs exactly as in training
 
 
-def resolve_augment(cfg: TrainConfig, ds: Dataset) -> str:
+def resolve_augment(cfg: TrainConfig, ds: Dataset | StreamInfo) -> str:
     """'auto': crop+flip for colour images (CIFAR practice); none for digits, where a
     flip changes the class and 3 epochs leave no time to profit from crops."""
     if cfg.augment != "auto":
         return cfg.augment
     return "crop_flip" if ds.input_shape[0] == 3 else "none"
+
+
+# auto: the in-memory loader when the decoded dataset needs at most this share of the
+# memory each worker has (it holds the decoded set, its shard and float batches).
+MEMORY_SHARE = 0.25
+STREAMABLE = ("imagefolder", "cifar10")  # datasets whose files may be an image folder
+
+
+def resolve_loader(cfg: TrainConfig) -> str:
+    """'memory' or 'ray-data' for cfg.data_loader. auto: ray-data only for an image folder
+    whose decoded size (images x 3 x H x W of the first image) exceeds MEMORY_SHARE of the
+    memory each worker has on this machine (`sources.memory_per_worker`); memory otherwise
+    (MNIST, CIFAR-10: 47 MB and 184 MB decoded). ConfigError for ray-data on a dataset that
+    is not an image folder."""
+    from cnnray.data import sources
+
+    if cfg.data_loader == "ray-data":
+        if cfg.dataset not in STREAMABLE:
+            raise ConfigError(f"data_loader 'ray-data' streams image folders and tarballs ({', '.join(STREAMABLE)}); "
+                              f"{cfg.dataset} is read from its own files: use data_loader 'memory'")
+        return "ray-data"
+    if cfg.data_loader == "memory" or cfg.dataset != "imagefolder":
+        return "memory"
+    try:
+        need = sources.decoded_bytes(sources.list_source(sources.source_uri(cfg.dataset, cfg.data_dir)))
+    except DataError:  # not readable from here (a cluster's path?): the in-memory loader says why
+        return "memory"
+    return "memory" if need <= MEMORY_SHARE * sources.memory_per_worker(cfg.workers) else "ray-data"
+
+
+def loop_config(cfg: TrainConfig, info: StreamInfo | None) -> dict[str, Any]:
+    """The trainer's train_loop_config: the config, and a streamed dataset's StreamInfo."""
+    return {**cfg.to_dict(), **({STREAM_INFO: info.to_dict()} if info is not None else {})}
+
+
+def from_loop_config(config: dict[str, Any]) -> tuple[TrainConfig, StreamInfo | None]:
+    """`loop_config`'s inverse, in the worker."""
+    info = config.get(STREAM_INFO)
+    cfg = TrainConfig.from_dict({k: v for k, v in config.items() if k != STREAM_INFO})
+    return cfg, StreamInfo.from_dict(info) if info is not None else None
 
 
 def data_info(ds: Dataset) -> dict[str, Any]:
@@ -47,15 +104,40 @@ def load_for(cfg: TrainConfig) -> Dataset:
     return load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download)
 
 
+def check_data(cfg: TrainConfig) -> None:
+    """The driver's check before Ray starts: the data is readable and splits into a batch
+    per worker (DataError, ConfigError). Memory: the dataset is loaded (and cached);
+    ray-data: only listed (every image is checked by the driver's scan, once Ray runs)."""
+    if cfg.data_loader == "ray-data":
+        from cnnray.data.sources import list_source, source_uri
+
+        listing = list_source(source_uri(cfg.dataset, cfg.data_dir))
+        check_split_counts(cfg, len(listing.train), len(listing.test), cfg.dataset)
+    else:
+        check_split_sizes(cfg, load_for(cfg))
+
+
 def check_split_sizes(cfg: TrainConfig, ds: Dataset) -> None:
+    """`check_split_counts` of an in-memory dataset."""
+    check_split_counts(cfg, len(ds.train_labels), len(ds.test_labels), ds.name)
+
+
+def split_counts(cfg: TrainConfig, n_train_total: int, n_test_total: int) -> tuple[int, int, int]:
+    """(train, validation, test) sizes: take_subset, then round(N * val_fraction) held out."""
+    n = n_train_total if cfg.subset is None else min(cfg.subset, n_train_total)
+    n_val = int(round(n * cfg.val_fraction))
+    n_test = n_test_total if cfg.subset is None else min(cfg.subset, n_test_total)
+    return n - n_val, n_val, n_test
+
+
+def check_split_counts(cfg: TrainConfig, n_train_total: int, n_test_total: int, name: str) -> None:
     """Refuse (ConfigError) what the split sizes alone make impossible: an empty validation
     or test split, or no full training batch per worker. The driver calls this before Ray
     starts; the workers call it too (a cluster run, whose data only the workers see).
     Sizes follow take_subset, split_train_val (round(N * val_fraction) held out) and
     shard_indices (N // workers training examples per worker)."""
-    n = len(ds.train_labels) if cfg.subset is None else min(cfg.subset, len(ds.train_labels))
-    n_val = int(round(n * cfg.val_fraction))
-    n_train = n - n_val
+    n_train, n_val, n_test = split_counts(cfg, n_train_total, n_test_total)
+    n = n_train + n_val
     per_worker = cfg.batch_size_per_worker
     if n_val == 0:
         raise ConfigError(
@@ -67,12 +149,17 @@ def check_split_sizes(cfg: TrainConfig, ds: Dataset) -> None:
             f"{n_train} training examples over {cfg.workers} worker(s) give no full batch of {per_worker} "
             "per worker: use a larger --subset, fewer --workers or a smaller --batch-size"
         )
-    n_test = len(ds.test_labels) if cfg.subset is None else min(cfg.subset, len(ds.test_labels))
     if cfg.test_at_end and n_test == 0:
-        raise ConfigError(f"the {ds.name} dataset has no test examples to evaluate the best checkpoint on")
+        raise ConfigError(f"the {name} dataset has no test examples to evaluate the best checkpoint on")
 
 
-def prepare_worker_data(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> WorkerData:
+def prepare_worker_data(
+    cfg: TrainConfig, rank: int, world: int, device: torch.device, info: StreamInfo | None = None
+) -> WorkerData:
+    if cfg.data_loader == "ray-data":
+        if info is None:
+            raise ValueError("a ray-data run needs the driver's StreamInfo (loop_config)")
+        return _stream_worker_data(cfg, rank, world, device, info)
     ds = load_for(cfg)
     check_split_sizes(cfg, ds)
     # Every rank draws the same subset and split (same seed), then keeps only its shard.
@@ -98,19 +185,62 @@ def prepare_worker_data(cfg: TrainConfig, rank: int, world: int, device: torch.d
     )
     # A rank may hold fewer validation (and test) batches than another, or none at all:
     # evaluation enters no collective per batch (see loop.validate).
-    val = ShardedBatches(vx, vy, batch_size=EVAL_BATCH, shuffle=False, drop_last=False, **common)
+    val = ShardedBatches(vx, vy, batch_size=eval_batch(cfg, ds.input_shape), shuffle=False, drop_last=False, **common)
     test = held_out_batches(cfg, device, rank, world, ds) if cfg.test_at_end else None
     return WorkerData(train, val, test, ds.num_classes, ds.input_shape, data_info(ds))
 
 
+def _stream_worker_data(
+    cfg: TrainConfig, rank: int, world: int, device: torch.device, info: StreamInfo
+) -> WorkerData:
+    """This rank's Ray Data shards (Ray Train's DataConfig split them: stream.data_config)."""
+    import ray.train
+
+    n_train, n_val, n_test = split_counts(cfg, info.n_train, info.n_test)
+    common = dict(device=device, mean=info.mean, std=info.std, sample_shape=info.input_shape)
+    # Train: equal shards of n_train // world rows; the others: this rank's share, at most.
+    train = StreamBatches(ray.train.get_dataset_shard("train"), rows=n_train // world,
+                          batch_size=cfg.batch_size_per_worker, drop_last=True, shuffle=True,
+                          channels_last=use_channels_last(cfg.channels_last, device), **common)
+    val = StreamBatches(ray.train.get_dataset_shard("val"), rows=-(-n_val // world), batch_size=eval_batch(cfg, info.input_shape),
+                        drop_last=False, shuffle=False, channels_last=use_channels_last(cfg.channels_last, device),
+                        **common)
+    test = None
+    if cfg.test_at_end:
+        test = StreamBatches(ray.train.get_dataset_shard("test"), rows=-(-n_test // world),
+                             batch_size=eval_batch(cfg, info.input_shape),
+                             drop_last=False, shuffle=False, **common)
+    return WorkerData(train, val, test, len(info.classes), info.input_shape, info.data_info())
+
+
+def stream_datasets(cfg: TrainConfig) -> tuple[StreamInfo, dict[str, Any]]:
+    """The driver's side of a ray-data run (Ray running): the scan, and the Ray Datasets
+    for the trainer's datasets= (test only when the workers test at the end)."""
+    from cnnray.data.stream import build_datasets, scan
+
+    info = scan(cfg)
+    splits = ("train", "val", "test") if cfg.test_at_end else ("train", "val")
+    return info, build_datasets(cfg, info, resolve_augment(cfg, info), splits)
+
+
 def held_out_batches(
     cfg: TrainConfig, device: torch.device, rank: int = 0, world: int = 1, ds: Dataset | None = None
-) -> ShardedBatches:
+) -> ShardedBatches | StreamBatches:
     """The held-out test split (or its subset), only for the final evaluation and report;
-    with `world` > 1 this rank's shard of it. NCHW, as Serve and the report feed it."""
+    with `world` > 1 this rank's shard of it. NCHW, as Serve and the report feed it.
+    ray-data: the whole test split streamed by Ray Data (needs a running Ray; one rank)."""
+    if cfg.data_loader == "ray-data" and ds is None and world == 1:
+        from cnnray.data.stream import build_datasets, scan
+
+        info = scan(cfg)
+        test = build_datasets(cfg, info, "none", ("test",))["test"]
+        return StreamBatches(test, rows=split_counts(cfg, info.n_train, info.n_test)[2],
+                             batch_size=eval_batch(cfg, info.input_shape),
+                             drop_last=False, shuffle=False, device=device, mean=info.mean, std=info.std,
+                             sample_shape=info.input_shape)
     ds = ds or load_for(cfg)
     x, y = take_subset(ds.test_images, ds.test_labels, cfg.subset, cfg.seed)
     return ShardedBatches(
-        x, y, batch_size=EVAL_BATCH, rank=rank, world_size=world, shuffle=False, drop_last=False,
+        x, y, batch_size=eval_batch(cfg, ds.input_shape), rank=rank, world_size=world, shuffle=False, drop_last=False,
         device=device, mean=ds.mean, std=ds.std,
     )

@@ -220,6 +220,79 @@ def test_pixels_times_instances_are_bounded_before_decoding(local):
     assert predict(local.url, "digits", instances[:1]).status_code == 200
 
 
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    import struct
+    import zlib
+
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def _png_split(pixels: np.ndarray, idat_bytes: int, extra: bytes = b"") -> bytes:
+    """A valid 8-bit gray PNG of `pixels`, its image data in IDAT chunks of `idat_bytes`,
+    `extra` (more chunks) before them."""
+    import struct
+    import zlib
+
+    h, w = pixels.shape
+    raw = zlib.compress(b"".join(b"\x00" + row.tobytes() for row in pixels))
+    ihdr = _png_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
+    idats = b"".join(_png_chunk(b"IDAT", raw[i:i + idat_bytes]) for i in range(0, len(raw), idat_bytes))
+    return b"\x89PNG\r\n\x1a\n" + ihdr + extra + idats + _png_chunk(b"IEND", b"")
+
+
+def _bmp_rle8(pixels: np.ndarray) -> bytes:
+    """A valid RLE8-compressed BMP of `pixels` (one (1, value) pair per pixel: the worst case)."""
+    import struct
+
+    h, w = pixels.shape
+    rows = [b"".join(b"\x01" + bytes([v]) for v in row.tolist()) + b"\x00\x00" for row in pixels[::-1]]
+    data = b"".join(rows)[:-2] + b"\x00\x01"  # end of bitmap instead of the last end of line
+    palette = b"".join(bytes([i, i, i, 0]) for i in range(256))
+    offset = 14 + 40 + len(palette)
+    info = struct.pack("<IiiHHIIiiII", 40, w, h, 1, 8, 1, len(data), 2835, 2835, 256, 0)
+    return b"BM" + struct.pack("<IHHI", offset + len(data), 0, 0, offset) + info + palette + data
+
+
+def _decode_cost_bombs() -> list[tuple[str, bytes]]:
+    """Images whose decoding costs far more than their pixels say (Pillow loops in Python):
+    3-4 s each at 8 MiB on the shared machine; these are the smallest that cross the limits."""
+    from cnnray.serve.preprocess import MAX_PNG_CHUNKS
+
+    text = _png_chunk(b"tEXt", b"k\x00v")
+    return [
+        ("png-text-chunks", _png_split(NOISE, 1 << 16, extra=text * MAX_PNG_CHUNKS)),
+        ("png-empty-idats", _png_split(NOISE, 1 << 16, extra=_png_chunk(b"IDAT", b"") * MAX_PNG_CHUNKS)),
+        ("bmp-rle8", _bmp_rle8(np.tile(NOISE, (16, 16)))),  # 448 x 448: ~400 KB
+    ]
+
+
+@pytest.mark.parametrize("case", _decode_cost_bombs(), ids=lambda c: c[0])
+def test_images_that_cost_more_than_their_pixels_are_refused_before_decoding(local, case):
+    """One example per kind of decode work the pixel budget misses (a PNG's chunk count, an
+    RLE BMP's Python decoder): 413 on both routes, before any decoding; on a replica such an
+    image held the one inference thread, and every batch-mate, for seconds."""
+    _, data = case
+    r = requests.post(f"{local.url}/predictions/digits", data=data, headers={"Content-Type": "image/png"},
+                      timeout=60)
+    assert r.status_code == 413 and list(r.json()) == ["error"], r.text
+    r = predict(local.url, "digits", [b64(png(NOISE)), b64(data)])
+    assert r.status_code == 413 and r.json()["error"].startswith("instance 1: "), r.text
+
+
+def test_real_images_within_the_decode_cost_limits_still_decode(local):
+    """The limits refuse no real image: image data in many small IDAT chunks (libpng writes
+    8 KiB ones) and a small RLE8 BMP give the pixels of the plain PNG."""
+    from cnnray.serve.preprocess import MAX_PNG_CHUNKS, decode_image
+
+    want = decode_image(png(NOISE), (1, 28, 28), 1 << 20)
+    many = _png_split(NOISE, 1, extra=_png_chunk(b"tEXt", b"k\x00v") * (MAX_PNG_CHUNKS - 1000))
+    for data in (many, _bmp_rle8(NOISE)):
+        assert torch.equal(decode_image(data, (1, 28, 28), 1 << 20), want)
+        r = requests.post(f"{local.url}/predictions/digits", data=data, headers={"Content-Type": "image/png"},
+                          timeout=60)
+        assert r.status_code == 200, r.text
+
+
 @pytest.mark.parametrize("route", ["torchserve", "kserve"])
 def test_decoding_never_runs_on_the_event_loop(local, monkeypatch, route):
     """A decode that takes seconds (a many-scan progressive JPEG; here a stand-in that sleeps)

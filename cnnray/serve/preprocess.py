@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import binascii
 import math
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Union
@@ -39,13 +40,50 @@ class RequestError(Exception):
         self.close = close  # answer with Connection: close (body left unread, or too slow)
 
 
+# Decoding work that the pixel budget does not bound: Pillow walks a PNG's chunks (every
+# one, IDAT or ancillary, before and after the image data) and decodes RLE-compressed BMPs
+# in Python loops. Measured on the shared 2-core machine: an 8 MiB 28x28 PNG of 700,000
+# empty chunks took 3-4 s to open and again to decode, an 8 MiB RLE8 BMP 4.6 s, each on the
+# replica's one inference thread (every batch-mate waits). Encoders write a PNG's image
+# data in 8-64 KiB IDAT chunks (libpng 8 KiB: ~1,000 for an 8 MiB file), so 10,000 chunks
+# (~40 ms of Pillow's loop) refuse no real image; RLE BMPs are rare and compress well.
+MAX_PNG_CHUNKS = 10_000
+MAX_RLE_BMP_BYTES = 256 * 1024  # ~0.15 s of Pillow's Python RLE decoder
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def check_decode_cost(data: bytes) -> None:
+    """Refuse (RequestError 413) an image whose decoding costs more than its pixels say:
+    a PNG of over `MAX_PNG_CHUNKS` chunks, or an RLE-compressed BMP over `MAX_RLE_BMP_BYTES`.
+    Reads the bytes only (a walk over at most MAX_PNG_CHUNKS chunk headers); anything
+    malformed is left to the decoder, which refuses it with 400."""
+    if data.startswith(_PNG_SIGNATURE):
+        pos, n, end = len(_PNG_SIGNATURE), 0, len(data)
+        while pos + 8 <= end:
+            length, kind = struct.unpack_from(">I4s", data, pos)
+            n += 1
+            if n > MAX_PNG_CHUNKS:
+                raise RequestError(413, f"PNG of over {MAX_PNG_CHUNKS} chunks is refused (decoding cost grows "
+                                        "with every chunk): re-encode it")
+            if kind == b"IEND":
+                break
+            pos += 12 + length  # length, type, data, CRC
+    elif data[:2] == b"BM" and len(data) >= 34 and struct.unpack_from("<I", data, 14)[0] >= 40:
+        compression = struct.unpack_from("<I", data, 30)[0]  # BITMAPINFOHEADER biCompression
+        if compression in (1, 2) and len(data) > MAX_RLE_BMP_BYTES:  # BI_RLE8, BI_RLE4
+            raise RequestError(413, f"RLE-compressed BMP of {len(data)} bytes is over the limit of "
+                                    f"{MAX_RLE_BMP_BYTES} bytes: send a PNG")
+
+
 def decode_image(data: bytes, input_shape: Sequence[int], max_pixels: int) -> torch.Tensor:
     """PNG, JPEG or BMP bytes -> uint8 C x H x W pixels, by training's own decoder
     (`cnnray.data.decode.decode_image`: as a viewer shows the image, in the model's mode and
     size). Raises RequestError: 413 for an image over the decode budget (pixels, frames,
-    progressive scans, all checked from the header), 400 for anything else."""
+    progressive scans, all checked from the header; PNG chunks and RLE BMP bytes,
+    `check_decode_cost`), 400 for anything else."""
     channels, height, width = (int(s) for s in input_shape)
     limits = DecodeLimits(max_pixels=max_pixels)
+    check_decode_cost(data)
     try:
         pixels = decode.decode_image(data, channels, (height, width), limits)
     except decode.DecodeError as e:
@@ -66,6 +104,7 @@ def image_pixels(data: bytes, max_pixels: int) -> int:
     """Width x height that an image file declares, read from its header alone (no decoding),
     with the decoder's own format and per-image cost checks (`cnnray.data.decode.open_image`).
     Raises RequestError: 413 over a per-image budget, 400 for anything else."""
+    check_decode_cost(data)
     try:
         with decode.open_image(data, DecodeLimits(max_pixels=max_pixels)) as img:
             return int(img.width) * int(img.height)

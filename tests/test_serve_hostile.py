@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import math
 import os
 import shutil
 import socket
@@ -291,6 +292,62 @@ def test_real_images_within_the_decode_cost_limits_still_decode(local):
         r = requests.post(f"{local.url}/predictions/digits", data=data, headers={"Content-Type": "image/png"},
                           timeout=60)
         assert r.status_code == 200, r.text
+
+
+def test_one_bad_request_never_fails_its_batch_mates(tmp_path, monkeypatch):
+    """The replica's @serve.batch handler (ModelServer._batched, run here without Ray) given
+    one batch of good and bad payloads for two versions of a model and another model: each
+    answers as it would alone (the bad ones with their own 4xx, a model's NaN output as its
+    row, refused later by its own request), none fails the others."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+    from types import SimpleNamespace as NS
+
+    import ray.serve
+
+    from cnnray.serve.app import ModelServer
+    from cnnray.serve.engine import load_served_model
+    from cnnray.serve.metrics import ServeMetrics
+    from cnnray.serve.preprocess import EncodedImage, RequestError
+    from cnnray.serve.schemas import ModelRef
+
+    # serve.batch asks the replica context for max_ongoing_requests (a warning) when it first runs.
+    monkeypatch.setattr(ray.serve, "get_replica_context",
+                        lambda: NS(_deployment_config=NS(max_ongoing_requests=512)))
+    server = object.__new__(ModelServer.func_or_class)
+    server._pool = ThreadPoolExecutor(max_workers=1)
+    server.metrics = ServeMetrics()
+    load = {n: load_served_model(n.split("@")[0], ModelRef(path=str(path), version=v)) for n, path, v in [
+        ("digits@1", save_model(tmp_path / "d1", "cnn", MNIST_INFO), 1),
+        ("digits@2", save_model(tmp_path / "d2", "cnn", MNIST_INFO, seed=1), 2),
+        ("overflow@1", overflow_model(tmp_path / "o"), 1)]}
+    bright = png(np.full((28, 28), 255, np.uint8))
+    items = [
+        ("digits@1", EncodedImage(png(NOISE), 1 << 20), None),
+        ("digits@1", EncodedImage(b"not an image", 1 << 20), 400),
+        ("digits@2", EncodedImage(png(NOISE), 1 << 20), None),
+        ("overflow@1", EncodedImage(bright, 1 << 20), None),
+        ("digits@1", torch.full((1, 28, 28), 7.0), None),
+        ("digits@1", EncodedImage(_decode_cost_bombs()[0][1], 1 << 20), 413),
+        ("digits@1", EncodedImage(png(np.zeros((600, 600), np.uint8)), 28 * 28), 413),
+    ]
+
+    async def run() -> tuple[list, list]:
+        server._batched.set_max_batch_size(len(items))
+        server._batched.set_batch_wait_timeout_s(1.0)  # seconds: all items surely in one batch
+        together = await asyncio.gather(*(server._batched((load[n], p)) for n, p, _ in items))
+        alone = [await server._batched((load[n], p)) for n, p, _ in items]
+        return together, alone
+
+    together, alone = asyncio.run(run())
+    server._pool.shutdown()
+    for (name, _, status), a, b in zip(items, together, alone):
+        if status is None:
+            assert isinstance(a, list) and len(a) == 10, (name, a)
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, equal_nan=True)
+        else:
+            assert isinstance(a, RequestError) and a.status == status and a.message == b.message, (name, a)
+    assert not any(map(math.isfinite, together[3])), "the overflow model's row is its own NaN"
 
 
 @pytest.mark.parametrize("route", ["torchserve", "kserve"])

@@ -280,6 +280,18 @@ def test_images_that_cost_more_than_their_pixels_are_refused_before_decoding(loc
     assert r.status_code == 413 and r.json()["error"].startswith("instance 1: "), r.text
 
 
+def test_decode_cost_limits_bound_a_request_not_each_image(local):
+    """:predict instances each under the chunk limit, over it together: 413 before decoding
+    (20 PNGs of 600 chunks each: 12,000 chunks cost Pillow as one PNG of 12,000)."""
+    from cnnray.serve.preprocess import MAX_PNG_CHUNKS
+
+    each = _png_split(NOISE, 1 << 16, extra=_png_chunk(b"tEXt", b"k\x00v") * 600)
+    n = MAX_PNG_CHUNKS // 600 + 2
+    r = predict(local.url, "digits", [b64(each)] * n)
+    assert r.status_code == 413 and "PNGs of one request" in r.json()["error"], r.text
+    assert predict(local.url, "digits", [b64(each)] * 2).status_code == 200
+
+
 def test_real_images_within_the_decode_cost_limits_still_decode(local):
     """The limits refuse no real image: image data in many small IDAT chunks (libpng writes
     8 KiB ones) and a small RLE8 BMP give the pixels of the plain PNG."""

@@ -52,27 +52,33 @@ MAX_RLE_BMP_BYTES = 256 * 1024  # ~0.15 s of Pillow's Python RLE decoder
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def check_decode_cost(data: bytes) -> None:
-    """Refuse (RequestError 413) an image whose decoding costs more than its pixels say:
-    a PNG of over `MAX_PNG_CHUNKS` chunks, or an RLE-compressed BMP over `MAX_RLE_BMP_BYTES`.
-    Reads the bytes only (a walk over at most MAX_PNG_CHUNKS chunk headers); anything
-    malformed is left to the decoder, which refuses it with 400."""
+def check_decode_cost(data: bytes, spent: tuple[int, int] = (0, 0)) -> tuple[int, int]:
+    """Refuse (RequestError 413) an image whose decoding costs more than its pixels say: a
+    PNG of over `MAX_PNG_CHUNKS` chunks, or an RLE-compressed BMP over `MAX_RLE_BMP_BYTES`.
+    `spent`: (PNG chunks, RLE BMP bytes) of the request's images before this one, so the
+    budgets bound a request's images together, not each (64 PNGs of 9,999 chunks cost
+    as one of 640,000). Returns `spent` with this image's added. Reads the bytes only (at
+    most MAX_PNG_CHUNKS chunk headers); anything malformed is left to the decoder (400)."""
+    chunks, rle = spent
     if data.startswith(_PNG_SIGNATURE):
-        pos, n, end = len(_PNG_SIGNATURE), 0, len(data)
+        pos, end = len(_PNG_SIGNATURE), len(data)
         while pos + 8 <= end:
             length, kind = struct.unpack_from(">I4s", data, pos)
-            n += 1
-            if n > MAX_PNG_CHUNKS:
-                raise RequestError(413, f"PNG of over {MAX_PNG_CHUNKS} chunks is refused (decoding cost grows "
-                                        "with every chunk): re-encode it")
+            chunks += 1
+            if chunks > MAX_PNG_CHUNKS:
+                what = "PNG" if spent == (0, 0) else "PNGs of one request"
+                raise RequestError(413, f"{what} of over {MAX_PNG_CHUNKS} chunks refused (decoding cost "
+                                        "grows with every chunk): re-encode the image")
             if kind == b"IEND":
                 break
             pos += 12 + length  # length, type, data, CRC
     elif data[:2] == b"BM" and len(data) >= 34 and struct.unpack_from("<I", data, 14)[0] >= 40:
-        compression = struct.unpack_from("<I", data, 30)[0]  # BITMAPINFOHEADER biCompression
-        if compression in (1, 2) and len(data) > MAX_RLE_BMP_BYTES:  # BI_RLE8, BI_RLE4
-            raise RequestError(413, f"RLE-compressed BMP of {len(data)} bytes is over the limit of "
-                                    f"{MAX_RLE_BMP_BYTES} bytes: send a PNG")
+        if struct.unpack_from("<I", data, 30)[0] in (1, 2):  # biCompression: BI_RLE8, BI_RLE4
+            rle += len(data)
+            if rle > MAX_RLE_BMP_BYTES:
+                raise RequestError(413, f"RLE-compressed BMP bytes of one request over the limit of "
+                                        f"{MAX_RLE_BMP_BYTES}: send PNG")
+    return chunks, rle
 
 
 def decode_image(data: bytes, input_shape: Sequence[int], max_pixels: int) -> torch.Tensor:
@@ -163,10 +169,12 @@ def instance_payloads(
     float32 pixels, {"b64": ...} files as `EncodedImage`s (decoded later, in the batch).
 
     The images' headers are read here: width x height summed over the request must stay
-    within `max_total_pixels` (else 413) before any image is decoded, so a request's decoding
+    within `max_total_pixels`, and their PNG chunks and RLE BMP bytes within
+    `check_decode_cost`'s budgets (else 413), before any image is decoded, so a request's decoding
     cost is bounded whatever its images (64 PNGs of 4096 x 4096 in 4 MiB are refused at once)."""
     out: list[Payload] = []
     total = 0
+    work = (0, 0)  # PNG chunks and RLE BMP bytes so far (check_decode_cost)
     for i, inst in enumerate(instances):
         where = f"instance {i}"
         if isinstance(inst, list):
@@ -174,6 +182,7 @@ def instance_payloads(
             continue
         data = b64_bytes(inst.b64, where)  # a B64Instance (pydantic has checked the alternatives)
         try:
+            work = check_decode_cost(data, work)
             total += image_pixels(data, max_pixels)
         except RequestError as e:
             raise RequestError(e.status, f"{where}: {e.message}") from None

@@ -326,7 +326,10 @@ def test_one_bad_request_never_fails_its_batch_mates(tmp_path, monkeypatch):
     # serve.batch asks the replica context for max_ongoing_requests (a warning) when it first runs.
     monkeypatch.setattr(ray.serve, "get_replica_context",
                         lambda: NS(_deployment_config=NS(max_ongoing_requests=512)))
-    server = object.__new__(ModelServer.func_or_class)
+    class Replica:  # the handler on a plain object: ModelServer's own class is Serve's ingress wrapper
+        _batched = ModelServer.func_or_class._batched
+
+    server = Replica()
     server._pool = ThreadPoolExecutor(max_workers=1)
     server.metrics = ServeMetrics()
     load = {n: load_served_model(n.split("@")[0], ModelRef(path=str(path), version=v)) for n, path, v in [

@@ -254,6 +254,12 @@ def _bmp_rle8(pixels: np.ndarray) -> bytes:
     return b"BM" + struct.pack("<IHHI", offset + len(data), 0, 0, offset) + info + palette + data
 
 
+def _jpeg(pixels: np.ndarray, **kw) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="JPEG", **kw)
+    return buf.getvalue()
+
+
 def _decode_cost_bombs() -> list[tuple[str, bytes]]:
     """Images whose decoding costs far more than their pixels say (Pillow loops in Python):
     3-4 s each at 8 MiB on the shared machine; these are the smallest that cross the limits."""
@@ -264,6 +270,8 @@ def _decode_cost_bombs() -> list[tuple[str, bytes]]:
         ("png-text-chunks", _png_split(NOISE, 1 << 16, extra=text * MAX_PNG_CHUNKS)),
         ("png-empty-idats", _png_split(NOISE, 1 << 16, extra=_png_chunk(b"IDAT", b"") * MAX_PNG_CHUNKS)),
         ("bmp-rle8", _bmp_rle8(np.tile(NOISE, (16, 16)))),  # 448 x 448: ~400 KB
+        ("jpeg-comment-segments", _jpeg(NOISE)[:2] + b"\xff\xfe\x00\x02" * (MAX_PNG_CHUNKS + 2000) + _jpeg(NOISE)[2:]),
+        ("jpeg-fill-bytes", _jpeg(NOISE)[:2] + b"\xff" * (4 * MAX_PNG_CHUNKS) + _jpeg(NOISE)[2:]),
     ]
 
 
@@ -294,13 +302,26 @@ def test_decode_cost_limits_bound_a_request_not_each_image(local):
 
 def test_real_images_within_the_decode_cost_limits_still_decode(local):
     """The limits refuse no real image: image data in many small IDAT chunks (libpng writes
-    8 KiB ones) and a small RLE8 BMP give the pixels of the plain PNG."""
+    8 KiB ones) and a small RLE8 BMP give the pixels of the plain PNG; JPEGs with binary
+    EXIF and ICC payloads are served."""
     from cnnray.serve.preprocess import MAX_PNG_CHUNKS, decode_image
 
     want = decode_image(png(NOISE), (1, 28, 28), 1 << 20)
     many = _png_split(NOISE, 1, extra=_png_chunk(b"tEXt", b"k\x00v") * (MAX_PNG_CHUNKS - 1000))
     for data in (many, _bmp_rle8(NOISE)):
         assert torch.equal(decode_image(data, (1, 28, 28), 1 << 20), want)
+        r = requests.post(f"{local.url}/predictions/digits", data=data, headers={"Content-Type": "image/png"},
+                          timeout=60)
+        assert r.status_code == 200, r.text
+    # a progressive photo-sized JPEG with an ICC profile and EXIF: binary payloads hold
+    # 0xFF-then-marker bytes by chance, within the free markers of the file's size
+    from PIL import ImageCms
+
+    photo = np.random.default_rng(5).integers(0, 256, (768, 1024, 3), dtype=np.uint8)
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    exif = Image.Exif()
+    exif[0x927C] = bytes(np.random.default_rng(6).integers(0, 256, 60_000, dtype=np.uint8))  # MakerNote
+    for data in (_jpeg(photo, progressive=True, quality=95, icc_profile=icc, exif=exif), _jpeg(NOISE)):
         r = requests.post(f"{local.url}/predictions/digits", data=data, headers={"Content-Type": "image/png"},
                           timeout=60)
         assert r.status_code == 200, r.text

@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import binascii
 import math
+import re
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -49,12 +50,21 @@ class RequestError(Exception):
 # (~40 ms of Pillow's loop) refuse no real image; RLE BMPs are rare and compress well.
 MAX_PNG_CHUNKS = 10_000
 MAX_RLE_BMP_BYTES = 256 * 1024  # ~0.15 s of Pillow's Python RLE decoder
+# JPEG: Pillow reads the markers before the first scan one by one in Python (and cnnray's
+# scan counter walks every marker): an 8 MiB file of 2 M empty COM segments, or of 0xFF
+# fill bytes, took 3.5-6 s to open and as long to decode. Real files carry tens of markers,
+# plus ~1 per 265 bytes of binary EXIF/ICC payload (0xFF then a marker byte, by chance);
+# entropy-coded data carries none (ITU-T T.81 B.1.1.5). Each file may hold
+# `len // JPEG_BYTES_PER_FREE_MARKER` markers, and those beyond count as PNG chunks do.
+JPEG_BYTES_PER_FREE_MARKER = 128
+_JPEG_MARKER_OR_FILL = re.compile(rb"\xff[^\x00\xd0-\xd7]")
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def check_decode_cost(data: bytes, spent: tuple[int, int] = (0, 0)) -> tuple[int, int]:
     """Refuse (RequestError 413) an image whose decoding costs more than its pixels say: a
-    PNG of over `MAX_PNG_CHUNKS` chunks, or an RLE-compressed BMP over `MAX_RLE_BMP_BYTES`.
+    PNG of over `MAX_PNG_CHUNKS` chunks, a JPEG of over `MAX_PNG_CHUNKS` markers beyond its
+    free ones (`JPEG_BYTES_PER_FREE_MARKER`), or an RLE-compressed BMP over `MAX_RLE_BMP_BYTES`.
     `spent`: (PNG chunks, RLE BMP bytes) of the request's images before this one, so the
     budgets bound a request's images together, not each (64 PNGs of 9,999 chunks cost
     as one of 640,000). Returns `spent` with this image's added. Reads the bytes only (at
@@ -72,6 +82,16 @@ def check_decode_cost(data: bytes, spent: tuple[int, int] = (0, 0)) -> tuple[int
             if kind == b"IEND":
                 break
             pos += 12 + length  # length, type, data, CRC
+    elif data[:2] == b"\xff\xd8":  # JPEG SOI
+        free = len(data) // JPEG_BYTES_PER_FREE_MARKER
+        markers = 0
+        for _ in _JPEG_MARKER_OR_FILL.finditer(data):  # C-speed search; stops at the budget
+            markers += 1
+            if markers > free and chunks + markers - free > MAX_PNG_CHUNKS:
+                what = "JPEG" if spent == (0, 0) else "JPEGs of one request"
+                raise RequestError(413, f"{what} of too many marker segments refused (decoding cost grows "
+                                        "with every segment): re-encode the image")
+        chunks += max(0, markers - free)
     elif data[:2] == b"BM" and len(data) >= 34 and struct.unpack_from("<I", data, 14)[0] >= 40:
         if struct.unpack_from("<I", data, 30)[0] in (1, 2):  # biCompression: BI_RLE8, BI_RLE4
             rle += len(data)

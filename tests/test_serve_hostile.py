@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import math
 import os
 import shutil
 import socket
@@ -218,6 +219,171 @@ def test_pixels_times_instances_are_bounded_before_decoding(local):
     probe.check("64 PNGs of 4096x4096 in one :predict")
     # one image of the largest size is still accepted (one request's whole budget)
     assert predict(local.url, "digits", instances[:1]).status_code == 200
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    import struct
+    import zlib
+
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def _png_split(pixels: np.ndarray, idat_bytes: int, extra: bytes = b"") -> bytes:
+    """A valid 8-bit gray PNG of `pixels`, its image data in IDAT chunks of `idat_bytes`,
+    `extra` (more chunks) before them."""
+    import struct
+    import zlib
+
+    h, w = pixels.shape
+    raw = zlib.compress(b"".join(b"\x00" + row.tobytes() for row in pixels))
+    ihdr = _png_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
+    idats = b"".join(_png_chunk(b"IDAT", raw[i:i + idat_bytes]) for i in range(0, len(raw), idat_bytes))
+    return b"\x89PNG\r\n\x1a\n" + ihdr + extra + idats + _png_chunk(b"IEND", b"")
+
+
+def _bmp_rle8(pixels: np.ndarray) -> bytes:
+    """A valid RLE8-compressed BMP of `pixels` (one (1, value) pair per pixel: the worst case)."""
+    import struct
+
+    h, w = pixels.shape
+    rows = [b"".join(b"\x01" + bytes([v]) for v in row.tolist()) + b"\x00\x00" for row in pixels[::-1]]
+    data = b"".join(rows)[:-2] + b"\x00\x01"  # end of bitmap instead of the last end of line
+    palette = b"".join(bytes([i, i, i, 0]) for i in range(256))
+    offset = 14 + 40 + len(palette)
+    info = struct.pack("<IiiHHIIiiII", 40, w, h, 1, 8, 1, len(data), 2835, 2835, 256, 0)
+    return b"BM" + struct.pack("<IHHI", offset + len(data), 0, 0, offset) + info + palette + data
+
+
+def _jpeg(pixels: np.ndarray, **kw) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="JPEG", **kw)
+    return buf.getvalue()
+
+
+def _decode_cost_bombs() -> list[tuple[str, bytes]]:
+    """Images whose decoding costs far more than their pixels say (Pillow loops in Python):
+    3-4 s each at 8 MiB on the shared machine; these are the smallest that cross the limits."""
+    from cnnray.serve.preprocess import MAX_PNG_CHUNKS
+
+    text = _png_chunk(b"tEXt", b"k\x00v")
+    return [
+        ("png-text-chunks", _png_split(NOISE, 1 << 16, extra=text * MAX_PNG_CHUNKS)),
+        ("png-empty-idats", _png_split(NOISE, 1 << 16, extra=_png_chunk(b"IDAT", b"") * MAX_PNG_CHUNKS)),
+        ("bmp-rle8", _bmp_rle8(np.tile(NOISE, (16, 16)))),  # 448 x 448: ~400 KB
+        ("jpeg-comment-segments", _jpeg(NOISE)[:2] + b"\xff\xfe\x00\x02" * (MAX_PNG_CHUNKS + 2000) + _jpeg(NOISE)[2:]),
+        ("jpeg-fill-bytes", _jpeg(NOISE)[:2] + b"\xff" * (4 * MAX_PNG_CHUNKS) + _jpeg(NOISE)[2:]),
+    ]
+
+
+@pytest.mark.parametrize("case", _decode_cost_bombs(), ids=lambda c: c[0])
+def test_images_that_cost_more_than_their_pixels_are_refused_before_decoding(local, case):
+    """One example per kind of decode work the pixel budget misses (a PNG's chunk count, an
+    RLE BMP's Python decoder): 413 on both routes, before any decoding; on a replica such an
+    image held the one inference thread, and every batch-mate, for seconds."""
+    _, data = case
+    r = requests.post(f"{local.url}/predictions/digits", data=data, headers={"Content-Type": "image/png"},
+                      timeout=60)
+    assert r.status_code == 413 and list(r.json()) == ["error"], r.text
+    r = predict(local.url, "digits", [b64(png(NOISE)), b64(data)])
+    assert r.status_code == 413 and r.json()["error"].startswith("instance 1: "), r.text
+
+
+def test_decode_cost_limits_bound_a_request_not_each_image(local):
+    """:predict instances each under the chunk limit, over it together: 413 before decoding
+    (20 PNGs of 600 chunks each: 12,000 chunks cost Pillow as one PNG of 12,000)."""
+    from cnnray.serve.preprocess import MAX_PNG_CHUNKS
+
+    each = _png_split(NOISE, 1 << 16, extra=_png_chunk(b"tEXt", b"k\x00v") * 600)
+    n = MAX_PNG_CHUNKS // 600 + 2
+    r = predict(local.url, "digits", [b64(each)] * n)
+    assert r.status_code == 413 and "PNGs of one request" in r.json()["error"], r.text
+    assert predict(local.url, "digits", [b64(each)] * 2).status_code == 200
+
+
+def test_real_images_within_the_decode_cost_limits_still_decode(local):
+    """The limits refuse no real image: image data in many small IDAT chunks (libpng writes
+    8 KiB ones) and a small RLE8 BMP give the pixels of the plain PNG; JPEGs with binary
+    EXIF and ICC payloads are served."""
+    from cnnray.serve.preprocess import MAX_PNG_CHUNKS, decode_image
+
+    want = decode_image(png(NOISE), (1, 28, 28), 1 << 20)
+    many = _png_split(NOISE, 1, extra=_png_chunk(b"tEXt", b"k\x00v") * (MAX_PNG_CHUNKS - 1000))
+    for data in (many, _bmp_rle8(NOISE)):
+        assert torch.equal(decode_image(data, (1, 28, 28), 1 << 20), want)
+        r = requests.post(f"{local.url}/predictions/digits", data=data, headers={"Content-Type": "image/png"},
+                          timeout=60)
+        assert r.status_code == 200, r.text
+    # a progressive photo-sized JPEG with an ICC profile and EXIF: binary payloads hold
+    # 0xFF-then-marker bytes by chance, within the free markers of the file's size
+    from PIL import ImageCms
+
+    photo = np.random.default_rng(5).integers(0, 256, (768, 1024, 3), dtype=np.uint8)
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    exif = Image.Exif()
+    exif[0x927C] = bytes(np.random.default_rng(6).integers(0, 256, 60_000, dtype=np.uint8))  # MakerNote
+    for data in (_jpeg(photo, progressive=True, quality=95, icc_profile=icc, exif=exif), _jpeg(NOISE)):
+        r = requests.post(f"{local.url}/predictions/digits", data=data, headers={"Content-Type": "image/png"},
+                          timeout=60)
+        assert r.status_code == 200, r.text
+
+
+def test_one_bad_request_never_fails_its_batch_mates(tmp_path, monkeypatch):
+    """The replica's @serve.batch handler (ModelServer._batched, run here without Ray) given
+    one batch of good and bad payloads for two versions of a model and another model: each
+    answers as it would alone (the bad ones with their own 4xx, a model's NaN output as its
+    row, refused later by its own request), none fails the others."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+    from types import SimpleNamespace as NS
+
+    import ray.serve
+
+    from cnnray.serve.app import ModelServer
+    from cnnray.serve.engine import load_served_model
+    from cnnray.serve.metrics import ServeMetrics
+    from cnnray.serve.preprocess import EncodedImage, RequestError
+    from cnnray.serve.schemas import ModelRef
+
+    # serve.batch asks the replica context for max_ongoing_requests (a warning) when it first runs.
+    monkeypatch.setattr(ray.serve, "get_replica_context",
+                        lambda: NS(_deployment_config=NS(max_ongoing_requests=512)))
+    class Replica:  # the handler on a plain object: ModelServer's own class is Serve's ingress wrapper
+        _batched = ModelServer.func_or_class._batched
+
+    server = Replica()
+    server._pool = ThreadPoolExecutor(max_workers=1)
+    server.metrics = ServeMetrics()
+    load = {n: load_served_model(n.split("@")[0], ModelRef(path=str(path), version=v)) for n, path, v in [
+        ("digits@1", save_model(tmp_path / "d1", "cnn", MNIST_INFO), 1),
+        ("digits@2", save_model(tmp_path / "d2", "cnn", MNIST_INFO, seed=1), 2),
+        ("overflow@1", overflow_model(tmp_path / "o"), 1)]}
+    bright = png(np.full((28, 28), 255, np.uint8))
+    items = [
+        ("digits@1", EncodedImage(png(NOISE), 1 << 20), None),
+        ("digits@1", EncodedImage(b"not an image", 1 << 20), 400),
+        ("digits@2", EncodedImage(png(NOISE), 1 << 20), None),
+        ("overflow@1", EncodedImage(bright, 1 << 20), None),
+        ("digits@1", torch.full((1, 28, 28), 7.0), None),
+        ("digits@1", EncodedImage(_decode_cost_bombs()[0][1], 1 << 20), 413),
+        ("digits@1", EncodedImage(png(np.zeros((600, 600), np.uint8)), 28 * 28), 413),
+    ]
+
+    async def run() -> tuple[list, list]:
+        server._batched.set_max_batch_size(len(items))
+        server._batched.set_batch_wait_timeout_s(1.0)  # seconds: all items surely in one batch
+        together = await asyncio.gather(*(server._batched((load[n], p)) for n, p, _ in items))
+        alone = [await server._batched((load[n], p)) for n, p, _ in items]
+        return together, alone
+
+    together, alone = asyncio.run(run())
+    server._pool.shutdown()
+    for (name, _, status), a, b in zip(items, together, alone):
+        if status is None:
+            assert isinstance(a, list) and len(a) == 10, (name, a)
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, equal_nan=True)
+        else:
+            assert isinstance(a, RequestError) and a.status == status and a.message == b.message, (name, a)
+    assert not any(map(math.isfinite, together[3])), "the overflow model's row is its own NaN"
 
 
 @pytest.mark.parametrize("route", ["torchserve", "kserve"])

@@ -18,6 +18,8 @@ from __future__ import annotations
 import base64
 import binascii
 import math
+import re
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Union
@@ -39,13 +41,75 @@ class RequestError(Exception):
         self.close = close  # answer with Connection: close (body left unread, or too slow)
 
 
+# Decoding work that the pixel budget does not bound: Pillow walks a PNG's chunks (every
+# one, IDAT or ancillary, before and after the image data) and decodes RLE-compressed BMPs
+# in Python loops. Measured on the shared 2-core machine: an 8 MiB 28x28 PNG of 700,000
+# empty chunks took 3-4 s to open and again to decode, an 8 MiB RLE8 BMP 4.6 s, each on the
+# replica's one inference thread (every batch-mate waits). Encoders write a PNG's image
+# data in 8-64 KiB IDAT chunks (libpng 8 KiB: ~1,000 for an 8 MiB file), so 10,000 chunks
+# (~40 ms of Pillow's loop) refuse no real image; RLE BMPs are rare and compress well.
+MAX_PNG_CHUNKS = 10_000
+MAX_RLE_BMP_BYTES = 256 * 1024  # ~0.15 s of Pillow's Python RLE decoder
+# JPEG: Pillow reads the markers before the first scan one by one in Python (and cnnray's
+# scan counter walks every marker): an 8 MiB file of 2 M empty COM segments, or of 0xFF
+# fill bytes, took 3.5-6 s to open and as long to decode. Real files carry tens of markers,
+# plus ~1 per 265 bytes of binary EXIF/ICC payload (0xFF then a marker byte, by chance);
+# entropy-coded data carries none (ITU-T T.81 B.1.1.5). Each file may hold
+# `len // JPEG_BYTES_PER_FREE_MARKER` markers, and those beyond count as PNG chunks do.
+JPEG_BYTES_PER_FREE_MARKER = 128
+_JPEG_MARKER_OR_FILL = re.compile(rb"\xff[^\x00\xd0-\xd7]")
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def check_decode_cost(data: bytes, spent: tuple[int, int] = (0, 0)) -> tuple[int, int]:
+    """Refuse (RequestError 413) an image whose decoding costs more than its pixels say: a
+    PNG of over `MAX_PNG_CHUNKS` chunks, a JPEG of over `MAX_PNG_CHUNKS` markers beyond its
+    free ones (`JPEG_BYTES_PER_FREE_MARKER`), or an RLE-compressed BMP over `MAX_RLE_BMP_BYTES`.
+    `spent`: (PNG chunks, RLE BMP bytes) of the request's images before this one, so the
+    budgets bound a request's images together, not each (64 PNGs of 9,999 chunks cost
+    as one of 640,000). Returns `spent` with this image's added. Reads the bytes only (at
+    most MAX_PNG_CHUNKS chunk headers); anything malformed is left to the decoder (400)."""
+    chunks, rle = spent
+    if data.startswith(_PNG_SIGNATURE):
+        pos, end = len(_PNG_SIGNATURE), len(data)
+        while pos + 8 <= end:
+            length, kind = struct.unpack_from(">I4s", data, pos)
+            chunks += 1
+            if chunks > MAX_PNG_CHUNKS:
+                what = "PNG" if spent == (0, 0) else "PNGs of one request"
+                raise RequestError(413, f"{what} of over {MAX_PNG_CHUNKS} chunks refused (decoding cost "
+                                        "grows with every chunk): re-encode the image")
+            if kind == b"IEND":
+                break
+            pos += 12 + length  # length, type, data, CRC
+    elif data[:2] == b"\xff\xd8":  # JPEG SOI
+        free = len(data) // JPEG_BYTES_PER_FREE_MARKER
+        markers = 0
+        for _ in _JPEG_MARKER_OR_FILL.finditer(data):  # C-speed search; stops at the budget
+            markers += 1
+            if markers > free and chunks + markers - free > MAX_PNG_CHUNKS:
+                what = "JPEG" if spent == (0, 0) else "JPEGs of one request"
+                raise RequestError(413, f"{what} of too many marker segments refused (decoding cost grows "
+                                        "with every segment): re-encode the image")
+        chunks += max(0, markers - free)
+    elif data[:2] == b"BM" and len(data) >= 34 and struct.unpack_from("<I", data, 14)[0] >= 40:
+        if struct.unpack_from("<I", data, 30)[0] in (1, 2):  # biCompression: BI_RLE8, BI_RLE4
+            rle += len(data)
+            if rle > MAX_RLE_BMP_BYTES:
+                raise RequestError(413, f"RLE-compressed BMP bytes of one request over the limit of "
+                                        f"{MAX_RLE_BMP_BYTES}: send PNG")
+    return chunks, rle
+
+
 def decode_image(data: bytes, input_shape: Sequence[int], max_pixels: int) -> torch.Tensor:
     """PNG, JPEG or BMP bytes -> uint8 C x H x W pixels, by training's own decoder
     (`cnnray.data.decode.decode_image`: as a viewer shows the image, in the model's mode and
     size). Raises RequestError: 413 for an image over the decode budget (pixels, frames,
-    progressive scans, all checked from the header), 400 for anything else."""
+    progressive scans, all checked from the header; PNG chunks and RLE BMP bytes,
+    `check_decode_cost`), 400 for anything else."""
     channels, height, width = (int(s) for s in input_shape)
     limits = DecodeLimits(max_pixels=max_pixels)
+    check_decode_cost(data)
     try:
         pixels = decode.decode_image(data, channels, (height, width), limits)
     except decode.DecodeError as e:
@@ -66,6 +130,7 @@ def image_pixels(data: bytes, max_pixels: int) -> int:
     """Width x height that an image file declares, read from its header alone (no decoding),
     with the decoder's own format and per-image cost checks (`cnnray.data.decode.open_image`).
     Raises RequestError: 413 over a per-image budget, 400 for anything else."""
+    check_decode_cost(data)
     try:
         with decode.open_image(data, DecodeLimits(max_pixels=max_pixels)) as img:
             return int(img.width) * int(img.height)
@@ -124,10 +189,12 @@ def instance_payloads(
     float32 pixels, {"b64": ...} files as `EncodedImage`s (decoded later, in the batch).
 
     The images' headers are read here: width x height summed over the request must stay
-    within `max_total_pixels` (else 413) before any image is decoded, so a request's decoding
+    within `max_total_pixels`, and their PNG chunks and RLE BMP bytes within
+    `check_decode_cost`'s budgets (else 413), before any image is decoded, so a request's decoding
     cost is bounded whatever its images (64 PNGs of 4096 x 4096 in 4 MiB are refused at once)."""
     out: list[Payload] = []
     total = 0
+    work = (0, 0)  # PNG chunks and RLE BMP bytes so far (check_decode_cost)
     for i, inst in enumerate(instances):
         where = f"instance {i}"
         if isinstance(inst, list):
@@ -135,6 +202,7 @@ def instance_payloads(
             continue
         data = b64_bytes(inst.b64, where)  # a B64Instance (pydantic has checked the alternatives)
         try:
+            work = check_decode_cost(data, work)
             total += image_pixels(data, max_pixels)
         except RequestError as e:
             raise RequestError(e.status, f"{where}: {e.message}") from None

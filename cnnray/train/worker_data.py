@@ -72,8 +72,13 @@ def check_split_sizes(cfg: TrainConfig, ds: Dataset) -> None:
         raise ConfigError(f"the {ds.name} dataset has no test examples to evaluate the best checkpoint on")
 
 
-def prepare_worker_data(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> WorkerData:
-    ds = load_for(cfg)
+def prepare_worker_data(
+    cfg: TrainConfig, rank: int, world: int, device: torch.device, ds: Dataset | None = None
+) -> WorkerData:
+    """This rank's train, validation and test batches. `ds`: the dataset `load_for(cfg)`
+    gives, when the caller has loaded it already (local mode: the driver's pre-flight), so
+    a run reads and decodes it once; else it is loaded here."""
+    ds = ds if ds is not None else load_for(cfg)
     check_split_sizes(cfg, ds)
     # Every rank draws the same subset and split (same seed), then keeps only its shard.
     x, y = take_subset(ds.train_images, ds.train_labels, cfg.subset, cfg.seed)

@@ -14,10 +14,10 @@ memory as normalised float tensors, all cores for intra-op threads, test accurac
 every epoch.
 
 Time to accuracy runs `cnnray train` as a user types it: only --model, --dataset, --data-dir
-and --epochs (so one worker in Ray Train's local mode, on every core), unless --workers or
---cpus-per-worker are given.
+and --epochs (so one worker in local mode: in the cnnray process, no Ray, every core),
+unless --workers or --cpus-per-worker are given.
 
-Throughput compares cnnray's loop, in Ray Train's local mode and on one Ray Train worker,
+Throughput compares cnnray's loop, in local mode (no Ray) and on one Ray Train worker,
 with two plain loops on the same global batch, optimizer and threads: the lecture's CNN as
 written (what a user would run), and cnnray's own model and precision without Ray (pool
 before ReLU, channels-last, bf16 where native), whose ratio is the cost of Ray Train alone.

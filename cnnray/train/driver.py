@@ -217,8 +217,8 @@ def check_resume(cfg: TrainConfig, meta: dict[str, Any] | None, out: Path) -> No
 def make_trainer(
     cfg: TrainConfig, *, name: str, storage_path: str, callbacks: Sequence[Any] = ()
 ):
-    """The TorchTrainer for one run of `cfg` (also what each Tune trial builds); with
-    `cfg.local_mode` Ray Train's local mode (num_workers=0: the loop runs in this process)."""
+    """The TorchTrainer for one run of `cfg` on Ray Train workers (also what each Tune
+    trial builds). Local mode uses no trainer: the driver runs the loop (`_fit_local`)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -228,7 +228,7 @@ def make_trainer(
         train_loop_per_worker,
         train_loop_config=cfg.to_dict(),
         scaling_config=ray.train.ScalingConfig(
-            num_workers=0 if cfg.local_mode else cfg.workers,
+            num_workers=cfg.workers,
             use_gpu=cfg.gpu,
             resources_per_worker={"CPU": cfg.cpus_per_worker or 1, **({"GPU": 1} if cfg.gpu else {})},
         ),
@@ -283,6 +283,8 @@ def run_training(cfg: TrainConfig, echo: Callable[[str], None] = print) -> dict[
         if cfg.resume:
             check_resume(cfg, last_checkpoint_meta(storage, name), out)
         dataset = preflight(cfg)
+        if not cfg.local_mode:  # workers load their own (the cache is warm now): free it here
+            dataset = None
 
         started = time.perf_counter()
         # Local mode needs no Ray at all (not even to start one: that is ~8 s on a laptop).

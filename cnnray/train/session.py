@@ -42,7 +42,7 @@ class LocalSession:
     def __init__(self, cfg: TrainConfig) -> None:
         run_dir = local_run_dir(cfg)
         if run_dir is None:  # resolve_run refuses this first; a direct caller gets a clear error
-            raise ValueError(f"local mode keeps checkpoints on this machine: storage_path {cfg.storage_path!r} is a URI")
+            raise ValueError(f"local mode keeps checkpoints here: storage_path {cfg.storage_path!r} is a URI")
         self.cfg = cfg
         self.checkpoints = LocalCheckpoints(run_dir, cfg.keep_checkpoints)
         self.last_metrics: dict[str, Any] | None = None

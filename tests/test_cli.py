@@ -120,3 +120,22 @@ def test_stopped_run_continues_with_resume(mnist_dir, tmp_path, workers):
     assert result["history"][-1]["start_epoch"] >= 2
     assert "resumed from the checkpoint of epoch" in resumed.stdout + resumed.stderr
     assert "[cnnray] epoch 6/6" in resumed.stdout + resumed.stderr  # the progress lines, both paths
+
+
+def test_the_program_skips_the_exit_collections_and_a_python_caller_keeps_them(monkeypatch, capsys):
+    """`cnnray` run as a program freezes the objects left at exit (CPython's last
+    collections would walk everything torch imported: ~1 CPU-s); called from Python
+    (argv given: tests, notebooks) it leaves the caller's garbage collector alone."""
+    import gc
+    from types import SimpleNamespace
+
+    from cnnray.cli import main
+
+    registered = []  # cnnray.cli's own exit handlers (the process's real atexit is untouched)
+    monkeypatch.setattr("cnnray.cli.atexit", SimpleNamespace(register=registered.append))
+    assert main(["models", "--json"]) == 0
+    assert registered == []
+    monkeypatch.setattr(sys, "argv", ["cnnray", "models", "--json"])
+    assert main() == 0
+    assert registered == [gc.freeze]
+    capsys.readouterr()

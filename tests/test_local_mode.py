@@ -139,3 +139,33 @@ def test_a_local_ray_runs_its_workers_at_normal_priority():
     assert proc.returncode == 0, proc.stderr[-2000:]
     nice = [line for line in proc.stdout.splitlines() if line.startswith("NICE")]
     assert nice == [f"NICE {__import__('os').nice(0)}"], proc.stdout
+
+
+def test_a_local_mode_run_imports_no_ray_and_reads_the_data_once(mnist_dir, data_cache, tmp_path):
+    """Local mode trains in this process: importing Ray (Ray Train, Ray Data, pandas,
+    pyarrow) would cost about as long as importing torch, for nothing it uses; and the
+    data the pre-flight check loaded is the data the loop trains on (one read, one decode).
+    A fresh interpreter, since the test session itself may have imported Ray."""
+    code = (
+        "import json, sys\n"
+        "import cnnray.train.worker_data as wd\n"
+        "from cnnray.config import TrainConfig\n"
+        "from cnnray.train.driver import run_training\n"
+        "loads = []\n"
+        "real = wd.load_for\n"
+        "wd.load_for = lambda cfg: loads.append(1) or real(cfg)\n"
+        f"cfg = TrainConfig(model='cnn', dataset='mnist', data_dir={str(mnist_dir)!r}, subset=1000, batch_size=64,\n"
+        f"                  epochs=2, workers=1, out={str(tmp_path / 'run')!r})\n"
+        "summary = run_training(cfg, echo=lambda line: None)\n"
+        "print('RESULT', json.dumps({'local_mode': summary['local_mode'], 'loads': len(loads),\n"
+        "      'ray': sorted(m for m in sys.modules if m == 'ray' or m.startswith(('ray.', 'pandas', 'pyarrow')))}))\n"
+    )
+    env = {k: v for k, v in __import__("os").environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
+    assert json.loads(line.removeprefix("RESULT ")) == {"local_mode": True, "loads": 1, "ray": []}
+    # What users get is unchanged: the kept checkpoints, in Ray Train's layout, and result.json.
+    run_dir = tmp_path / "run" / "ray" / "run"
+    assert (run_dir / SNAPSHOT_FILE).exists() and (run_dir / "epoch-0002").is_dir()
+    assert json.loads((tmp_path / "run" / "result.json").read_text())["last_checkpoint"].endswith("epoch-0002")

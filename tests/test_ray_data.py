@@ -140,10 +140,10 @@ def test_stream_augmentation_is_the_memory_rule():
 
 
 @pytest.mark.parametrize("source,path", [("tree", dict(workers=2, local_mode=False)),
-                                         ("tarball", dict(workers=1, local_mode=True))])
+                                         ("tarball", dict(workers=1))])  # memory: local mode
 def test_both_loaders_give_the_same_checkpoint_metadata_and_served_predictions(
         local_ray, folder, tarball, tmp_path, source, path):
-    from cnnray.serve.preprocess import decode_image, to_model_input
+    from cnnray.serve.preprocess import EncodedImage, batch_inputs
     from cnnray.train.driver import run_training
     from cnnray.train.worker_data import held_out_batches
 
@@ -174,7 +174,8 @@ def test_both_loaders_give_the_same_checkpoint_metadata_and_served_predictions(
     with torch.no_grad():
         for c, name in enumerate(d["classes"]):
             for f in sorted((folder / "test" / name).iterdir()):
-                x = to_model_input(decode_image(f.read_bytes(), d["input_shape"], 1 << 24), d["mean"], d["std"])
+                x, errors = batch_inputs([EncodedImage(f.read_bytes(), 1 << 24)], d["input_shape"], d["mean"], d["std"])
+                assert errors == [None]
                 correct += int(model(x).argmax(1).item() == c)
     assert correct / offline.count == pytest.approx(offline.accuracy)
 
@@ -236,3 +237,16 @@ def test_scan_names_a_corrupt_file_directly(local_ray, tmp_path):
         scan(_cfg(bad, "ray-data"), tmp_path)
     assert list_source(str(bad)).train[0].name.endswith("train/circle/000.jpeg")
     json.dumps(scan(_cfg(make_folder(tmp_path / "ok", train=10, test=4), "ray-data"), tmp_path).to_dict())
+
+
+def test_a_streamed_run_is_never_local_mode(folder, tmp_path):
+    """Ray Data hands shards to Ray Train workers: one worker streams on a worker, not in
+    the driver, and asking for local mode with ray-data is a one-line config error."""
+    from cnnray.config import ConfigError
+    from cnnray.train.driver import resolve_run
+
+    cfg = _cfg(folder, "ray-data", out=str(tmp_path / "a"), workers=1)
+    assert resolve_run(cfg).local_mode is False
+    assert resolve_run(_cfg(folder, "memory", out=str(tmp_path / "b"), workers=1)).local_mode is True
+    with pytest.raises(ConfigError, match="ray-data"):
+        resolve_run(_cfg(folder, "ray-data", out=str(tmp_path / "c"), workers=1, local_mode=True))

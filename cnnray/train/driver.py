@@ -1,5 +1,5 @@
-"""The driver side of a training run: local mode or Ray start-up, the TorchTrainer, the
-final report.
+"""The driver side of a training run: local mode (the loop in this process, no Ray) or
+Ray start-up and the TorchTrainer; the final report.
 
     from cnnray.config import TrainConfig
     from cnnray.train.driver import run_training
@@ -8,9 +8,11 @@ final report.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -18,7 +20,7 @@ from typing import Any, Callable, Sequence
 from cnnray.checkpoint import atomic_write_json, read_meta
 from cnnray.config import ConfigError, TrainConfig
 from cnnray.ray_start import init_ray, joining_cluster, local_cpu_count
-from cnnray.train.run_dir import LocalCheckpoints, local_run_dir, run_paths
+from cnnray.train.run_dir import local_run_dir, run_paths
 
 RESULT_FILE = "result.json"
 # Locked (flock) in the run folder from before Ray starts until the run ends: a second
@@ -38,13 +40,20 @@ def resolve_run(cfg: TrainConfig) -> TrainConfig:
     (None: on a local Ray the workers share all its cores; joining a cluster, 1).
 
     Raises ConfigError for local mode with URI storage, or with --gpu and no GPU here."""
+    from cnnray.train.worker_data import resolve_loader
+
     joining = joining_cluster(cfg.address)
     local_storage = local_run_dir(cfg) is not None
+    loader = resolve_loader(cfg)
     local_mode = cfg.local_mode
     if local_mode is None:
-        local_mode = cfg.workers == 1 and not joining and local_storage
+        # Ray Data hands its shards to Ray Train workers: a streamed run is never local mode.
+        local_mode = cfg.workers == 1 and not joining and local_storage and loader == "memory"
     elif local_mode and not local_storage:
         raise ConfigError(f"local_mode keeps checkpoints on this machine: storage_path {cfg.storage_path!r} is a URI")
+    elif local_mode and loader == "ray-data":
+        raise ConfigError("local_mode trains on in-memory data; data_loader 'ray-data' runs on Ray Train "
+                          "workers: drop local_mode or use data_loader 'memory'")
     if local_mode and cfg.gpu:
         import torch
 
@@ -53,9 +62,7 @@ def resolve_run(cfg: TrainConfig) -> TrainConfig:
     cpus = cfg.cpus_per_worker
     if cpus is None:
         cpus = 1 if joining else max(1, local_cpu_count() // cfg.workers)
-    from cnnray.train.worker_data import resolve_loader
-
-    return cfg.replace(local_mode=local_mode, cpus_per_worker=cpus, data_loader=resolve_loader(cfg))
+    return cfg.replace(local_mode=local_mode, cpus_per_worker=cpus, data_loader=loader)
 
 
 def _progress_callback(epochs: int):
@@ -73,6 +80,8 @@ def _progress_callback(epochs: int):
 
 
 def _run_exists(storage: str, name: str) -> bool:
+    if "://" not in storage:  # a local path (TrainConfig made it absolute): no pyarrow needed
+        return (Path(storage) / name).exists()
     import pyarrow.fs
 
     fs, root = pyarrow.fs.FileSystem.from_uri(storage)  # an absolute path or a URI (TrainConfig)
@@ -98,17 +107,20 @@ def _evaluate_checkpoint(checkpoint: Any, cfg_dict: dict[str, Any]) -> dict[str,
     return {"test_accuracy": stats.accuracy, "test_loss": stats.loss, "test_samples": stats.count}
 
 
-def preflight(cfg: TrainConfig) -> None:
+def preflight(cfg: TrainConfig) -> Any:
     """Fail fast (ConfigError/DataError), before any worker starts, on data that cannot be
     read or split into a batch per worker, and on more CPUs or GPUs than this machine has
     (a local Ray would wait for them forever). On one machine this also downloads and decodes once,
     so every worker then reads the cache. Skipped when joining a cluster (--address or
-    $RAY_ADDRESS): the data may exist only there, and the cluster may scale up."""
+    $RAY_ADDRESS): the data may exist only there, and the cluster may scale up.
+
+    Returns the loaded `cnnray.data.Dataset` (local mode trains on it: one load per run),
+    or None when skipped or streamed (ray-data)."""
     from cnnray.train.worker_data import check_data
 
     if cfg.address or os.environ.get("RAY_ADDRESS"):
-        return
-    check_data(cfg)
+        return None
+    ds = check_data(cfg)
     cpus = cfg.cpus_per_worker or 1  # None (not yet resolved by resolve_run): at least one each
     fewest = cfg.min_workers or cfg.workers  # an elastic run starts with what fits
     need = fewest * cpus
@@ -123,13 +135,14 @@ def preflight(cfg: TrainConfig) -> None:
             f"--gpu with {fewest} worker(s) needs {fewest} GPUs but this machine's Ray has "
             f"{_local_resource('GPU'):g}: lower --workers or drop --gpu"
         )
+    return ds
 
 
 def _local_resource(name: str) -> float:
-    """CPUs or GPUs of the local Ray: the running one's, else what `init_ray` would start with."""
-    import ray
-
-    if ray.is_initialized():
+    """CPUs or GPUs of the local Ray: the running one's, else what `init_ray` would start with.
+    Imports no Ray (local mode never needs it); only one already imported can be running."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
         return ray.cluster_resources().get(name, 0.0)
     if name == "CPU":  # the count resolve_run shares out by default
         return float(local_cpu_count())
@@ -211,8 +224,8 @@ def check_resume(cfg: TrainConfig, meta: dict[str, Any] | None, out: Path) -> No
 def make_trainer(
     cfg: TrainConfig, *, name: str, storage_path: str, callbacks: Sequence[Any] = ()
 ):
-    """The TorchTrainer for one run of `cfg` (also what each Tune trial builds); with
-    `cfg.local_mode` Ray Train's local mode (num_workers=0: the loop runs in this process).
+    """The TorchTrainer for one run of `cfg` on Ray Train workers (also what each Tune
+    trial builds). Local mode uses no trainer: the driver runs the loop (`_fit_local`).
     data_loader ray-data (Ray running): the Ray Datasets go in datasets= (DataError from
     the scan of every image)."""
     import ray.train
@@ -267,10 +280,9 @@ def _scaling_config(cfg: TrainConfig, storage_path: str):
 
 def evaluate_on_test(checkpoint: Any, cfg: TrainConfig) -> dict[str, Any]:
     """Test-set accuracy of a Ray Train checkpoint: a Ray task with a worker's resources,
-    or in this process when no Ray runs here (local mode)."""
-    import ray
-
-    if not ray.is_initialized():
+    or in this process when no Ray runs here (local mode, which imports no Ray)."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
         return _evaluate_checkpoint(checkpoint, cfg.to_dict())
     resources = {"num_cpus": cfg.cpus_per_worker or 1, "num_gpus": 1 if cfg.gpu else 0}
     return ray.get(ray.remote(**resources)(_evaluate_checkpoint).remote(checkpoint, cfg.to_dict()))
@@ -300,14 +312,15 @@ def run_training(cfg: TrainConfig, echo: Callable[[str], None] = print) -> dict[
             echo(f"[cnnray] no earlier run under {out}: starting a new one")
         if cfg.resume:
             check_resume(cfg, last_checkpoint_meta(storage, name), out)
-        preflight(cfg)
+        dataset = preflight(cfg)
+        if not cfg.local_mode:  # workers load their own (the cache is warm now): free it here
+            dataset = None
 
         started = time.perf_counter()
-        # Local mode needs no Ray at all (not even to start one: that is ~8 s on a laptop),
-        # unless Ray Data streams the images (its decode tasks need one).
-        own_ray = False if cfg.local_mode and cfg.data_loader == "memory" else init_ray(cfg.address, ray_train=True)
+        # Local mode needs no Ray at all (not even to start one: that is ~8 s on a laptop).
+        own_ray = False if cfg.local_mode else init_ray(cfg.address, ray_train=True)
         try:
-            return _fit(cfg, out, storage, name, started, echo)
+            return _fit(cfg, out, storage, name, started, echo, dataset)
         finally:
             if own_ray:  # now rather than at exit: ~1 s sooner, and the CPUs are free for the report
                 import ray
@@ -318,26 +331,29 @@ def run_training(cfg: TrainConfig, echo: Callable[[str], None] = print) -> dict[
 
 
 def _fit(
-    cfg: TrainConfig, out: Path, storage: str, name: str, started: float, echo: Callable[[str], None]
+    cfg: TrainConfig, out: Path, storage: str, name: str, started: float, echo: Callable[[str], None],
+    dataset: Any = None,
 ) -> dict[str, Any]:
-    """trainer.fit() on a running Ray, the test accuracy of the best checkpoint, result.json."""
+    """The training (in this process in local mode, else trainer.fit() on a running Ray),
+    the test accuracy of the best checkpoint, result.json. `dataset`: the pre-flight's."""
     ray_ready = time.perf_counter()
-    trainer = make_trainer(cfg, name=name, storage_path=storage)
     device = "GPU" if cfg.gpu else f"{cfg.cpus_per_worker} CPU(s)"
-    where = (f"in this process on {device} (Ray Train local mode)" if cfg.local_mode
+    where = (f"in this process on {device} (local mode)" if cfg.local_mode
              else f"{cfg.workers_text} Ray Train worker(s) with {device} each")
     echo(f"[cnnray] training {cfg.model} on {cfg.dataset}: {cfg.epochs} epochs, {where}, global batch {cfg.batch_size}")
-    try:
-        result = trainer.fit()
-    except Exception as e:  # Ray wraps the worker's exception; show its root cause
-        raise TrainingError(f"training failed: {_root_cause(e)}") from e
+    if cfg.local_mode:
+        result = _fit_local(cfg, dataset)
+    else:
+        trainer = make_trainer(cfg, name=name, storage_path=storage)
+        try:
+            result = trainer.fit()
+        except Exception as e:  # Ray wraps the worker's exception; show its root cause
+            raise TrainingError(f"training failed: {_root_cause(e)}") from e
     trained = time.perf_counter()
     if result.error is not None:
         raise TrainingError(f"training failed: {_root_cause(result.error)}")
     if isinstance(result.return_value, str):  # the workers' divergence line (see the loop)
         raise TrainingError(result.return_value)
-    if cfg.local_mode:  # local mode's Result holds the last report only: read the kept list
-        result = _local_result(cfg, result.metrics)
     if not result.best_checkpoints:
         raise TrainingError("training reported no checkpoint")
 
@@ -384,21 +400,42 @@ def _fit(
     return summary
 
 
-def _local_result(cfg: TrainConfig, last_metrics: dict[str, Any] | None) -> Any:
-    """What Ray Train's Result gives on workers (best_checkpoints, checkpoint, metrics,
-    path), from the checkpoints a local-mode run kept in its run folder."""
+class _FolderCheckpoint:
+    """A checkpoint folder on this machine, read as a ray.train.Checkpoint is (`path`,
+    `as_directory()`), so the report below handles both paths alike without Ray."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+
+    @contextlib.contextmanager
+    def as_directory(self):
+        yield self.path
+
+
+def _fit_local(cfg: TrainConfig, dataset: Any) -> Any:
+    """Local mode: the loop in this process (no Ray imported), then what Ray Train's
+    Result gives on workers (error, return_value, best_checkpoints, checkpoint, metrics,
+    path), from the checkpoints the run kept in its run folder. An exception in the loop
+    is a TrainingError naming it, as on workers."""
     from types import SimpleNamespace
 
-    from ray.train import Checkpoint
+    from cnnray.train.loop import run_worker
+    from cnnray.train.session import LocalSession
 
-    run_dir = local_run_dir(cfg)
-    kept = LocalCheckpoints(run_dir, cfg.keep_checkpoints)
+    session = LocalSession(cfg)
+    try:
+        value = run_worker(cfg, session, dataset=dataset)
+    except Exception as e:
+        raise TrainingError(f"training failed: {_root_cause(e)}") from e
+    kept = session.checkpoints
     latest = kept.latest()
     return SimpleNamespace(
-        best_checkpoints=[(Checkpoint.from_directory(str(p)), m) for p, m in kept.results()],
-        checkpoint=Checkpoint.from_directory(str(latest)) if latest else None,
-        metrics=last_metrics,
-        path=str(run_dir),
+        error=None,
+        return_value=value,
+        best_checkpoints=[(_FolderCheckpoint(p), m) for p, m in kept.results()],
+        checkpoint=_FolderCheckpoint(latest) if latest else None,
+        metrics=session.last_metrics,
+        path=str(kept.run_dir),
     )
 
 

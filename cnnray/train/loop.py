@@ -1,13 +1,12 @@
 """The per-worker training loop that Ray Train runs on every DDP rank.
 
-Ray appears only at the seams: the train context (rank, world size), `prepare_model`
-(DDP: gloo on CPU, NCCL on GPU), `get_checkpoint` (resume after a failure or with
---resume) and `report` (metrics every epoch; rank 0 attaches the checkpoint).
-
-In Ray Train's local mode (`cfg.local_mode`: one process, no controller) the same loop
-runs in the driver; there `report` keeps nothing and `get_checkpoint` finds nothing, so
-the loop keeps its checkpoints itself (`cnnray.train.run_dir.LocalCheckpoints`, the same
-layout) and prints the progress lines the controller's callback prints otherwise.
+Ray appears only at the seams, behind a session (`cnnray.train.session`): rank and world
+size, the device, `prepare_model` (DDP: gloo on CPU, NCCL on GPU), the checkpoint to
+resume from (after a failure or with --resume) and `report` (metrics every epoch; rank 0
+attaches the checkpoint). `train_loop_per_worker` is Ray Train's entry point
+(`RaySession`); in local mode (`cfg.local_mode`: one process) the driver calls
+`run_worker` with a `LocalSession`, which keeps the checkpoints in the same layout and
+prints the progress lines, without importing Ray.
 """
 
 from __future__ import annotations
@@ -117,7 +116,7 @@ def train_epoch(
     return stats
 
 
-@torch.no_grad()
+@torch.inference_mode()  # no autograd bookkeeping at all (cheaper than no_grad); same kernels
 def evaluate(
     model: nn.Module,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
@@ -221,28 +220,6 @@ def all_reduce_stats(stats: EpochStats, device: torch.device) -> EpochStats:
                       stats.nonfinite_step, stats.step_lrs)
 
 
-def _quiet_report_log() -> None:
-    """Ray 2.60 logs every report at INFO from a logger named by file path (and, in local
-    mode, from train_fn_utils), which LoggingConfig(log_level) does not reach; the
-    progress line says the same."""
-    import logging
-
-    from ray.train.v2._internal.execution import context, train_fn_utils
-
-    logging.getLogger(context.__file__).setLevel(logging.WARNING)
-    logging.getLogger(train_fn_utils.__name__).setLevel(logging.WARNING)
-
-
-def _worker_device(cfg: TrainConfig) -> torch.device:
-    """Ray's device for this rank; in local mode the config's own choice (Ray's local-mode
-    get_device() picks CUDA whenever it exists, even for a CPU run)."""
-    import ray.train.torch
-
-    if not cfg.local_mode:
-        return ray.train.torch.get_device()
-    return torch.device("cuda", torch.cuda.current_device()) if cfg.gpu else torch.device("cpu")
-
-
 def format_progress(metrics: dict[str, Any], epochs: int) -> str:
     return (
         f"[cnnray] epoch {metrics['epoch']}/{epochs}  loss {metrics['train_loss']:.4f}  "
@@ -258,31 +235,34 @@ def train_loop_per_worker(config: dict[str, Any]) -> str | None:
     in the same epoch; rank 0's value reaches the driver as the Result's `return_value`).
     A divergence is returned, not raised: Ray Train would retry an error from the last
     checkpoint, and the same run would diverge again."""
-    import ray.train
-    import ray.train.torch
-
-    from cnnray.models import build_model, resolve_model_args
-    from cnnray.train.metrics import TrainMetrics
-    from cnnray.train.optim import build_optimizer, build_scheduler
-    from cnnray.train.run_dir import LocalCheckpoints, local_run_dir
-    from cnnray.train.worker_data import from_loop_config, prepare_worker_data
+    from cnnray.train.session import RaySession
+    from cnnray.train.worker_data import from_loop_config
 
     cfg, stream_info = from_loop_config(config)  # stream_info: the driver's scan (ray-data)
-    _quiet_report_log()
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    return run_worker(cfg, RaySession(), stream_info=stream_info)
+
+
+def run_worker(cfg: TrainConfig, session: Any, dataset: Any = None, stream_info: Any = None) -> str | None:
+    """The loop of one rank under `session` (a `cnnray.train.session` LocalSession or
+    RaySession); `dataset` is the loaded `cnnray.data.Dataset` when the caller has it
+    already (local mode: the driver's pre-flight loaded it), else it is loaded here;
+    `stream_info` the driver's scan of a ray-data run (`worker_data.StreamInfo`).
+    Returns what train_loop_per_worker returns."""
+    from cnnray.models import build_model, resolve_model_args
+    from cnnray.train.optim import build_optimizer, build_scheduler
+    from cnnray.train.worker_data import prepare_worker_data
+
+    rank, world = session.rank, session.world_size
     if cfg.elastic:  # this attempt's size: the same global batch, split over `world` ranks
         cfg = cfg.replace(workers=world)
-    device = _worker_device(cfg)
-    # Local mode: this process keeps the run's checkpoints (Ray Train's manager is absent).
-    local_ckpts = LocalCheckpoints(local_run_dir(cfg), cfg.keep_checkpoints) if cfg.local_mode else None
+    device = session.device()
     torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP broadcasts anyway)
     if device.type == "cpu":
         # One intra-op thread per reserved CPU: more threads than cores only thrash.
         torch.set_num_threads(cfg.cpus_per_worker or 1)
     else:
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick kernels
-    data = prepare_worker_data(cfg, rank, world, device, stream_info)
+    data = prepare_worker_data(cfg, rank, world, device, ds=dataset, info=stream_info)
 
     model_args = resolve_model_args(
         cfg.model,
@@ -295,30 +275,21 @@ def train_loop_per_worker(config: dict[str, Any]) -> str | None:
     net = build_model(cfg.model, **model_args)
     if use_channels_last(cfg.channels_last, device):
         net = net.to(memory_format=torch.channels_last)
-    # DDP buckets gradients and overlaps their all-reduce with the backward pass;
-    # gradient_as_bucket_view saves one copy of every gradient per step.
-    if local_ckpts is None:
-        model = ray.train.torch.prepare_model(net, parallel_strategy_kwargs={"gradient_as_bucket_view": True})
-    else:  # one process: no DDP wrapper, nothing to synchronise
-        model = net.to(device)
+    model = session.wrap_model(net, device)  # DDP on Ray Train workers
     if cfg.compile and device.type == "cuda":
         model = torch.compile(model)
     optimizer = build_optimizer(cfg, net, device)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
 
-    # Ray's metrics need a running Ray, which local mode does without.
-    exporter = TrainMetrics(run=ctx.get_experiment_name(), rank=rank) if local_ckpts is None else None
+    exporter = session.metrics_exporter()  # None in local mode
     # best_val starts below any accuracy: the first epoch is always the best so far.
     start_epoch, best_val, best_epoch, history = 0, -1.0, 0, []
-    if local_ckpts is None:
-        checkpoint = ray.train.get_checkpoint()
-    else:
-        latest = local_ckpts.latest()
-        checkpoint = ray.train.Checkpoint.from_directory(str(latest)) if latest else None
-    if checkpoint is not None:
-        with checkpoint.as_directory() as ckpt_dir:
+    state = None
+    with session.resume_dir() as ckpt_dir:  # Ray's is only readable inside the block
+        if ckpt_dir is not None:
             net.load_state_dict(load_weights(ckpt_dir, map_location=device))
             state = load_train_state(ckpt_dir, map_location=device)
+    if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, best_val = int(state["epoch"]), float(state["best_val_accuracy"])
         best_epoch = int(state.get("best_epoch", 0))
@@ -396,16 +367,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> str | None:
                     },
                     history=history,
                 )
-                dir_name = f"epoch-{epoch + 1:04d}"
-                if local_ckpts is not None:  # keep it ourselves before the folder goes
-                    kept = local_ckpts.register(tmp, dir_name, metrics)
-                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(kept)))
-                    if cfg.verbose:
-                        print(format_progress(metrics, cfg.epochs), flush=True)
-                else:
-                    ray.train.report(
-                        metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=dir_name
-                    )
+                session.report(metrics, tmp, f"epoch-{epoch + 1:04d}")
         else:
-            ray.train.report(metrics)
+            session.report(metrics)
     return None

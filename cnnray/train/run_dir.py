@@ -2,9 +2,10 @@
 
 A run keeps its checkpoints in `<storage>/<run name>/epoch-NNNN/`, listed in Ray Train's
 `checkpoint_manager_snapshot.json` beside them. On Ray Train workers the controller's
-checkpoint manager writes both. In Ray Train's local mode (`ScalingConfig(num_workers=0)`)
-`report()` only remembers the last checkpoint object and `get_checkpoint()` gives nothing
-back from earlier runs, so `LocalCheckpoints` does the manager's job in the same layout:
+checkpoint manager writes both. Local mode runs the loop in the driver without Ray
+(`cnnray.train.session.LocalSession`; Ray Train's own local mode would only remember the
+last checkpoint, and give nothing back from earlier runs), so `LocalCheckpoints` does the
+manager's job in the same layout:
 the best `keep` checkpoints by validation accuracy plus the latest, each folder moved into
 place whole and the snapshot rewritten atomically. Either path can therefore resume a run
 the other one started (`--resume`), and readers see one layout.
@@ -119,14 +120,16 @@ class LocalCheckpoints:
 
     def _snapshot(self) -> dict[str, Any]:
         """Ray Train 2.60's `_CheckpointManagerState`, so Ray Train workers can resume it."""
-        import ray
+        from importlib.metadata import version
 
         def state(r: dict[str, Any]) -> dict[str, Any]:
             return {"version": 0, "checkpoint_dir_name": r["checkpoint_dir_name"], "metrics": r["metrics"]}
 
         latest = next(r for r in self._results if r["checkpoint_dir_name"] == self._latest)
         return {
-            "ray_version": ray.__version__,
+            # Read from the installed package: importing Ray only for this would cost local
+            # mode (which runs without Ray) about as much as importing torch.
+            "ray_version": version("ray"),
             "checkpoint_results": [state(r) for r in self._results],
             "checkpoint_report_indices": [r["report_index"] for r in self._results],
             "latest_checkpoint_result": state(latest),

@@ -104,17 +104,20 @@ def load_for(cfg: TrainConfig) -> Dataset:
     return load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download)
 
 
-def check_data(cfg: TrainConfig) -> None:
+def check_data(cfg: TrainConfig) -> Dataset | None:
     """The driver's check before Ray starts: the data is readable and splits into a batch
-    per worker (DataError, ConfigError). Memory: the dataset is loaded (and cached);
-    ray-data: only listed (every image is checked by the driver's scan, once Ray runs)."""
+    per worker (DataError, ConfigError). Memory: the dataset is loaded (and cached) and
+    returned (local mode trains on it: one load per run); ray-data: only listed (every
+    image is checked by the driver's scan, once Ray runs), None."""
     if cfg.data_loader == "ray-data":
         from cnnray.data.sources import list_source, source_uri
 
         listing = list_source(source_uri(cfg.dataset, cfg.data_dir))
         check_split_counts(cfg, len(listing.train), len(listing.test), cfg.dataset)
-    else:
-        check_split_sizes(cfg, load_for(cfg))
+        return None
+    ds = load_for(cfg)
+    check_split_sizes(cfg, ds)
+    return ds
 
 
 def check_split_sizes(cfg: TrainConfig, ds: Dataset) -> None:
@@ -154,13 +157,18 @@ def check_split_counts(cfg: TrainConfig, n_train_total: int, n_test_total: int, 
 
 
 def prepare_worker_data(
-    cfg: TrainConfig, rank: int, world: int, device: torch.device, info: StreamInfo | None = None
+    cfg: TrainConfig, rank: int, world: int, device: torch.device,
+    ds: Dataset | None = None, info: StreamInfo | None = None,
 ) -> WorkerData:
+    """This rank's train, validation and test batches. ray-data: from Ray Train's dataset
+    shards, `info` being the driver's scan. memory: `ds` is the dataset `load_for(cfg)`
+    gives, when the caller has loaded it already (local mode: the driver's pre-flight), so
+    a run reads and decodes it once; else it is loaded here."""
     if cfg.data_loader == "ray-data":
         if info is None:
             raise ValueError("a ray-data run needs the driver's StreamInfo (loop_config)")
         return _stream_worker_data(cfg, rank, world, device, info)
-    ds = load_for(cfg)
+    ds = ds if ds is not None else load_for(cfg)
     check_split_sizes(cfg, ds)
     # Every rank draws the same subset and split (same seed), then keeps only its shard.
     x, y = take_subset(ds.train_images, ds.train_labels, cfg.subset, cfg.seed)

@@ -50,7 +50,7 @@ TRAIN_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "--schedule": ("schedule", dict(help="onecycle | cosine | constant; default onecycle")),
     "--warmup-epochs": ("warmup_epochs", dict(type=_number("warmup_epochs", float), help="linear warm-up for cosine/constant; default 0")),
     "--label-smoothing": ("label_smoothing", dict(type=_number("label_smoothing", float), help="default 0.1")),
-    "--augment": ("augment", dict(help="auto | none | crop | crop_flip; default auto")),
+    "--augment": ("augment", dict(help="auto | none | crop | crop_flip | crop_altflip; default auto")),
     "--norm": ("norm", dict(help="none | batch | group | layer; default none")),
     "--hidden-sizes": ("hidden_sizes", dict(type=_csv_ints, help="mlp hidden sizes, e.g. 512,256")),
     "--val-fraction": ("val_fraction", dict(type=_number("val_fraction", float), help="share of training data held out; default 0.1")),

@@ -94,6 +94,7 @@ def prepare_worker_data(cfg: TrainConfig, rank: int, world: int, device: torch.d
         shuffle=True,
         drop_last=True,
         augment=resolve_augment(cfg, ds),
+        pad=cfg.crop_padding,
         **common,
     )
     # A rank may hold fewer validation (and test) batches than another, or none at all:

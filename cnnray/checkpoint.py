@@ -48,8 +48,12 @@ def save_checkpoint(
     metrics: dict[str, Any],
     train_state: dict[str, Any] | None = None,
     history: list[dict[str, Any]] | None = None,
+    tta: str = "none",
 ) -> Path:
-    """Write a checkpoint into `directory` (created if needed) and return it."""
+    """Write a checkpoint into `directory` (created if needed) and return it.
+
+    `tta` is the test-time augmentation its metrics were measured with (cnnray.models.tta);
+    Serve and the report predict with the same."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     # Tensors go to CPU first so a GPU-trained checkpoint loads on a CPU-only server.
@@ -65,6 +69,7 @@ def save_checkpoint(
         "config": config,
         "metrics": metrics,
         "history": history or [],  # metrics of every epoch so far, for curves and reports
+        "tta": tta,
         "files": digests,
         "versions": {"torch": torch.__version__, "cnnray": _cnnray_version()},
     }
@@ -123,10 +128,20 @@ def _meta_problem(meta: dict[str, Any]) -> str | None:
     epoch = meta.get("epoch")
     if epoch is not None and (isinstance(epoch, bool) or not isinstance(epoch, int)):
         return "epoch must be an integer"
+    from cnnray.models.tta import TTA_MODES
+
+    if meta.get("tta", "none") not in TTA_MODES:  # absent: a checkpoint from before TTA
+        return f"tta must be one of {', '.join(TTA_MODES)}"
     for key, kind in (("config", dict), ("metrics", dict), ("history", list)):
         if not isinstance(meta.get(key, kind()), kind):
             return f"{key} must be a{'n object' if kind is dict else ' list'}"
     return None
+
+
+def checkpoint_tta(meta: dict[str, Any]) -> str:
+    """The test-time augmentation a checkpoint's predictions use ("none" if it names none);
+    `meta` as read_meta returns it (already checked)."""
+    return str(meta.get("tta", "none"))
 
 
 def verify_checkpoint(directory: str | Path) -> dict[str, Any]:

@@ -22,8 +22,8 @@ from typing import Any, Mapping
 from cnnray.argtypes import Range
 
 OPTIMIZERS = ("sgd", "adamw")
-SCHEDULES = ("onecycle", "cosine", "constant")
-AUGMENTS = ("auto", "none", "crop", "crop_flip")
+SCHEDULES = ("onecycle", "cosine", "constant", "triangle")
+AUGMENTS = ("auto", "none", "crop", "crop_flip", "crop_altflip")
 LR_SCALINGS = ("none", "linear")
 # memory: decode the whole dataset into every worker; ray-data: stream image folders with
 # Ray Data (cnnray.data.stream); auto: memory unless an image folder's decoded size is over
@@ -52,6 +52,12 @@ FIELD_RANGES: dict[str, Range] = {
     "cpus_per_worker": Range(1, 4096),
     "max_failures": Range(-1, 1000),  # -1: unlimited
     "keep_checkpoints": Range(1, 100_000),
+    "crop_padding": Range(0, 64),
+    "norm_lr_scale": Range(0, 10_000, lo_open=True),
+    "whiten_samples": Range(0, 2**31),
+    "whiten_bias_epochs": Range(0, 100_000),
+    "lookahead_every": Range(0, 100_000),
+    "lookahead_decay": Range(0, 1, hi_open=True),
 }
 
 
@@ -78,10 +84,31 @@ class TrainConfig:
     nesterov: bool = True
     weight_decay: float = 5e-4
     optimizer: str = "sgd"  # sgd | adamw
-    schedule: str = "onecycle"  # onecycle | cosine | constant, stepped per batch
+    schedule: str = "onecycle"  # onecycle | cosine | constant | triangle, stepped per batch
     warmup_epochs: float = 0.0  # linear warm-up before cosine/constant; onecycle has its own
     label_smoothing: float = 0.1  # in [0, 1)
-    augment: str = "auto"  # auto: crop_flip for colour data, none for digits
+    # auto: crop_flip for colour data, none for digits; crop_altflip: airbench's alternating
+    # flip (each image flipped at random in epoch 1, then the other way every next epoch)
+    augment: str = "auto"
+    crop_padding: int = 4  # pixels: random crops shift the image by up to this much each way
+    # Learning-rate multiplier of the norm layers' parameters, whose weight decay becomes
+    # weight_decay / norm_lr_scale (the same decay per step as the weights': the "bias
+    # scaler" of airbench94, Jordan 2024). None: the usual lr and no weight decay.
+    norm_lr_scale: float | None = None
+    # Data-dependent init: the model's init_whitening (airbench) on this many training
+    # images of rank 0 (DDP broadcasts rank 0's weights); 0: off.
+    whiten_samples: int = 0
+    # Train the whitening stem's bias only in the first N epochs (airbench94: 3); None: always.
+    whiten_bias_epochs: float | None = None
+    # Lookahead of the weights (Zhang et al. 2019, as airbench94 uses it): every N steps the
+    # weights move to rho * slow + (1 - rho) * fast, rho = lookahead_decay**N * (t / T)**3
+    # (t: step, T: total steps). Also at each epoch's end, so the weights that are
+    # validated, tested and checkpointed are the averaged ones. 0: off.
+    lookahead_every: int = 0
+    lookahead_decay: float = 0.95  # per step
+    # Test-time augmentation of validation, the final test, the report and Serve (stored in
+    # the checkpoint): none | flip (mirror-averaged logits) | flip_translate (the paper's).
+    tta: str = "none"
     val_fraction: float = 0.1  # of the training set, held out for model selection
     subset: int | None = None  # use only N training and N test examples (smoke runs)
     seed: int = 0
@@ -167,6 +194,9 @@ class TrainConfig:
         _check_choice("model", self.model, tuple(list_models()))
         _check_choice("norm", self.norm, NORMS)
         _check_choice("dataset", self.dataset, DATASETS)
+        from cnnray.models.tta import TTA_MODES
+
+        _check_choice("tta", self.tta, TTA_MODES)
         _check_model_fields(self)
 
     # --- conversions -------------------------------------------------------------------
@@ -279,6 +309,20 @@ def _check_model_fields(cfg: TrainConfig) -> None:
     fail in every worker: refuse it here. Only the signature is read (no model is built)."""
     from cnnray.models import list_models, model_extra_args
 
+    from cnnray.models import check_model_norm, get_model_spec, resolve_model_args
+
+    try:
+        check_model_norm(cfg.model, cfg.norm)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if cfg.whiten_samples or cfg.whiten_bias_epochs is not None:
+        import torch
+
+        with torch.device("meta"):  # shapes only: no memory, no init cost
+            net = get_model_spec(cfg.model).fn(**resolve_model_args(cfg.model, norm=cfg.norm))
+        if not callable(getattr(net, "init_whitening", None)):
+            key = "whiten_samples" if cfg.whiten_samples else "whiten_bias_epochs"
+            raise ConfigError(f"model {cfg.model!r} has no whitening stem for {key} (airbench has one)")
     takes = model_extra_args(cfg.model)
     for key in MODEL_FIELDS:
         if getattr(cfg, key) is not None and key not in takes:

@@ -250,3 +250,13 @@ def test_a_streamed_run_is_never_local_mode(folder, tmp_path):
     assert resolve_run(_cfg(folder, "memory", out=str(tmp_path / "b"), workers=1)).local_mode is True
     with pytest.raises(ConfigError, match="ray-data"):
         resolve_run(_cfg(folder, "ray-data", out=str(tmp_path / "c"), workers=1, local_mode=True))
+
+
+def test_the_alternating_flip_is_refused_for_a_stream_and_keeps_auto_in_memory(folder, tmp_path):
+    """crop_altflip flips each image the other way in odd epochs, which needs the image's
+    identity across epochs: the in-memory loader's; a stream would silently not flip."""
+    from cnnray.config import ConfigError
+
+    with pytest.raises(ConfigError, match="crop_altflip"):
+        resolve_loader(_cfg(folder, "ray-data", augment="crop_altflip"))
+    assert resolve_loader(_cfg(folder, "auto", augment="crop_altflip")) == "memory"

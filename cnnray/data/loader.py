@@ -15,11 +15,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-AUGMENTS = ("none", "crop", "crop_flip")
+AUGMENTS = ("none", "crop", "crop_flip", "crop_altflip")
 
 # Stream ids mixed into the seed, so the shard split, the per-epoch order and the
 # augmentation draws never share random numbers.
-_SHARD, _ORDER, _AUGMENT = 0, 1, 2
+_SHARD, _ORDER, _AUGMENT, _ALTFLIP = 0, 1, 2, 3
 
 
 def _generator(*parts: int) -> torch.Generator:
@@ -173,6 +173,11 @@ class ShardedBatches:
         n, b = self.num_samples, self.batch_size
         return n // b if self.drop_last else -(-n // b)
 
+    def first_images(self, n: int) -> torch.Tensor:
+        """The shard's first n images (fewer if it holds fewer), normalised, unaugmented:
+        min(n, num_samples) x C x H x W float32 on the device (data-dependent inits)."""
+        return torch.addcmul(self._shift, self._images[:n], self._scale)
+
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose shuffle and augmentation the next iteration uses."""
         self.epoch = epoch
@@ -192,6 +197,13 @@ class ShardedBatches:
             # Draw the whole epoch's offsets at once: one small host-to-device copy.
             g = _generator(self.seed, _AUGMENT, self.epoch, self.rank)
             dy, dx, flips = (t.to(self.device) for t in augment_offsets(n, self.pad, g))
+            if self.augment == "crop_altflip":
+                # Jordan 2024 (arXiv 2404.00498, section 3.6), "alternating flip": a random
+                # flip per image in even epochs, the opposite one in odd epochs, so every
+                # pair of epochs shows each image both ways (not a 1/4 chance of one way).
+                per_image = torch.rand(n, generator=_generator(self.seed, _ALTFLIP, self.rank)) < 0.5
+                per_image = per_image.to(self.device) ^ bool(self.epoch % 2)
+                flips = per_image if order is None else per_image[order]  # by batch position
         for start in range(0, len(self) * self.batch_size, self.batch_size):
             sl = slice(start, min(start + self.batch_size, n))
             if order is None:
@@ -204,7 +216,7 @@ class ShardedBatches:
                 xb, yb = self._images.index_select(0, idx), self._labels.index_select(0, idx)
             x = torch.addcmul(self._shift, xb, self._scale)  # uint8 -> float32, normalised
             if self.augment != "none":
-                flip = flips[sl] if self.augment == "crop_flip" else None
+                flip = flips[sl] if self.augment in ("crop_flip", "crop_altflip") else None
                 x = self._crop_flip(x, dy[sl], dx[sl], flip)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)

@@ -305,7 +305,7 @@ def build_datasets(cfg: Any, info: StreamInfo, augment: str, splits: tuple[str, 
         ds = read_items(listing, items[name], shuffle=train, reserved=reserved).map_batches(
             decode_batch, batch_size=DECODE_BATCH, batch_format="numpy",
             fn_kwargs=dict(classes=list(info.classes), shape=list(info.input_shape),
-                           augment=augment if train else "none", pad=4, mean=list(info.mean), std=list(info.std)),
+                           augment=augment if train else "none", pad=cfg.crop_padding, mean=list(info.mean), std=list(info.std)),
             **_task_args(reserved),
         )
         ds.context.execution_options.resource_limits = ExecutionResources(object_store_memory=OBJECT_STORE_LIMIT)

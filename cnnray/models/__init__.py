@@ -8,13 +8,14 @@ Importing this package registers the models (cheap: no weights are built) and im
 torch; nothing else runs.
 """
 
-from cnnray.models import cnn, lenet, mlp, resnet, vgg  # noqa: F401 (registers the models)
+from cnnray.models import airbench, cnn, lenet, mlp, resnet, vgg  # noqa: F401 (registers the models)
 from cnnray.models.layers import NORMS, make_norm
 from cnnray.models.registry import (
     ModelSpec,
     UnknownModelArgError,
     UnknownModelError,
     build_model,
+    check_model_norm,
     count_parameters,
     get_model_spec,
     list_models,
@@ -32,6 +33,7 @@ __all__ = [
     "UnknownModelArgError",
     "UnknownModelError",
     "build_model",
+    "check_model_norm",
     "count_parameters",
     "format_layer_table",
     "get_model_spec",

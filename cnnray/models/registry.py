@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cnnray.models.layers import check_norm
+from cnnray.models.layers import NORMS, check_norm
 
 # Arguments every constructor takes; anything else in its signature is model-specific.
 COMMON_ARGS: tuple[str, ...] = ("num_classes", "in_channels", "image_size", "norm")
@@ -37,6 +37,8 @@ class ModelSpec:
     image_size: tuple[int, int]  # (H, W) in pixels
     num_classes: int
     description: str
+    norms: tuple[str, ...] = NORMS  # the norms it can be built with (others are refused)
+    default_norm: str = DEFAULT_NORM  # used when no norm is given
 
 
 class UnknownModelError(ValueError):
@@ -59,8 +61,16 @@ def register_model(
     image_size: tuple[int, int],
     num_classes: int = 10,
     description: str,
+    norms: tuple[str, ...] = NORMS,
+    default_norm: str = DEFAULT_NORM,
 ) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
-    """Decorator that registers `fn` under `name` with its default input and class count."""
+    """Decorator that registers `fn` under `name` with its default input and class count.
+
+    `norms` lists the norms the model can be built with (a subset of NORMS: a network that
+    cannot train without a norm refuses "none"); `default_norm` is used when none is given.
+    """
+    if not norms or any(n not in NORMS for n in norms) or default_norm not in norms:
+        raise ValueError(f"model {name!r}: norms {norms!r} must be a subset of {NORMS} holding {default_norm!r}")
 
     def decorator(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in _REGISTRY:
@@ -80,6 +90,8 @@ def register_model(
             image_size=(image_size[0], image_size[1]),
             num_classes=num_classes,
             description=description,
+            norms=tuple(norms),
+            default_norm=default_norm,
         )
         return fn
 
@@ -99,6 +111,14 @@ def get_model_spec(name: str) -> ModelSpec:
         raise UnknownModelError(
             f"unknown model {name!r}; choose one of: {', '.join(list_models())}"
         ) from None
+
+
+def check_model_norm(name: str, norm: str) -> str:
+    """Return `norm` if model `name` can use it, else a one-line ValueError naming its norms."""
+    spec = get_model_spec(name)
+    if norm not in spec.norms:
+        raise ValueError(f"model {name!r} cannot use norm {norm!r}; choose one of: {', '.join(spec.norms)}")
+    return norm
 
 
 def _extra_args(fn: Callable[..., nn.Module]) -> dict[str, Any]:
@@ -158,7 +178,7 @@ def resolve_model_args(name: str, **kwargs: Any) -> dict[str, Any]:
         "num_classes": _positive_int("num_classes", given.get("num_classes", spec.num_classes)),
         "in_channels": _positive_int("in_channels", given.get("in_channels", spec.in_channels)),
         "image_size": _image_size(given.get("image_size", spec.image_size)),
-        "norm": check_norm(given.get("norm", DEFAULT_NORM)),
+        "norm": check_model_norm(name, check_norm(given.get("norm", spec.default_norm))),
     }
     for key, default in extra.items():
         args[key] = _to_json(given.get(key, default))
@@ -185,7 +205,7 @@ def model_catalog() -> list[dict[str, Any]]:
     catalog = []
     for name in list_models():
         spec = get_model_spec(name)
-        args = resolve_model_args(name)  # default args, norm "none"
+        args = resolve_model_args(name)  # default args and the model's default norm
         with torch.device("meta"):  # count without allocating 100M+ VGG weights
             parameters = count_parameters(spec.fn(**args))
         catalog.append(

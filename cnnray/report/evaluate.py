@@ -57,12 +57,16 @@ class Predictions:
         return normalize(self.images[index : index + 1], data_info["mean"], data_info["std"])
 
 
-def evaluate_test_set(model: nn.Module, cfg: TrainConfig) -> Predictions:
+def evaluate_test_set(model: nn.Module, cfg: TrainConfig, tta: str | None = None) -> Predictions:
     """Run `model` over the test split (cfg's subset and seed) on the CPU.
 
     The batches come from `held_out_batches`, the same function the final test accuracy
-    of a run uses, so the numbers here match result.json's test_accuracy.
+    of a run uses, and the logits average the same test-time augmentation views (`tta`,
+    default the run's cfg.tta, which its checkpoints record), so the numbers here match
+    result.json's test_accuracy and Serve's predictions.
     """
+    from cnnray.models.tta import tta_logits
+
     from cnnray.data import take_subset
     from cnnray.train.worker_data import held_out_batches, load_for
 
@@ -73,7 +77,7 @@ def evaluate_test_set(model: nn.Module, cfg: TrainConfig) -> Predictions:
     probs, seen = [], []
     with torch.no_grad():
         for x, y in held_out_batches(cfg, cpu, ds=ds):  # unshuffled, one rank: the subset's order
-            probs.append(torch.softmax(model(x).float(), dim=1))
+            probs.append(torch.softmax(tta_logits(model, x, cfg.tta if tta is None else tta), dim=1))
             seen.append(y)
     got = torch.cat(seen) if seen else torch.zeros(0, dtype=torch.int64)
     if not torch.equal(got, labels):  # a bug here would silently mislabel every picture

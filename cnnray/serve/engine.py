@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-from cnnray.checkpoint import CheckpointError, load_model, verify_checkpoint
+from cnnray.checkpoint import CheckpointError, checkpoint_tta, load_model, verify_checkpoint
+from cnnray.models.tta import tta_logits
 from cnnray.config import ConfigError
 from cnnray.serve.defaults import DECODE_THREADS
 from cnnray.serve.metrics import MetricsReporter, ServeMetrics
@@ -58,8 +59,9 @@ class LoadedModel:
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """N x C x H x W normalised inputs -> N x classes probabilities (float32, CPU)."""
         with torch.inference_mode():
-            logits = self.module(x.to(self.device, non_blocking=True))
-            return torch.softmax(logits.float(), dim=1).cpu()
+            # The checkpoint's test-time augmentation, as its test accuracy was measured.
+            logits = tta_logits(self.module, x.to(self.device, non_blocking=True), checkpoint_tta(self.meta))
+            return torch.softmax(logits, dim=1).cpu()
 
     def inputs(self, payloads: Sequence[Payload]) -> tuple[torch.Tensor | None, list[RequestError | None]]:
         """Payloads -> (normalised inputs of those that decode, one RequestError or None per

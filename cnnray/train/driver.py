@@ -93,7 +93,7 @@ def _evaluate_checkpoint(checkpoint: Any, cfg_dict: dict[str, Any]) -> dict[str,
     """Runs as a Ray task next to the data: test-set accuracy of one checkpoint."""
     import torch
 
-    from cnnray.checkpoint import load_model
+    from cnnray.checkpoint import checkpoint_tta, load_model
     from cnnray.train.loop import evaluate
     from cnnray.train.worker_data import held_out_batches
 
@@ -102,8 +102,9 @@ def _evaluate_checkpoint(checkpoint: Any, cfg_dict: dict[str, Any]) -> dict[str,
     if device.type == "cpu":
         torch.set_num_threads(cfg.cpus_per_worker or 1)
     with checkpoint.as_directory() as d:
-        model, _ = load_model(d, map_location=device)
-    stats = evaluate(model, held_out_batches(cfg, device), device)
+        model, meta = load_model(d, map_location=device)
+    # The checkpoint's test-time augmentation, as the workers' own test and Serve use it.
+    stats = evaluate(model, held_out_batches(cfg, device), device, checkpoint_tta(meta))
     return {"test_accuracy": stats.accuracy, "test_loss": stats.loss, "test_samples": stats.count}
 
 

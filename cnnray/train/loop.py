@@ -18,13 +18,15 @@ import math
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import torch
 from torch import nn
 
 from cnnray.checkpoint import load_train_state, load_weights, save_checkpoint
 from cnnray.config import TrainConfig
+from cnnray.models.tta import tta_logits
+from cnnray.train.optim import Lookahead
 
 
 @dataclass
@@ -87,7 +89,13 @@ def train_epoch(
     criterion: nn.Module,
     device: torch.device,
     amp: bool,
+    *,
+    frozen: Sequence[nn.Parameter] = (),
+    lookahead: Lookahead | None = None,
 ) -> EpochStats:
+    """One epoch of training. `frozen` parameters get no update this epoch (their gradient
+    is dropped after DDP's all-reduce, so every rank agrees); `lookahead` steps after
+    every optimizer step (see cnnray.train.optim.Lookahead)."""
     model.train()
     # Running sums stay on the device: one host sync per epoch, not one per batch.
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
@@ -102,9 +110,13 @@ def train_epoch(
             loss = criterion(logits, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        for p in frozen:
+            p.grad = None  # SGD skips a parameter without a gradient: no step, no decay
         lrs.append(optimizer.param_groups[0]["lr"])  # the rate this step uses
         optimizer.step()
         scheduler.step()
+        if lookahead is not None:
+            lookahead.step()
         loss = loss.detach()
         bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), step, bad_step)
         loss_sum += loss.double() * y.numel()
@@ -121,16 +133,18 @@ def evaluate(
     model: nn.Module,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     device: torch.device,
+    tta: str = "none",
 ) -> EpochStats:
     """Loss and accuracy in fp32, whatever the training precision: validation, the test
-    report and a served prediction of the same image then agree exactly."""
+    report and a served prediction of the same image then agree exactly (all three
+    average the same test-time augmentation views, `tta`: cnnray.models.tta)."""
     model.eval()
     criterion = nn.CrossEntropyLoss(reduction="sum")
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros((), device=device, dtype=torch.int64)
     count = 0
     for x, y in batches:
-        logits = model(x).float()
+        logits = tta_logits(model, x, tta)
         loss_sum += criterion(logits, y).double()
         correct += (logits.argmax(1) == y).sum()
         count += y.numel()
@@ -142,13 +156,14 @@ def evaluate_weights(
     weights: dict[str, torch.Tensor] | None,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     device: torch.device,
+    tta: str = "none",
 ) -> EpochStats:
     """`evaluate` on a plain NCHW copy of `net` holding `weights` (None: net's own), the
     way Serve and the report rebuild a checkpoint, so all three give the same numbers."""
     model = copy.deepcopy(net).to(memory_format=torch.contiguous_format)
     if weights is not None:
         model.load_state_dict(weights)
-    return evaluate(model, batches, device)
+    return evaluate(model, batches, device, tta)
 
 
 def _distributed() -> bool:
@@ -171,13 +186,13 @@ def sync_buffers(net: nn.Module) -> None:
 
 
 def validate(
-    net: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device
+    net: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device, tta: str = "none"
 ) -> EpochStats:
     """Validation statistics over all ranks: `net` must be the module itself, not its DDP
     wrapper (whose forward is a collective). Every rank enters the same collectives in the
     same order even when its shard holds no batch at all."""
     sync_buffers(net)
-    return all_reduce_stats(evaluate(net, batches, device), device)
+    return all_reduce_stats(evaluate(net, batches, device, tta), device)
 
 
 def divergence(epoch: int, train: EpochStats, net: nn.Module, device: torch.device) -> str | None:
@@ -273,6 +288,11 @@ def run_worker(cfg: TrainConfig, session: Any, dataset: Any = None, stream_info:
         hidden_sizes=list(cfg.hidden_sizes) if cfg.hidden_sizes else None,
     )
     net = build_model(cfg.model, **model_args)
+    if cfg.whiten_samples:
+        # Every rank whitens with its own shard's first images; DDP's constructor (in
+        # prepare_model) then gives every rank rank 0's weights. A resumed run's
+        # checkpoint overwrites them below.
+        net.init_whitening(data.train.first_images(cfg.whiten_samples).cpu())
     if use_channels_last(cfg.channels_last, device):
         net = net.to(memory_format=torch.channels_last)
     model = session.wrap_model(net, device)  # DDP on Ray Train workers
@@ -299,6 +319,10 @@ def run_worker(cfg: TrainConfig, session: Any, dataset: Any = None, stream_info:
     # The schedule of this run's epochs, at the step the checkpoint reached: the same rates
     # as the saved scheduler when --epochs is unchanged, the new total's when it grew.
     scheduler = build_scheduler(cfg, optimizer, len(data.train), done_steps=start_epoch * len(data.train))
+    lookahead = None
+    if cfg.lookahead_every:
+        lookahead = Lookahead(net, every=cfg.lookahead_every, decay=cfg.lookahead_decay,
+                              total_steps=cfg.epochs * len(data.train), done_steps=start_epoch * len(data.train))
 
     # A CPU copy of the weights of best_epoch when this attempt reached it before its last
     # epoch, for the test at the end (that epoch's checkpoint holds them, but on the storage).
@@ -306,10 +330,15 @@ def run_worker(cfg: TrainConfig, session: Any, dataset: Any = None, stream_info:
     for epoch in range(start_epoch, cfg.epochs):
         last = epoch + 1 == cfg.epochs
         data.train.set_epoch(epoch)
-        local = train_epoch(model, data.train, optimizer, scheduler, criterion, device, cfg.amp)
+        # The whitening stem's bias trains for the first whiten_bias_epochs epochs only.
+        frozen = [net.whiten.bias] if cfg.whiten_bias_epochs is not None and epoch >= cfg.whiten_bias_epochs else []
+        local = train_epoch(model, data.train, optimizer, scheduler, criterion, device, cfg.amp,
+                            frozen=frozen, lookahead=lookahead)
+        if lookahead is not None:
+            lookahead.sync()  # validate and checkpoint the averaged weights
         train = all_reduce_stats(local, device)
         diverged = divergence(epoch + 1, local, net, device)
-        val = None if diverged else validate(net, data.val, device)
+        val = None if diverged else validate(net, data.val, device, cfg.tta)
         if val is not None and not math.isfinite(val.loss):  # all-reduced: the same on every rank
             diverged = f"training diverged in epoch {epoch + 1}: the validation loss became non-finite; lower --lr"
         if diverged:  # every rank stops here, and these weights are never checkpointed
@@ -341,7 +370,7 @@ def run_worker(cfg: TrainConfig, session: Any, dataset: Any = None, stream_info:
         if last and data.test is not None and (best_epoch == epoch + 1 or best_weights is not None):
             # Neither only after a resume past the best epoch: the driver then tests its checkpoint.
             weights = None if best_epoch == epoch + 1 else best_weights
-            test = all_reduce_stats(evaluate_weights(net, weights, data.test, device), device)
+            test = all_reduce_stats(evaluate_weights(net, weights, data.test, device, cfg.tta), device)
             metrics.update(test_accuracy=test.accuracy, test_loss=test.loss, test_samples=test.count,
                            test_epoch=best_epoch)
         history.append(metrics)
@@ -366,6 +395,7 @@ def run_worker(cfg: TrainConfig, session: Any, dataset: Any = None, stream_info:
                         "history": history,
                     },
                     history=history,
+                    tta=cfg.tta,
                 )
                 session.report(metrics, tmp, f"epoch-{epoch + 1:04d}")
         else:

@@ -68,8 +68,11 @@ def resolve_loader(cfg: TrainConfig) -> str:
         if cfg.dataset not in STREAMABLE:
             raise ConfigError(f"data_loader 'ray-data' streams image folders and tarballs ({', '.join(STREAMABLE)}); "
                               f"{cfg.dataset} is read from its own files: use data_loader 'memory'")
+        if cfg.augment == "crop_altflip":  # it needs each image's identity across epochs
+            raise ConfigError("augment 'crop_altflip' (the alternating flip) needs data_loader 'memory'; "
+                              "the streamed loader draws each flip anew: use augment 'crop_flip'")
         return "ray-data"
-    if cfg.data_loader == "memory" or cfg.dataset != "imagefolder":
+    if cfg.data_loader == "memory" or cfg.dataset != "imagefolder" or cfg.augment == "crop_altflip":
         return "memory"
     try:
         need = sources.decoded_bytes(sources.list_source(sources.source_uri(cfg.dataset, cfg.data_dir)))
@@ -189,6 +192,7 @@ def prepare_worker_data(
         shuffle=True,
         drop_last=True,
         augment=resolve_augment(cfg, ds),
+        pad=cfg.crop_padding,
         **common,
     )
     # A rank may hold fewer validation (and test) batches than another, or none at all:

@@ -140,7 +140,7 @@ def test_stream_augmentation_is_the_memory_rule():
 
 
 @pytest.mark.parametrize("source,path", [("tree", dict(workers=2, local_mode=False)),
-                                         ("tarball", dict(workers=1))])  # memory: local mode
+                                         ("tarball", dict(workers=1, local_mode=True))])
 def test_both_loaders_give_the_same_checkpoint_metadata_and_served_predictions(
         local_ray, folder, tarball, tmp_path, source, path):
     from cnnray.serve.preprocess import EncodedImage, batch_inputs
@@ -237,19 +237,6 @@ def test_scan_names_a_corrupt_file_directly(local_ray, tmp_path):
         scan(_cfg(bad, "ray-data"), tmp_path)
     assert list_source(str(bad)).train[0].name.endswith("train/circle/000.jpeg")
     json.dumps(scan(_cfg(make_folder(tmp_path / "ok", train=10, test=4), "ray-data"), tmp_path).to_dict())
-
-
-def test_a_streamed_run_is_never_local_mode(folder, tmp_path):
-    """Ray Data hands shards to Ray Train workers: one worker streams on a worker, not in
-    the driver, and asking for local mode with ray-data is a one-line config error."""
-    from cnnray.config import ConfigError
-    from cnnray.train.driver import resolve_run
-
-    cfg = _cfg(folder, "ray-data", out=str(tmp_path / "a"), workers=1)
-    assert resolve_run(cfg).local_mode is False
-    assert resolve_run(_cfg(folder, "memory", out=str(tmp_path / "b"), workers=1)).local_mode is True
-    with pytest.raises(ConfigError, match="ray-data"):
-        resolve_run(_cfg(folder, "ray-data", out=str(tmp_path / "c"), workers=1, local_mode=True))
 
 
 def test_the_alternating_flip_is_refused_for_a_stream_and_keeps_auto_in_memory(folder, tmp_path):

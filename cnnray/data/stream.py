@@ -297,8 +297,8 @@ def build_datasets(cfg: Any, info: StreamInfo, augment: str, splits: tuple[str, 
 
     listing = list_source(source_uri(cfg.dataset, cfg.data_dir), cache_dir)
     items = split_items(cfg, listing)
-    # CPUs the training workers will hold (a streamed run always trains on Ray Train workers).
-    reserved = float(cfg.workers * (cfg.cpus_per_worker or 1))
+    # CPUs the training workers will hold (none in local mode: the loop runs in the driver).
+    reserved = 0.0 if cfg.local_mode else float(cfg.workers * (cfg.cpus_per_worker or 1))
     out = {}
     for name in splits:
         train = name == "train"
@@ -340,7 +340,7 @@ def data_config():  # noqa: ANN201 (ray.train.DataConfig)
 
 class StreamBatches:
     """A worker's batches of (normalised float32 images, int64 labels) from a Ray Data
-    shard (a DataIterator), with ShardedBatches' interface:
+    shard (a DataIterator, or a Dataset in local mode), with ShardedBatches' interface:
     `len()` batches per epoch (`rows` is this rank's row count), `set_epoch`. Memory: the
     shuffle buffer (SHUFFLE_BYTES) and one prefetched batch."""
 

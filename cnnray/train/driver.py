@@ -47,13 +47,9 @@ def resolve_run(cfg: TrainConfig) -> TrainConfig:
     loader = resolve_loader(cfg)
     local_mode = cfg.local_mode
     if local_mode is None:
-        # Ray Data hands its shards to Ray Train workers: a streamed run is never local mode.
-        local_mode = cfg.workers == 1 and not joining and local_storage and loader == "memory"
+        local_mode = cfg.workers == 1 and not joining and local_storage
     elif local_mode and not local_storage:
         raise ConfigError(f"local_mode keeps checkpoints on this machine: storage_path {cfg.storage_path!r} is a URI")
-    elif local_mode and loader == "ray-data":
-        raise ConfigError("local_mode trains on in-memory data; data_loader 'ray-data' runs on Ray Train "
-                          "workers: drop local_mode or use data_loader 'memory'")
     if local_mode and cfg.gpu:
         import torch
 
@@ -318,8 +314,9 @@ def run_training(cfg: TrainConfig, echo: Callable[[str], None] = print) -> dict[
             dataset = None
 
         started = time.perf_counter()
-        # Local mode needs no Ray at all (not even to start one: that is ~8 s on a laptop).
-        own_ray = False if cfg.local_mode else init_ray(cfg.address, ray_train=True)
+        # Local mode needs no Ray at all (not even to start one: that is ~8 s on a laptop),
+        # unless Ray Data streams the images (its decode tasks need one).
+        own_ray = False if cfg.local_mode and cfg.data_loader == "memory" else init_ray(cfg.address, ray_train=True)
         try:
             return _fit(cfg, out, storage, name, started, echo, dataset)
         finally:
@@ -423,9 +420,14 @@ def _fit_local(cfg: TrainConfig, dataset: Any) -> Any:
     from cnnray.train.loop import run_worker
     from cnnray.train.session import LocalSession
 
-    session = LocalSession(cfg)
+    info, datasets = None, None
+    if cfg.data_loader == "ray-data":  # the loop reads the whole streamed datasets (one rank)
+        from cnnray.train.worker_data import stream_datasets
+
+        info, datasets = stream_datasets(cfg)
+    session = LocalSession(cfg, datasets)
     try:
-        value = run_worker(cfg, session, dataset=dataset)
+        value = run_worker(cfg, session, dataset=dataset, stream_info=info)
     except Exception as e:
         raise TrainingError(f"training failed: {_root_cause(e)}") from e
     kept = session.checkpoints

@@ -277,7 +277,7 @@ def run_worker(cfg: TrainConfig, session: Any, dataset: Any = None, stream_info:
         torch.set_num_threads(cfg.cpus_per_worker or 1)
     else:
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick kernels
-    data = prepare_worker_data(cfg, rank, world, device, ds=dataset, info=stream_info)
+    data = prepare_worker_data(cfg, rank, world, device, ds=dataset, info=stream_info, shards=session.dataset_shard)
 
     model_args = resolve_model_args(
         cfg.model,

@@ -39,11 +39,14 @@ class LocalSession:
     rank, world_size = 0, 1
     uses_ray = False
 
-    def __init__(self, cfg: TrainConfig) -> None:
+    def __init__(self, cfg: TrainConfig, datasets: dict[str, Any] | None = None) -> None:
+        """`datasets`: a ray-data run's Ray Datasets by split (the driver built them; the
+        only case where local mode needs a running Ray), else None."""
         run_dir = local_run_dir(cfg)
         if run_dir is None:  # resolve_run refuses this first; a direct caller gets a clear error
             raise ValueError(f"local mode keeps checkpoints here: storage_path {cfg.storage_path!r} is a URI")
         self.cfg = cfg
+        self.datasets = datasets or {}
         self.checkpoints = LocalCheckpoints(run_dir, cfg.keep_checkpoints)
         self.last_metrics: dict[str, Any] | None = None
 
@@ -56,6 +59,10 @@ class LocalSession:
 
     def metrics_exporter(self) -> None:
         return None  # Ray's metrics need a running Ray, which local mode does without
+
+    def dataset_shard(self, name: str) -> Any:
+        """The whole Ray Dataset `name` (one rank: its shard is all of it)."""
+        return self.datasets[name]
 
     @contextlib.contextmanager
     def resume_dir(self) -> Iterator[Path | None]:
@@ -98,6 +105,12 @@ class RaySession:
         # DDP buckets gradients and overlaps their all-reduce with the backward pass;
         # gradient_as_bucket_view saves one copy of every gradient per step.
         return ray.train.torch.prepare_model(net, parallel_strategy_kwargs={"gradient_as_bucket_view": True})
+
+    def dataset_shard(self, name: str) -> Any:
+        """This rank's DataIterator of the trainer's dataset `name` (Ray Train split it)."""
+        import ray.train
+
+        return ray.train.get_dataset_shard(name)
 
     def metrics_exporter(self):
         from cnnray.train.metrics import TrainMetrics

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -161,16 +161,16 @@ def check_split_counts(cfg: TrainConfig, n_train_total: int, n_test_total: int, 
 
 def prepare_worker_data(
     cfg: TrainConfig, rank: int, world: int, device: torch.device,
-    ds: Dataset | None = None, info: StreamInfo | None = None,
+    ds: Dataset | None = None, info: StreamInfo | None = None, shards: Callable[[str], Any] | None = None,
 ) -> WorkerData:
     """This rank's train, validation and test batches. ray-data: from Ray Train's dataset
-    shards, `info` being the driver's scan. memory: `ds` is the dataset `load_for(cfg)`
+    shards (`shards(name)`: the session's dataset_shard), `info` being the driver's scan. memory: `ds` is the dataset `load_for(cfg)`
     gives, when the caller has loaded it already (local mode: the driver's pre-flight), so
     a run reads and decodes it once; else it is loaded here."""
     if cfg.data_loader == "ray-data":
-        if info is None:
-            raise ValueError("a ray-data run needs the driver's StreamInfo (loop_config)")
-        return _stream_worker_data(cfg, rank, world, device, info)
+        if info is None or shards is None:
+            raise ValueError("a ray-data run needs the driver's StreamInfo (loop_config) and the dataset shards")
+        return _stream_worker_data(cfg, rank, world, device, info, shards)
     ds = ds if ds is not None else load_for(cfg)
     check_split_sizes(cfg, ds)
     # Every rank draws the same subset and split (same seed), then keeps only its shard.
@@ -203,23 +203,22 @@ def prepare_worker_data(
 
 
 def _stream_worker_data(
-    cfg: TrainConfig, rank: int, world: int, device: torch.device, info: StreamInfo
+    cfg: TrainConfig, rank: int, world: int, device: torch.device, info: StreamInfo, shards: Callable[[str], Any]
 ) -> WorkerData:
-    """This rank's Ray Data shards (Ray Train's DataConfig split them: stream.data_config)."""
-    import ray.train
-
+    """This rank's Ray Data shards (Ray Train's DataConfig split them: stream.data_config;
+    in local mode the whole datasets)."""
     n_train, n_val, n_test = split_counts(cfg, info.n_train, info.n_test)
     common = dict(device=device, mean=info.mean, std=info.std, sample_shape=info.input_shape)
     # Train: equal shards of n_train // world rows; the others: this rank's share, at most.
-    train = StreamBatches(ray.train.get_dataset_shard("train"), rows=n_train // world,
+    train = StreamBatches(shards("train"), rows=n_train // world,
                           batch_size=cfg.batch_size_per_worker, drop_last=True, shuffle=True,
                           channels_last=use_channels_last(cfg.channels_last, device), **common)
-    val = StreamBatches(ray.train.get_dataset_shard("val"), rows=-(-n_val // world), batch_size=eval_batch(cfg, info.input_shape),
+    val = StreamBatches(shards("val"), rows=-(-n_val // world), batch_size=eval_batch(cfg, info.input_shape),
                         drop_last=False, shuffle=False, channels_last=use_channels_last(cfg.channels_last, device),
                         **common)
     test = None
     if cfg.test_at_end:
-        test = StreamBatches(ray.train.get_dataset_shard("test"), rows=-(-n_test // world),
+        test = StreamBatches(shards("test"), rows=-(-n_test // world),
                              batch_size=eval_batch(cfg, info.input_shape),
                              drop_last=False, shuffle=False, **common)
     return WorkerData(train, val, test, len(info.classes), info.input_shape, info.data_info())

@@ -8,10 +8,11 @@ so a 60,000-JPEG tree costs its decode only on the first load on a node.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tarfile
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,6 +101,24 @@ def is_image_member(parts: tuple[str, ...]) -> bool:
     )
 
 
+@contextlib.contextmanager
+def tar_errors(display: str) -> Iterator[None]:
+    """Reading the tarball `display`: its format and I/O errors become one-line DataErrors."""
+    try:
+        yield
+    except (tarfile.TarError, EOFError, zlib.error) as exc:
+        raise DataError(f"{display} is not a readable tar archive ({exc})") from None
+    except OSError as exc:
+        raise DataError(f"cannot read {display}: {str(exc.strerror or exc).splitlines()[0]}") from None
+
+
+def check_one_root(prefixes: set[tuple[str, ...]], display: str) -> None:
+    """A tarball's image tree may sit under one top-level folder, not several (DataError)."""
+    if len(prefixes) > 1:
+        roots = ", ".join("/".join(p) or "." for p in sorted(prefixes))
+        raise DataError(f"{display} holds several image-folder roots ({roots}); expected one")
+
+
 def scan_tar(
     archive: Path, wanted: frozenset[str] = frozenset()
 ) -> tuple[list[ImageItem], dict[str, bytes]]:
@@ -110,7 +129,7 @@ def scan_tar(
     items: list[ImageItem] = []
     extra: dict[str, bytes] = {}
     prefixes: set[tuple[str, ...]] = set()
-    try:
+    with tar_errors(str(archive)):
         # Stream mode ("r|*"): one sequential read, ~2x faster than random access here.
         with tarfile.open(archive, "r|*") as tar:
             for member in tar:
@@ -131,13 +150,7 @@ def scan_tar(
                     items.append(
                         ImageItem(parts[-3], parts[-2], f"{archive}:{member.name}", data=data)
                     )
-    except (tarfile.TarError, EOFError, zlib.error) as exc:
-        raise DataError(f"{archive} is not a readable tar archive ({exc})") from exc
-    except OSError as exc:
-        raise DataError(f"cannot read {archive}: {exc.strerror or exc}") from exc
-    if len(prefixes) > 1:
-        roots = ", ".join("/".join(p) or "." for p in sorted(prefixes))
-        raise DataError(f"{archive} holds several image-folder roots ({roots}); expected one")
+    check_one_root(prefixes, str(archive))
     return items, extra
 
 

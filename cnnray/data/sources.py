@@ -13,14 +13,15 @@ import io
 import json
 import os
 import tarfile
-import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from cnnray.data.base import DataError, default_cache_dir, default_data_dir
 from cnnray.data.decode import DECODER_ID
-from cnnray.data.imagefolder import IMAGE_EXTENSIONS, LAYOUT, SPLITS, is_archive, is_image_member, member_parts
+from cnnray.data.imagefolder import (
+    IMAGE_EXTENSIONS, LAYOUT, SPLITS, check_one_root, is_archive, is_image_member, member_parts, tar_errors,
+)
 from cnnray.paths import PathError, check_printable
 
 SCAN_VERSION = 1  # bump when what the cache stores changes
@@ -134,7 +135,7 @@ def _list_tar(fs: Any, path: str, display: str) -> tuple[list[Item], bytes]:
     """The images of a tarball (as imagefolder.scan_tar), and the first train image's bytes."""
     items, prefixes = [], set()
     first: tuple[tuple[str, str], bytes] | None = None
-    try:
+    with tar_errors(display):
         with open_tar(fs, path) as tar:
             for member in tar:
                 parts = member_parts(member.name)
@@ -146,13 +147,7 @@ def _list_tar(fs: Any, path: str, display: str) -> tuple[list[Item], bytes]:
                 if item.split == "train" and (first is None or (item.cls, item.name) < first[0]):
                     f = tar.extractfile(member)
                     first = ((item.cls, item.name), f.read() if f is not None else b"")
-    except (tarfile.TarError, EOFError, zlib.error) as exc:
-        raise DataError(f"{display} is not a readable tar archive ({exc})") from None
-    except OSError as exc:
-        raise DataError(f"cannot read {display}: {first_line(exc)}") from None
-    if len(prefixes) > 1:
-        roots = ", ".join("/".join(p) or "." for p in sorted(prefixes))
-        raise DataError(f"{display} holds several image-folder roots ({roots}); expected one")
+    check_one_root(prefixes, display)
     return items, first[1] if first else b""
 
 

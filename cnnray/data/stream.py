@@ -143,10 +143,25 @@ def _scan_batch(batch: dict[str, np.ndarray], size: tuple[int, int], train: froz
     return {"error": [""], "n": [n], "gray": [gray], "sum": [total], "sumsq": [total_sq]}
 
 
+def quiet_console() -> None:
+    """Ray Data's INFO lines (each execution's "Starting execution of Dataset ...", its
+    plan) only in Ray's session log (ray-data.log), not on this process's console: a bad
+    file must leave one error line, a run one progress line per epoch. Warnings and errors
+    still print. Ray Data sets up its loggers when imported, so this runs after that."""
+    import logging
+
+    import ray.data  # noqa: F401  (configures the "ray.data" logger and its handlers)
+
+    for handler in logging.getLogger("ray.data").handlers:
+        if type(handler).__name__ == "PlainRayHandler":  # the console; the others are files
+            handler.setLevel(max(handler.level, logging.WARNING))
+
+
 def scan(cfg: Any, cache_dir: Path | None = None) -> StreamInfo:
     """Classes, image shape and train mean/std of cfg's source (TrainConfig), exactly as the
     in-memory loader computes them; every image is decoded once (Ray Data tasks) and the
     result cached. Needs a running Ray. DataError for any unreadable file."""
+    quiet_console()
     listing = list_source(source_uri(cfg.dataset, cfg.data_dir), cache_dir)
     fs = listing.filesystem
     sources = [file_stat(fs, listing.path)] if listing.archive else [file_stat(fs, i.name) for i in (*listing.train, *listing.test)]
@@ -295,6 +310,7 @@ def build_datasets(cfg: Any, info: StreamInfo, augment: str, splits: tuple[str, 
     augmented by `augment`; the others in order, uint8), each with OBJECT_STORE_LIMIT."""
     from ray.data import ExecutionResources
 
+    quiet_console()
     listing = list_source(source_uri(cfg.dataset, cfg.data_dir), cache_dir)
     items = split_items(cfg, listing)
     # CPUs the training workers will hold (none in local mode: the loop runs in the driver).

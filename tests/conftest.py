@@ -12,6 +12,20 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATASETS = REPO.parent / "shared" / "datasets"
 
 
+def pytest_configure(config) -> None:
+    """Ctrl-C works in the processes the tests start, however the test run was started.
+
+    A shell starts a background job (`bash .ci/run &`, nohup) with SIGINT ignored, and an
+    ignored signal stays ignored across exec: every `cnnray` a test started then ignored
+    the SIGINT the tests send to stop it (serve never stopped, an interrupted training ran
+    to its end). A handled signal is reset to the default at exec, so handling it here
+    gives each child Python its usual KeyboardInterrupt."""
+    import signal
+
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 @pytest.fixture(scope="session")
 def mnist_dir() -> Path:
     d = SHARED_DATASETS / "mnist"

@@ -105,12 +105,12 @@ def test_storage_path_relative_reaches_ray_absolute(home, monkeypatch):
 
     seen = {}
 
-    def fit(cfg, out, storage, name, started, echo):
+    def fit(cfg, out, storage, name, started, echo, dataset=None):
         seen.update(cfg=cfg, storage=storage, name=name)
         return {"config": cfg.to_dict()}
 
     monkeypatch.setattr(driver, "preflight", lambda cfg: None)
-    monkeypatch.setattr(driver, "init_ray", lambda address=None: False)
+    monkeypatch.setattr(driver, "init_ray", lambda address=None, ray_train=False: False)
     monkeypatch.setattr(driver, "_fit", fit)
     assert main(["train", "--storage-path", "ckpts", "--out", "runs/exp1", "--no-report"]) == 0
     assert seen["storage"] == str(Path.cwd() / "ckpts")

@@ -122,6 +122,15 @@ def test_no_part_calls_up_into_the_cli_or_the_training_driver_for_ray():
             assert "from cnnray.train.driver import init_ray" not in src, path
 
 
+def _python(code: str, timeout_s: float) -> subprocess.CompletedProcess:
+    """`code` in a fresh interpreter from the repository root, without $RAY_ADDRESS (so a
+    Ray it starts is its own); asserts it exited 0."""
+    env = {k: v for k, v in __import__("os").environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout_s, cwd=REPO, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc
+
+
 def test_a_local_ray_runs_its_workers_at_normal_priority():
     """Ray's default worker niceness (15) lets anything at 0 take the CPU from a training
     worker; the Ray that cnnray starts runs them at 0."""
@@ -134,9 +143,7 @@ def test_a_local_ray_runs_its_workers_at_normal_priority():
         "finally:\n"
         "    ray.shutdown()\n"
     )
-    env = {k: v for k, v in __import__("os").environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180, cwd=REPO, env=env)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = _python(code, timeout_s=180)
     nice = [line for line in proc.stdout.splitlines() if line.startswith("NICE")]
     assert nice == [f"NICE {__import__('os').nice(0)}"], proc.stdout
 
@@ -160,9 +167,7 @@ def test_a_local_mode_run_imports_no_ray_and_reads_the_data_once(mnist_dir, data
         "print('RESULT', json.dumps({'local_mode': summary['local_mode'], 'loads': len(loads),\n"
         "      'ray': sorted(m for m in sys.modules if m == 'ray' or m.startswith(('ray.', 'pandas', 'pyarrow')))}))\n"
     )
-    env = {k: v for k, v in __import__("os").environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = _python(code, timeout_s=300)
     line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
     assert json.loads(line.removeprefix("RESULT ")) == {"local_mode": True, "loads": 1, "ray": []}
     # What users get is unchanged: the kept checkpoints, in Ray Train's layout, and result.json.

@@ -101,6 +101,30 @@ def is_image_member(parts: tuple[str, ...]) -> bool:
     )
 
 
+def split_classes(items: Sequence, source: str) -> tuple[list, list, list[str]]:
+    """(train items, test items, class names) of a listing, for the in-memory and the
+    streamed loader alike: each split sorted by (class, name), the classes being train's
+    class folders. Items need `.split`, `.cls` and `.name`. DataError for an empty split,
+    a class name that is not printable text, or a test class without a train folder."""
+    train = sorted((it for it in items if it.split == "train"), key=lambda it: (it.cls, it.name))
+    test = sorted((it for it in items if it.split == "test"), key=lambda it: (it.cls, it.name))
+    if not train or not test:
+        split = "train" if not train else "test"
+        raise DataError(f"no {split} images found in {source}; expected {LAYOUT}")
+    classes = sorted({it.cls for it in train})
+    for name in classes:  # shown as typed in reports, logs and answers: printable text only
+        try:
+            check_printable(name, f"{source}: class folder")
+        except PathError as e:
+            raise DataError(str(e)) from None
+    unknown = sorted({it.cls for it in test} - set(classes))
+    if unknown:
+        raise DataError(
+            f"{source}: test classes {unknown} have no train folder; train classes are {classes}"
+        )
+    return train, test, classes
+
+
 @contextlib.contextmanager
 def tar_errors(display: str) -> Iterator[None]:
     """Reading the tarball `display`: its format and I/O errors become one-line DataErrors."""
@@ -189,22 +213,7 @@ def decode_images(items: Sequence[ImageItem], source: str) -> dict[str, np.ndarr
     every image is, else RGB; all are resized (bilinear) to the first train image's size.
     Raises DataError naming the file for an unreadable image or one over TRAINING_LIMITS.
     """
-    train = sorted((it for it in items if it.split == "train"), key=lambda it: (it.cls, it.name))
-    test = sorted((it for it in items if it.split == "test"), key=lambda it: (it.cls, it.name))
-    if not train or not test:
-        split = "train" if not train else "test"
-        raise DataError(f"no {split} images found in {source}; expected {LAYOUT}")
-    classes = sorted({it.cls for it in train})
-    for name in classes:  # shown as typed in reports, logs and answers: printable text only
-        try:
-            check_printable(name, f"{source}: class folder")
-        except PathError as e:
-            raise DataError(str(e)) from None
-    unknown = sorted({it.cls for it in test} - set(classes))
-    if unknown:
-        raise DataError(
-            f"{source}: test classes {unknown} have no train folder; train classes are {classes}"
-        )
+    train, test, classes = split_classes(items, source)
     index = {c: i for i, c in enumerate(classes)}
     ordered = train + test
     out: np.ndarray | None = None

@@ -20,9 +20,9 @@ from typing import Any
 from cnnray.data.base import DataError, default_cache_dir, default_data_dir
 from cnnray.data.decode import DECODER_ID
 from cnnray.data.imagefolder import (
-    IMAGE_EXTENSIONS, LAYOUT, SPLITS, check_one_root, is_archive, is_image_member, member_parts, tar_errors,
+    IMAGE_EXTENSIONS, LAYOUT, SPLITS, check_one_root, is_archive, is_image_member, member_parts, split_classes,
+    tar_errors,
 )
-from cnnray.paths import PathError, check_printable
 
 SCAN_VERSION = 1  # bump when what the cache stores changes
 
@@ -168,20 +168,7 @@ def list_source(uri: str, cache_dir: Path | None = None) -> Listing:
     else:
         items, _ = _list_tree(fs, path)
         first = b""
-    train = sorted((i for i in items if i.split == "train"), key=lambda i: (i.cls, i.name))
-    test = sorted((i for i in items if i.split == "test"), key=lambda i: (i.cls, i.name))
-    if not train or not test:
-        split = "train" if not train else "test"
-        raise DataError(f"no {split} images found in {uri}; expected {LAYOUT}")
-    classes = sorted({i.cls for i in train})
-    for name in classes:
-        try:
-            check_printable(name, f"{uri}: class folder")
-        except PathError as e:
-            raise DataError(str(e)) from None
-    unknown = sorted({i.cls for i in test} - set(classes))
-    if unknown:
-        raise DataError(f"{uri}: test classes {unknown} have no train folder; train classes are {classes}")
+    train, test, _ = split_classes(items, uri)
     if not archive:
         first = read_bytes(fs, train[0].name)
     return Listing(uri, path, archive, tuple(train), tuple(test), first)

@@ -159,7 +159,8 @@ def verify_checkpoint(directory: str | Path) -> dict[str, Any]:
 
 
 def load_model(directory: str | Path, map_location: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Rebuild the model from the registry and load its verified weights (eval mode).
+    """Rebuild the model from the registry and load its verified weights (eval mode, in
+    the layout evaluation and Serve run it in: cnnray.models.tta.inference_layout).
 
     The model is first built on the meta device (no memory) and its parameter shapes are
     compared with the weights', so arguments in meta.json that do not match the weights
@@ -184,7 +185,9 @@ def load_model(directory: str | Path, map_location: str | torch.device = "cpu") 
         model.load_state_dict(state, strict=True)
     except Exception as e:
         raise CheckpointError(f"checkpoint {d}: weights do not fit the model: {_first_line(e)}") from None
-    return model.to(map_location).eval(), meta
+    from cnnray.models.tta import inference_layout
+
+    return inference_layout(model.to(map_location), map_location).eval(), meta
 
 
 def _shape_mismatch(expected: dict[str, torch.Tensor], state: Any) -> str | None:

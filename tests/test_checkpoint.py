@@ -54,6 +54,27 @@ def test_round_trip_rebuilds_every_model(tmp_path, name):
     assert state["epoch"] == 3 and "state" in state["optimizer"]
 
 
+@pytest.mark.parametrize("name", SMALL)
+def test_loaded_model_evaluates_as_the_training_loop_does(tmp_path, name):
+    """A rebuilt checkpoint runs in the inference layout (channels-last 4-D weights on the
+    CPU), and the loop's own test evaluation of the trained net (evaluate_weights) gives
+    the served/report model's logits exactly, for every model, with and without TTA."""
+    from cnnray.train.loop import evaluate, evaluate_weights
+
+    d, model = _save(tmp_path, name, norm="batch" if name != "mlp" else "none")
+    loaded, meta = load_model(d)
+    convs = [p for p in loaded.parameters() if p.ndim == 4]
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+    shape = [meta["model"]["args"]["in_channels"], *meta["model"]["args"]["image_size"]]
+    x = torch.randn(6, *shape, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(6) % meta["model"]["args"]["num_classes"]
+    cpu = torch.device("cpu")
+    for tta in ("none", "flip"):
+        served = evaluate(loaded, [(x, y)], cpu, tta)
+        trained = evaluate_weights(model, None, [(x, y)], cpu, tta)
+        assert (served.loss_sum, served.correct) == (trained.loss_sum, trained.correct)
+
+
 def test_leaves_no_temporary_files(tmp_path):
     d, _ = _save(tmp_path)
     assert sorted(p.name for p in d.iterdir()) == ["meta.json", "model.pt", "train_state.pt"]

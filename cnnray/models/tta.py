@@ -1,4 +1,5 @@
-"""Test-time augmentation (TTA): one implementation for validation, the test report and Serve.
+"""Inference: one implementation for validation, the test report and Serve of the model's
+memory layout (`inference_layout`) and of test-time augmentation (TTA).
 
 A checkpoint records the TTA its metrics were measured with (meta.json "tta"); every
 reader of the checkpoint predicts with `tta_logits(model, x, tta)`, so a served
@@ -19,6 +20,18 @@ import torch.nn.functional as F
 from torch import nn
 
 TTA_MODES: tuple[str, ...] = ("none", "flip", "flip_translate")
+
+
+def inference_layout(model: nn.Module, device: torch.device | str) -> nn.Module:
+    """`model` (in place) in the memory layout every evaluation and Serve run it in:
+    channels-last on CPUs, where oneDNN's fp32 convolutions are 1.1-4x faster with NHWC
+    weights than NCHW (measured on the 2-core AMX CI machine, 2 threads, per image: the
+    lecture cnn 22 against 93 us at batch 32, airbench 606 against 934, resnet18 2.8 against
+    3.0 ms; NCHW inputs are converted by the first conv); unchanged on GPUs. Returns `model`.
+    Evaluation, the report and Serve all use it, so their fp32 numbers stay equal."""
+    if torch.device(device).type == "cpu":
+        model.to(memory_format=torch.channels_last)  # only 4-D weights change layout
+    return model
 
 
 def check_tta(tta: str) -> str:

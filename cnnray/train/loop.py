@@ -25,7 +25,7 @@ from torch import nn
 
 from cnnray.checkpoint import load_train_state, load_weights, save_checkpoint
 from cnnray.config import TrainConfig
-from cnnray.models.tta import tta_logits
+from cnnray.models.tta import inference_layout, tta_logits
 from cnnray.train.optim import Lookahead
 
 
@@ -158,9 +158,10 @@ def evaluate_weights(
     device: torch.device,
     tta: str = "none",
 ) -> EpochStats:
-    """`evaluate` on a plain NCHW copy of `net` holding `weights` (None: net's own), the
-    way Serve and the report rebuild a checkpoint, so all three give the same numbers."""
-    model = copy.deepcopy(net).to(memory_format=torch.contiguous_format)
+    """`evaluate` on a copy of `net` holding `weights` (None: net's own), in the layout
+    Serve and the report give a rebuilt checkpoint (inference_layout), so all three give
+    the same numbers."""
+    model = inference_layout(copy.deepcopy(net).to(memory_format=torch.contiguous_format), device)
     if weights is not None:
         model.load_state_dict(weights)
     return evaluate(model, batches, device, tta)
@@ -264,9 +265,11 @@ def run_worker(cfg: TrainConfig, session: Any, dataset: Any = None, stream_info:
     `stream_info` the driver's scan of a ray-data run (`worker_data.StreamInfo`).
     Returns what train_loop_per_worker returns."""
     from cnnray.models import build_model, resolve_model_args
+    from cnnray.train.allocator import keep_freed_memory
     from cnnray.train.optim import build_optimizer, build_scheduler
     from cnnray.train.worker_data import prepare_worker_data
 
+    keep_freed_memory()  # every step's activations from reused memory, not fresh pages
     rank, world = session.rank, session.world_size
     if cfg.elastic:  # this attempt's size: the same global batch, split over `world` ranks
         cfg = cfg.replace(workers=world)

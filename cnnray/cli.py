@@ -88,19 +88,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from cnnray.checkpoint import CheckpointError
-    from cnnray.config import ConfigError
-    from cnnray.data import DataError
-    from cnnray.models import UnknownModelError
-    from cnnray.store import StoreError
-
-    if argv is None:  # the `cnnray` program itself, not a call from Python (tests, notebooks)
+    program = argv is None  # the `cnnray` program itself, not a call from Python (tests, notebooks)
+    if program:
         # At exit CPython's last collections walk every object the imports made (torch and
         # torch._dynamo: ~1 CPU-s of a `cnnray train` on the CI machine, against ~0.25 s
         # with them frozen). Registered first, so it runs after every other exit handler
         # (Ray's shutdown, weakref finalizers); objects are still freed by reference count.
         atexit.register(gc.freeze)
-    args = build_parser().parse_args(argv)
+        # Start-up makes ~1.5M objects (torch; torch._dynamo, which every torch.optim
+        # optimizer imports), none of them garbage, and CPython's full collections kept
+        # walking them while they were made: five gen-2 passes of 16-152 ms, 0.43 s of a
+        # 3-epoch `cnnray train` (CI machine, gc.callbacks). So nothing is collected until
+        # the imports are done; then they are frozen (later collections skip them).
+        gc.disable()
+    try:
+        from cnnray.checkpoint import CheckpointError
+        from cnnray.config import ConfigError
+        from cnnray.data import DataError
+        from cnnray.models import UnknownModelError
+        from cnnray.store import StoreError
+
+        args = build_parser().parse_args(argv)
+        if program and args.func is cmd_train:
+            importlib.import_module("torch._dynamo")  # the optimizer's import, done here uncollected
+    finally:
+        if program:
+            gc.freeze()
+            gc.enable()
     try:
         return args.func(args)
     except (ConfigError, DataError, CheckpointError, UnknownModelError, StoreError) as e:

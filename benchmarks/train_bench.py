@@ -3,6 +3,7 @@
     python -m benchmarks.train_bench time-to-accuracy --data-dir ../shared/datasets/mnist
     python -m benchmarks.train_bench throughput --data-dir ../shared/datasets/mnist --workers 1,2
     python -m benchmarks.train_bench cifar --data-dir ../shared/datasets/cifar10-jpg.tar.gz   # GPU
+    python -m benchmarks.train_bench cifar-fast --airbench ../cifar10-airbench   # airbench94 beside cifar10_fast
 
 Each prints a table and the ratios, and writes a JSON record (machine, versions, settings,
 results) into --out (default runs/bench/). The machines are noisy: compare the two sides
@@ -18,9 +19,11 @@ and --epochs (so one worker in local mode: in the cnnray process, no Ray, every 
 unless --workers or --cpus-per-worker are given.
 
 Throughput compares cnnray's loop, in local mode (no Ray) and on one Ray Train worker,
-with two plain loops on the same global batch, optimizer and threads: the lecture's CNN as
-written (what a user would run), and cnnray's own model and precision without Ray (pool
-before ReLU, channels-last, bf16 where native), whose ratio is the cost of Ray Train alone.
+with a plain loop on the same global batch, optimizer and threads running cnnray's own
+model and precision without Ray (pool before ReLU, channels-last, bf16 where native): the
+ratio is the cost of cnnray and Ray Train alone. Each cnnray figure is paired with a
+plain-loop measurement taken just before it (this machine's speed drifts); the lecture's
+CNN as written (what a user would run) is measured once beside them.
 """
 
 from __future__ import annotations
@@ -178,117 +181,138 @@ def save_record(out_dir: Path, kind: str, settings: dict[str, Any], results: dic
 
 
 # --- the benchmarks --------------------------------------------------------------------------
+def _reference_in_fresh_process(a: argparse.Namespace) -> dict[str, Any]:
+    """reference_time_to_accuracy in a new interpreter, as the lecture's script runs: its
+    first epoch pays its own first-use costs (torch.optim's torch._dynamo import) every
+    round, not only in the first."""
+    code = ("import json; from benchmarks.train_bench import reference_time_to_accuracy as r; "
+            f"print('RESULT ' + json.dumps(r({a.data_dir!r}, {a.target!r}, {a.max_epochs!r}, {a.seed!r})))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"the reference failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    lines = proc.stdout.splitlines()
+    print("\n".join(line for line in lines if not line.startswith("RESULT ")), flush=True)
+    return json.loads(next(line for line in lines if line.startswith("RESULT "))[len("RESULT "):])
+
+
 def time_to_accuracy(a: argparse.Namespace) -> dict[str, Any]:
-    print(f"reference: the lecture's loop, until test accuracy >= {a.target}", flush=True)
-    ref = reference_time_to_accuracy(a.data_dir, a.target, a.max_epochs, a.seed)
+    """`--rounds` rounds of (the reference, then cnnray), each in a fresh process; the
+    ratios are taken within each round (this machine's speed drifts over minutes) and
+    their median is the result."""
+    from statistics import median
+
     args = ["--model", "cnn", "--dataset", "mnist", "--data-dir", a.data_dir, "--epochs", str(a.epochs)]
     # Only what the user asked for beyond the defaults (cnnray picks workers' cores itself).
     args += ["--workers", str(a.workers)] if a.workers else []
     args += ["--cpus-per-worker", str(a.cpus_per_worker)] if a.cpus_per_worker else []
     args += ["--seed", str(a.seed)] if a.seed else []
-    print(f"cnnray: cnnray train {' '.join(args)}", flush=True)
+    rounds = []
+    for r in range(a.rounds):
+        print(f"round {r + 1}: reference, the lecture's loop, until test accuracy >= {a.target}", flush=True)
+        ref = _reference_in_fresh_process(a)
+        print(f"round {r + 1}: cnnray train {' '.join(args)}", flush=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            res = run_cnnray(args, Path(tmp) / "run")
+        ours = {
+            "reached": res["test_accuracy"] >= a.target,
+            "test_accuracy": res["test_accuracy"],
+            "epochs": res["epochs"],
+            "train_seconds": res["epoch_seconds_total"],
+            "fit_seconds": res["train_seconds"],
+            "total_seconds": res["command_seconds"],
+            "bf16": res["history"][-1].get("bf16"),
+            "local_mode": res.get("local_mode"),
+            "workers": res["workers"],
+            "cpus_per_worker": res.get("cpus_per_worker"),
+            "ray_start_seconds": res["ray_start_seconds"],
+            # Where the whole command's time goes besides the epochs: inside the run (data
+            # set-up, model, optimizer, validation, test, checkpoints: fit minus epochs),
+            # and outside it (interpreter, imports, pre-flight data load, exit).
+            "in_run_overhead_seconds": res["train_seconds"] - res["epoch_seconds_total"],
+            "outside_run_seconds": res["command_seconds"] - res["total_seconds"],
+        }
+        ratios = {
+            "train_time_ratio": ours["train_seconds"] / ref["train_seconds"],
+            "whole_command_vs_reference_train": ours["total_seconds"] / ref["train_seconds"],
+            "whole_command_vs_reference_total": ours["total_seconds"] / ref["total_seconds"],
+        }
+        rounds.append({"reference": ref, "cnnray": ours, **ratios})
+        print(f"\n{'':26} {'test acc':>9} {'epochs':>7} {'train s':>8} {'whole s':>8}")
+        for name, row in (("reference (lecture loop)", ref), ("cnnray train", ours)):
+            print(f"{name:26} {row['test_accuracy']:>9.4f} {row['epochs']:>7} {row['train_seconds']:>8.1f} "
+                  f"{row['total_seconds']:>8.1f}")
+        print(f"cnnray's whole command, {ours['total_seconds']:.1f} s: epochs {ours['train_seconds']:.1f}, the rest of "
+              f"the run {ours['in_run_overhead_seconds']:.1f}, Ray start-up {ours['ray_start_seconds']:.1f}, outside "
+              f"the run {ours['outside_run_seconds']:.1f} (interpreter, imports, pre-flight, exit)")
+        print(f"round {r + 1}: training time ratio {ratios['train_time_ratio']:.2f}, whole command / reference "
+              f"training {ratios['whole_command_vs_reference_train']:.2f}, both reached {a.target}: "
+              f"{ref['reached'] and ours['reached']}\n", flush=True)
+    keys = ("train_time_ratio", "whole_command_vs_reference_train", "whole_command_vs_reference_total")
+    result = {k: median(r[k] for r in rounds) for k in keys}
+    result["all_reached"] = all(r["reference"]["reached"] and r["cnnray"]["reached"] for r in rounds)
+    print(f"median over {a.rounds} round(s): cnnray training time / reference training time "
+          f"{result['train_time_ratio']:.2f}; whole command / reference training time "
+          f"{result['whole_command_vs_reference_train']:.2f} (target <= 0.50); whole command / reference whole "
+          f"script {result['whole_command_vs_reference_total']:.2f}; every run reached {a.target}: "
+          f"{result['all_reached']}")
+    return {"rounds": rounds, **result}
+
+
+def _epoch_rate(args: list[str], epochs: int) -> float:
+    """Median samples/s of epochs 2..E of one `cnnray train` run (the first epoch pays the
+    one-off costs: kernel choice, allocator warm-up)."""
     with tempfile.TemporaryDirectory() as tmp:
-        res = run_cnnray(args, Path(tmp) / "run")
-    ours = {
-        "reached": res["test_accuracy"] >= a.target,
-        "test_accuracy": res["test_accuracy"],
-        "epochs": res["epochs"],
-        "train_seconds": res["epoch_seconds_total"],
-        "fit_seconds": res["train_seconds"],
-        "total_seconds": res["command_seconds"],
-        "bf16": res["history"][-1].get("bf16"),
-        "local_mode": res.get("local_mode"),
-        "workers": res["workers"],
-        "cpus_per_worker": res.get("cpus_per_worker"),
-        "ray_start_seconds": res["ray_start_seconds"],
-        # Where the whole command's time goes besides the epochs: inside the run (data set-up,
-        # model, optimizer, validation, test, checkpoints: fit minus epochs), and outside it
-        # (interpreter, imports, pre-flight data load before the run clock starts, and exit).
-        "in_run_overhead_seconds": res["train_seconds"] - res["epoch_seconds_total"],
-        "outside_run_seconds": res["command_seconds"] - res["total_seconds"],
-    }
-    rows = [("reference (lecture loop)", ref), ("cnnray train", ours)]
-    print(f"\n{'':26} {'test acc':>9} {'epochs':>7} {'train s':>8} {'whole s':>8}")
-    for name, r in rows:
-        print(f"{name:26} {r['test_accuracy']:>9.4f} {r['epochs']:>7} {r['train_seconds']:>8.1f} {r['total_seconds']:>8.1f}")
-    print(f"cnnray's whole command, {ours['total_seconds']:.1f} s: epochs {ours['train_seconds']:.1f}, the rest of "
-          f"the run {ours['in_run_overhead_seconds']:.1f}, Ray start-up {ours['ray_start_seconds']:.1f}, outside the "
-          f"run {ours['outside_run_seconds']:.1f} (interpreter, imports, pre-flight, exit)")
-    ratios = {
-        "train_time_ratio": ours["train_seconds"] / ref["train_seconds"],
-        "whole_command_vs_reference_train": ours["total_seconds"] / ref["train_seconds"],
-        "whole_command_vs_reference_total": ours["total_seconds"] / ref["total_seconds"],
-    }
-    print(f"\ncnnray training time / reference training time: {ratios['train_time_ratio']:.2f}"
-          f"   (target <= 0.50, both reached {a.target}: {ref['reached'] and ours['reached']})")
-    print(f"cnnray whole command / reference training time: {ratios['whole_command_vs_reference_train']:.2f}"
-          f"   (whole command / reference whole script: {ratios['whole_command_vs_reference_total']:.2f})")
-    return {"reference": ref, "cnnray": ours, **ratios}
+        res = run_cnnray([*args, "--epochs", str(epochs)], Path(tmp) / "run")
+    rates = sorted(h["samples_per_second"] for h in res["history"][1:])
+    return rates[len(rates) // 2]
 
 
 def throughput(a: argparse.Namespace) -> dict[str, Any]:
-    """Ray Train loop vs a plain loop, same model, global batch and total threads."""
+    """cnnray's loop (local mode, and one Ray Train worker actor) against a plain loop with
+    the same model, precision, global batch, optimizer and threads.
+
+    This machine's speed drifts by 20-30% over minutes (a shared VM), so each cnnray figure
+    is paired with a plain-loop measurement taken just before it, and the ratios are taken
+    within each pair: `--rounds` rounds of (plain, local mode, plain, Ray Train worker) per
+    precision, medians reported."""
+    from statistics import median
+
     from cnnray.train.loop import native_bf16
 
     threads = a.threads or (os.cpu_count() or 1)
     bf16 = native_bf16(torch.device("cpu"))
-    results: dict[str, Any] = {"batch_size": a.batch_size, "threads": threads, "bf16_native": bf16, "workers": {}}
-    plain = {
-        "plain lecture fp32": dict(model="lecture"),
-        "plain cnnray-model fp32": dict(model="cnnray"),
-        **({"plain cnnray-model bf16": dict(model="cnnray", bf16=True)} if bf16 else {}),
-    }
-    print(f"{threads} threads, global batch {a.batch_size}, SGD nesterov + label smoothing, samples/s:")
-    for label, kw in plain.items():
-        results[label] = reference_throughput(a.data_dir, a.batch_size, threads, a.seconds, **kw)
-        print(f"  {label:32} {results[label]:>8,.0f}", flush=True)
-    # The same plain loop again with an idle local Ray beside it (its daemons: GCS, raylet,
-    # dashboard agent...): what a Ray worker's neighbours cost, apart from Ray Train.
-    same = "plain cnnray-model bf16" if bf16 else "plain cnnray-model fp32"
-    import ray
-
-    ray.init(include_dashboard=False, log_to_driver=False)
-    try:
-        label = same + ", idle Ray up"
-        results[label] = reference_throughput(a.data_dir, a.batch_size, threads, a.seconds, **plain[same])
-        print(f"  {label:32} {results[label]:>8,.0f}", flush=True)
-    finally:
-        ray.shutdown()
-    # An epoch of 2 is timed: the first pays one-off costs (kernel choice, allocator warm-up).
-    # One worker runs in local mode by default (the training process is the driver);
-    # --no-local-mode puts the same loop in a Ray Train worker actor.
-    paths = (("local mode", ["--local-mode"]), ("1 Ray Train worker", ["--no-local-mode"]))
-    for where, path_flags in paths:
-        for flags, precision in ((["--no-amp"], "cnnray fp32"), ([], "cnnray default")):
-            label = f"{precision}, {where}"
-            with tempfile.TemporaryDirectory() as tmp:
-                res = run_cnnray(
-                    ["--model", "cnn", "--data-dir", a.data_dir, "--epochs", "2", "--workers", "1",
-                     "--cpus-per-worker", str(threads), "--batch-size", str(a.batch_size), *path_flags, *flags],
-                    Path(tmp) / "run",
-                )
-            results[label] = res["history"][-1]["samples_per_second"]
-            print(f"  {label:32} {results[label]:>8,.0f}", flush=True)
-    for n in a.workers:
-        with tempfile.TemporaryDirectory() as tmp:
-            res = run_cnnray(
-                ["--model", "cnn", "--data-dir", a.data_dir, "--epochs", "2", "--workers", str(n),
-                 "--cpus-per-worker", str(max(1, threads // n)), "--batch-size", str(a.batch_size)],
-                Path(tmp) / "run",
-            )
-        results["workers"][n] = res["history"][-1]["samples_per_second"]
-        label = f"cnnray default, {n} worker(s)" + (" (local mode)" if res.get("local_mode") else "")
-        print(f"  {label:32} {results['workers'][n]:>8,.0f}", flush=True)
-    results["ratios"] = {f"{same}: with an idle Ray up / without": results[same + ", idle Ray up"] / results[same]}
-    for where, _ in paths:
-        fp32, default = results[f"cnnray fp32, {where}"], results[f"cnnray default, {where}"]
-        results["ratios"].update({
-            f"cnnray fp32, {where} / plain lecture fp32": fp32 / results["plain lecture fp32"],
-            f"cnnray default, {where} / plain lecture fp32": default / results["plain lecture fp32"],
-            f"cnnray fp32, {where} / plain cnnray-model fp32 (Ray's cost)": fp32 / results["plain cnnray-model fp32"],
-            f"cnnray default, {where} / {same} (Ray's cost)": default / results[same],
-        })
-    print("ratios:")
+    results: dict[str, Any] = {"batch_size": a.batch_size, "threads": threads, "bf16_native": bf16, "epochs": a.epochs,
+                               "rounds": a.rounds, "pairs": [], "workers": {}}
+    print(f"{threads} threads, global batch {a.batch_size}, SGD nesterov + label smoothing, samples/s "
+          f"(cnnray: median of epochs 2..{a.epochs} of one run):")
+    common = ["--model", "cnn", "--data-dir", a.data_dir, "--workers", "1", "--cpus-per-worker", str(threads),
+              "--batch-size", str(a.batch_size)]
+    precisions = (("bf16", []), ("fp32", ["--no-amp"])) if bf16 else (("fp32", ["--no-amp"]),)
+    paths = (("local mode", ["--local-mode"]), ("Ray Train worker", ["--no-local-mode"]))
+    for r in range(a.rounds):
+        for precision, amp_flags in precisions:
+            for where, path_flags in paths:
+                plain = reference_throughput(a.data_dir, a.batch_size, threads, a.seconds, model="cnnray",
+                                             bf16=precision == "bf16")
+                ours = _epoch_rate([*common, *path_flags, *amp_flags], a.epochs)
+                pair = {"round": r + 1, "precision": precision, "where": where, "plain": plain, "cnnray": ours,
+                        "ratio": ours / plain}
+                results["pairs"].append(pair)
+                print(f"  round {r + 1} {precision} {where:17} plain {plain:>8,.0f}  cnnray {ours:>8,.0f}  "
+                      f"ratio {ours / plain:.2f}", flush=True)
+    results["plain lecture fp32"] = reference_throughput(a.data_dir, a.batch_size, threads, a.seconds, model="lecture")
+    print(f"  plain lecture CNN fp32 (as written)    {results['plain lecture fp32']:>8,.0f}", flush=True)
+    for n in a.workers:  # DDP over n Ray Train workers sharing the cores
+        rate = _epoch_rate(["--model", "cnn", "--data-dir", a.data_dir, "--workers", str(n), "--cpus-per-worker",
+                            str(max(1, threads // n)), "--batch-size", str(a.batch_size), "--no-local-mode"], a.epochs)
+        results["workers"][n] = rate
+        print(f"  cnnray default, {n} Ray Train worker(s)  {rate:>8,.0f}", flush=True)
+    results["ratios"] = {}
+    for precision, _ in precisions:
+        for where, _ in paths:
+            ratios = [p["ratio"] for p in results["pairs"] if p["precision"] == precision and p["where"] == where]
+            results["ratios"][f"cnnray {precision}, {where} / plain loop (same model and precision)"] = median(ratios)
+    print("ratios (median over rounds, each against the plain loop measured just before it):")
     for k, v in results["ratios"].items():
         print(f"  {k:72} {v:.2f}")
     return results
@@ -311,6 +335,43 @@ def cifar(a: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def cifar_fast(a: argparse.Namespace) -> dict[str, Any]:
+    """airbench94's own code (benchmarks.airbench_peer) and `cnnray train --config
+    jobs/configs/cifar10_fast.yaml`, one after the other on the same data and machine,
+    each in a fresh process: test accuracy, training time and the whole command's time."""
+    cmd = [sys.executable, "-m", "benchmarks.airbench_peer", "--airbench", a.airbench, "--data-dir", a.data_dir]
+    print(f"peer: {' '.join(cmd[1:])}", flush=True)
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    peer_wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"airbench94 failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    print("\n".join(line for line in proc.stdout.splitlines() if not line.startswith("RESULT ")), flush=True)
+    peer = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    peer["command_seconds"] = peer_wall
+    args = ["--config", str(REPO / "jobs" / "configs" / "cifar10_fast.yaml"), "--data-dir", a.data_dir]
+    args += ["--epochs", str(a.epochs)] if a.epochs else []
+    args += ["--gpu"] if torch.cuda.is_available() else []
+    print(f"cnnray: cnnray train {' '.join(args)}", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        res = run_cnnray(args, Path(tmp) / "run")
+    ours = {"test_accuracy": res["test_accuracy"], "epochs": res["epochs"], "train_seconds": res["epoch_seconds_total"],
+            "command_seconds": res["command_seconds"], "samples_per_second": res["samples_per_second"],
+            "tta": res["config"]["tta"], "history": [{k: h[k] for k in ("epoch", "val_accuracy", "epoch_seconds")}
+                                                     for h in res["history"]]}
+    print(f"\n{'':34} {'test acc':>9} {'epochs':>7} {'train s':>8} {'whole s':>8}")
+    print(f"{'airbench94 (its own code)':34} {peer['test_accuracy']:>9.4f} {peer.get('epochs', '9.9'):>7} "
+          f"{peer.get('train_seconds', float('nan')):>8.0f} {peer['whole_seconds']:>8.0f}")
+    print(f"{'cnnray train cifar10_fast.yaml':34} {ours['test_accuracy']:>9.4f} {ours['epochs']:>7} "
+          f"{ours['train_seconds']:>8.0f} {ours['command_seconds']:>8.0f}")
+    # airbench's clock: from its data loader to its final (TTA) test accuracy; cnnray's: the
+    # whole command, interpreter start-up and data loading included.
+    ratio = ours["command_seconds"] / peer["whole_seconds"]
+    print(f"cnnray's whole command / airbench94's run (its own clock, without writing its data files and the "
+          f"extra TTA levels): {ratio:.2f}")
+    return {"airbench94": peer, "cnnray": ours, "whole_command_ratio": ratio}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.train_bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -326,13 +387,17 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--epochs", type=int, default=2, help="cnnray's recipe length (one-cycle over these)")
     t.add_argument("--max-epochs", type=int, default=8, help="reference gives up after these")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--rounds", type=int, default=3, help="rounds of (reference, cnnray); ratios per round, median")
     t.set_defaults(func=time_to_accuracy)
     h = sub.add_parser("throughput", help="samples/s: Ray Train loop vs plain loop; 1..N workers")
     h.add_argument("--data-dir", default=str(REPO.parent / "shared" / "datasets" / "mnist"))
     h.add_argument("--batch-size", type=int, default=128)
     h.add_argument("--threads", type=int, default=0, help="total threads; default all cores")
-    h.add_argument("--workers", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2])
-    h.add_argument("--seconds", type=float, default=10.0, help="reference measuring time")
+    h.add_argument("--workers", type=lambda s: [int(x) for x in s.split(",") if x], default=[2],
+                   help="also DDP over these numbers of Ray Train workers (comma-separated; '' for none)")
+    h.add_argument("--seconds", type=float, default=8.0, help="each plain-loop measurement's time")
+    h.add_argument("--epochs", type=int, default=4, help="epochs of each cnnray run (the first is not timed)")
+    h.add_argument("--rounds", type=int, default=2, help="rounds of paired measurements")
     h.set_defaults(func=throughput)
     c = sub.add_parser("cifar", help="CIFAR-10 time to accuracy (meant for a GPU)")
     c.add_argument("--data-dir", default=str(REPO.parent / "shared" / "datasets" / "cifar10-jpg.tar.gz"))
@@ -343,6 +408,11 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--batch-size", type=int, default=512)
     c.add_argument("--lr", type=float, default=0.4)
     c.set_defaults(func=cifar)
+    f = sub.add_parser("cifar-fast", help="CIFAR-10: cifar10_fast.yaml beside airbench94's own code")
+    f.add_argument("--airbench", required=True, help="a checkout of github.com/KellerJordan/cifar10-airbench")
+    f.add_argument("--data-dir", default=str(REPO.parent / "shared" / "datasets" / "cifar10-jpg.tar.gz"))
+    f.add_argument("--epochs", type=int, default=0, help="cnnray's epochs; default the config's")
+    f.set_defaults(func=cifar_fast)
     a = p.parse_args(argv)
     results = a.func(a)
     settings = {k: v for k, v in vars(a).items() if k not in ("func", "out")}

@@ -17,7 +17,7 @@ from torch import nn
 from cnnray.checkpoint import CheckpointError, checkpoint_tta, load_model, read_meta, save_checkpoint
 from cnnray.config import ConfigError, TrainConfig
 from cnnray.models import build_model, resolve_model_args
-from cnnray.models.tta import tta_logits
+from cnnray.models.tta import inference_layout, tta_logits
 from cnnray.train.optim import Lookahead, build_optimizer, build_scheduler, triangle
 from tests.conftest import REPO
 
@@ -66,8 +66,8 @@ def test_whitening_weights_are_in_the_checkpoint(tmp_path) -> None:
     rebuilt, _ = load_model(tmp_path)  # cnnray.models only: no training code, no init data
     assert torch.equal(rebuilt.whiten.weight, model.whiten.weight)
     x = _photo_like(4, seed=1)
-    with torch.no_grad():
-        assert torch.equal(rebuilt(x), model.eval()(x))
+    with torch.no_grad():  # in the same layout (the one evaluation and Serve use), bit for bit
+        assert torch.equal(rebuilt(x), inference_layout(model, "cpu").eval()(x))
 
 
 def test_airbench_uses_batch_norm_by_default_and_refuses_none() -> None:

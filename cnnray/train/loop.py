@@ -161,7 +161,7 @@ def evaluate_weights(
     """`evaluate` on a copy of `net` holding `weights` (None: net's own), in the layout
     Serve and the report give a rebuilt checkpoint (inference_layout), so all three give
     the same numbers."""
-    model = inference_layout(copy.deepcopy(net).to(memory_format=torch.contiguous_format), device)
+    model = inference_layout(copy.deepcopy(net), device)
     if weights is not None:
         model.load_state_dict(weights)
     return evaluate(model, batches, device, tta)

@@ -181,18 +181,24 @@ def save_record(out_dir: Path, kind: str, settings: dict[str, Any], results: dic
 
 
 # --- the benchmarks --------------------------------------------------------------------------
+def _run_for_result(cmd: list[str], what: str) -> dict[str, Any]:
+    """Run `cmd` from the repository root, echo its output, return the JSON of its one
+    `RESULT {json}` line (the protocol of the reference and of benchmarks.airbench_peer)."""
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{what} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    lines = proc.stdout.splitlines()
+    print("\n".join(line for line in lines if not line.startswith("RESULT ")), flush=True)
+    return json.loads(next(line for line in lines if line.startswith("RESULT ")).removeprefix("RESULT "))
+
+
 def _reference_in_fresh_process(a: argparse.Namespace) -> dict[str, Any]:
     """reference_time_to_accuracy in a new interpreter, as the lecture's script runs: its
     first epoch pays its own first-use costs (torch.optim's torch._dynamo import) every
     round, not only in the first."""
     code = ("import json; from benchmarks.train_bench import reference_time_to_accuracy as r; "
             f"print('RESULT ' + json.dumps(r({a.data_dir!r}, {a.target!r}, {a.max_epochs!r}, {a.seed!r})))")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"the reference failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    lines = proc.stdout.splitlines()
-    print("\n".join(line for line in lines if not line.startswith("RESULT ")), flush=True)
-    return json.loads(next(line for line in lines if line.startswith("RESULT "))[len("RESULT "):])
+    return _run_for_result([sys.executable, "-c", code], "the reference")
 
 
 def time_to_accuracy(a: argparse.Namespace) -> dict[str, Any]:
@@ -342,13 +348,8 @@ def cifar_fast(a: argparse.Namespace) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "benchmarks.airbench_peer", "--airbench", a.airbench, "--data-dir", a.data_dir]
     print(f"peer: {' '.join(cmd[1:])}", flush=True)
     start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-    peer_wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise SystemExit(f"airbench94 failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    print("\n".join(line for line in proc.stdout.splitlines() if not line.startswith("RESULT ")), flush=True)
-    peer = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
-    peer["command_seconds"] = peer_wall
+    peer = _run_for_result(cmd, "airbench94")
+    peer["command_seconds"] = time.perf_counter() - start
     args = ["--config", str(REPO / "jobs" / "configs" / "cifar10_fast.yaml"), "--data-dir", a.data_dir]
     args += ["--epochs", str(a.epochs)] if a.epochs else []
     args += ["--gpu"] if torch.cuda.is_available() else []

@@ -8,6 +8,7 @@ and send back what they saw; a rank stuck in a collective fails by the group tim
 from __future__ import annotations
 
 import datetime
+import math
 import multiprocessing as mp
 import traceback
 
@@ -141,6 +142,47 @@ def test_divergence_in_one_process_names_the_step_and_rate():
     # A sound epoch is not flagged.
     sound = nn.Linear(2, 2)
     assert divergence(1, EpochStats(1.0, 1, 2, step_lrs=(0.1,)), sound, torch.device("cpu")) is None
+
+
+@pytest.mark.parametrize("bad_steps", [(), (2,), (1, 3)])
+def test_epoch_stats_equal_the_per_step_sums(bad_steps):
+    """train_epoch sums at the end of the epoch: the same loss sum (each step's mean loss
+    times its batch size, a short last batch included), correct count, sample count and
+    first non-finite step as adding them up after every step."""
+    torch.manual_seed(0)
+    net = nn.Linear(4, 3)
+    cfg = TrainConfig(model="mlp", epochs=1, batch_size=5, schedule="constant", lr=0.1)
+    optimizer = build_optimizer(cfg, net, torch.device("cpu"))
+    scheduler = build_scheduler(cfg, optimizer, 5)
+    sizes = (5, 5, 5, 5, 3)
+    batches = [(torch.randn(n, 4), torch.randint(0, 3, (n,))) for n in sizes]
+    for i in bad_steps:
+        batches[i][0][0, 0] = float("nan")
+    seen = []  # what each step's loss call saw: the per-step figures to add up
+
+    class Recording(nn.CrossEntropyLoss):
+        def forward(self, logits, y):
+            loss = super().forward(logits, y)
+            seen.append((loss.item(), int((logits.argmax(1) == y).sum()), len(y)))
+            return loss
+
+    got = train_epoch(net, batches, optimizer, scheduler, Recording(), torch.device("cpu"), amp=False)
+    assert (got.count, got.correct) == (sum(sizes), sum(c for _, c, _ in seen))
+    assert got.nonfinite_step == (min(bad_steps) if bad_steps else -1)
+    if bad_steps:
+        assert not math.isfinite(got.loss_sum)
+    else:
+        assert got.loss_sum == pytest.approx(sum(loss * n for loss, _, n in seen), rel=1e-6)
+    assert got.step_lrs == (0.1,) * len(sizes)
+
+
+def test_an_epoch_without_batches_reports_zeros():
+    net = nn.Linear(4, 3)
+    cfg = TrainConfig(model="mlp", epochs=1, batch_size=5, schedule="constant")
+    optimizer = build_optimizer(cfg, net, torch.device("cpu"))
+    got = train_epoch(net, [], optimizer, build_scheduler(cfg, optimizer, 1), nn.CrossEntropyLoss(),
+                      torch.device("cpu"), amp=False)
+    assert (got.loss_sum, got.correct, got.count, got.nonfinite_step, got.step_lrs) == (0.0, 0, 0, -1, ())
 
 
 @pytest.mark.parametrize("schedule, warmup", [("onecycle", 0.0), ("cosine", 0.5), ("constant", 1.0)])

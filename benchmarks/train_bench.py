@@ -21,9 +21,11 @@ unless --workers or --cpus-per-worker are given.
 Throughput compares cnnray's loop, in local mode (no Ray) and on one Ray Train worker,
 with a plain loop on the same global batch, optimizer and threads running cnnray's own
 model and precision without Ray (pool before ReLU, channels-last, bf16 where native): the
-ratio is the cost of cnnray and Ray Train alone. Each cnnray figure is paired with a
-plain-loop measurement taken just before it (this machine's speed drifts); the lecture's
-CNN as written (what a user would run) is measured once beside them.
+ratio is the cost of cnnray and Ray Train alone. The same plain loop is also run on a Ray
+Train worker of a private Ray started as cnnray starts it: Ray's own cost on the machine,
+which the two ratios on a Ray Train worker then separate from cnnray's. Each figure is
+paired with a plain-loop measurement taken just before it (this machine's speed drifts);
+the lecture's CNN as written (what a user would run) is measured once beside them.
 """
 
 from __future__ import annotations
@@ -156,6 +158,39 @@ def reference_throughput(data_dir: str, batch_size: int, threads: int, seconds: 
             return done / (time.perf_counter() - start)
 
 
+def _plain_on_ray_train_worker(config: dict[str, Any]) -> None:
+    """Ray Train's train function: the plain loop on a Ray Train worker, written to a file."""
+    rate = reference_throughput(config["data_dir"], config["batch_size"], config["threads"], config["seconds"],
+                                model="cnnray", bf16=config["bf16"])
+    Path(config["out"]).write_text(json.dumps({"samples_per_second": rate}))
+
+
+def reference_throughput_on_ray_train(data_dir: str, batch_size: int, threads: int, seconds: float, *,
+                                      bf16: bool) -> float:
+    """reference_throughput(model="cnnray") on one Ray Train worker of a private local Ray
+    started as cnnray starts it (cnnray.ray_start.init_ray): Ray's own cost on this
+    machine (its daemons, Ray Train's controller and helper actors, the worker actor),
+    without any cnnray code in the loop. Run in a fresh interpreter by the caller."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from cnnray.ray_start import init_ray
+
+    with tempfile.TemporaryDirectory() as tmp:
+        own = init_ray(ray_train=True)
+        try:
+            config = {"data_dir": data_dir, "batch_size": batch_size, "threads": threads, "seconds": seconds,
+                      "bf16": bf16, "out": str(Path(tmp) / "rate.json")}
+            TorchTrainer(_plain_on_ray_train_worker, train_loop_config=config,
+                         scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": threads}),
+                         run_config=ray.train.RunConfig(storage_path=tmp)).fit()
+            return json.loads((Path(tmp) / "rate.json").read_text())["samples_per_second"]
+        finally:
+            if own:
+                ray.shutdown()
+
+
 # --- cnnray, as a user runs it ---------------------------------------------------------------
 def run_cnnray(args: list[str], out: Path) -> dict[str, Any]:
     """`cnnray train ...` in a fresh process: wall time includes Python, Ray start-up, workers,
@@ -181,10 +216,11 @@ def save_record(out_dir: Path, kind: str, settings: dict[str, Any], results: dic
 
 
 # --- the benchmarks --------------------------------------------------------------------------
-def _run_for_result(cmd: list[str], what: str) -> dict[str, Any]:
-    """Run `cmd` from the repository root, echo its output, return the JSON of its one
-    `RESULT {json}` line (the protocol of the reference and of benchmarks.airbench_peer)."""
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+def _run_for_result(cmd: list[str], what: str, env: dict[str, str] | None = None) -> Any:
+    """Run `cmd` from the repository root (environment `env`, default this one's), echo its
+    output, return the JSON of its one `RESULT {json}` line (the protocol of the reference
+    and of benchmarks.airbench_peer)."""
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise SystemExit(f"{what} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     lines = proc.stdout.splitlines()
@@ -199,6 +235,17 @@ def _reference_in_fresh_process(a: argparse.Namespace) -> dict[str, Any]:
     code = ("import json; from benchmarks.train_bench import reference_time_to_accuracy as r; "
             f"print('RESULT ' + json.dumps(r({a.data_dir!r}, {a.target!r}, {a.max_epochs!r}, {a.seed!r})))")
     return _run_for_result([sys.executable, "-c", code], "the reference")
+
+
+def _plain_on_ray_train_in_fresh_process(a: argparse.Namespace, threads: int, bf16: bool) -> float:
+    """reference_throughput_on_ray_train in a new interpreter (its own private Ray, which
+    its workers import this module from: the repository is on their PYTHONPATH)."""
+    code = ("import json; from benchmarks.train_bench import reference_throughput_on_ray_train as r; "
+            f"print('RESULT ' + json.dumps(r({a.data_dir!r}, {a.batch_size!r}, {threads!r}, {a.seconds!r}, "
+            f"bf16={bf16!r})))")
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    return float(_run_for_result([sys.executable, "-c", code], "the plain loop on a Ray Train worker", env=env))
 
 
 def time_to_accuracy(a: argparse.Namespace) -> dict[str, Any]:
@@ -275,12 +322,14 @@ def _epoch_rate(args: list[str], epochs: int) -> float:
 
 def throughput(a: argparse.Namespace) -> dict[str, Any]:
     """cnnray's loop (local mode, and one Ray Train worker actor) against a plain loop with
-    the same model, precision, global batch, optimizer and threads.
+    the same model, precision, global batch, optimizer and threads; and that plain loop
+    itself on a Ray Train worker, which measures Ray's own cost on this machine apart from
+    cnnray's.
 
-    This machine's speed drifts by 20-30% over minutes (a shared VM), so each cnnray figure
-    is paired with a plain-loop measurement taken just before it, and the ratios are taken
-    within each pair: `--rounds` rounds of (plain, local mode, plain, Ray Train worker) per
-    precision, medians reported."""
+    This machine's speed drifts by 20-30% over minutes (a shared VM), so each figure is
+    paired with a plain-loop measurement (without Ray) taken just before it, and the ratios
+    are taken within each pair: `--rounds` rounds of (plain, local mode, plain, Ray Train
+    worker, plain, plain on a Ray Train worker) per precision, medians reported."""
     from statistics import median
 
     from cnnray.train.loop import native_bf16
@@ -294,17 +343,21 @@ def throughput(a: argparse.Namespace) -> dict[str, Any]:
     common = ["--model", "cnn", "--data-dir", a.data_dir, "--workers", "1", "--cpus-per-worker", str(threads),
               "--batch-size", str(a.batch_size)]
     precisions = (("bf16", []), ("fp32", ["--no-amp"])) if bf16 else (("fp32", ["--no-amp"]),)
-    paths = (("local mode", ["--local-mode"]), ("Ray Train worker", ["--no-local-mode"]))
+    paths = (("local mode", ["--local-mode"]), ("Ray Train worker", ["--no-local-mode"]),
+             ("plain loop on a Ray Train worker", None))
     for r in range(a.rounds):
         for precision, amp_flags in precisions:
             for where, path_flags in paths:
                 plain = reference_throughput(a.data_dir, a.batch_size, threads, a.seconds, model="cnnray",
                                              bf16=precision == "bf16")
-                ours = _epoch_rate([*common, *path_flags, *amp_flags], a.epochs)
-                pair = {"round": r + 1, "precision": precision, "where": where, "plain": plain, "cnnray": ours,
+                if path_flags is None:  # Ray's own cost: the plain loop itself on a Ray Train worker
+                    ours = _plain_on_ray_train_in_fresh_process(a, threads, precision == "bf16")
+                else:
+                    ours = _epoch_rate([*common, *path_flags, *amp_flags], a.epochs)
+                pair = {"round": r + 1, "precision": precision, "where": where, "plain": plain, "measured": ours,
                         "ratio": ours / plain}
                 results["pairs"].append(pair)
-                print(f"  round {r + 1} {precision} {where:17} plain {plain:>8,.0f}  cnnray {ours:>8,.0f}  "
+                print(f"  round {r + 1} {precision} {where:32} plain {plain:>8,.0f}  on it {ours:>8,.0f}  "
                       f"ratio {ours / plain:.2f}", flush=True)
     results["plain lecture fp32"] = reference_throughput(a.data_dir, a.batch_size, threads, a.seconds, model="lecture")
     print(f"  plain lecture CNN fp32 (as written)    {results['plain lecture fp32']:>8,.0f}", flush=True)
@@ -315,10 +368,16 @@ def throughput(a: argparse.Namespace) -> dict[str, Any]:
         print(f"  cnnray default, {n} Ray Train worker(s)  {rate:>8,.0f}", flush=True)
     results["ratios"] = {}
     for precision, _ in precisions:
+        by_round = {}
         for where, _ in paths:
             ratios = [p["ratio"] for p in results["pairs"] if p["precision"] == precision and p["where"] == where]
-            results["ratios"][f"cnnray {precision}, {where} / plain loop (same model and precision)"] = median(ratios)
-    print("ratios (median over rounds, each against the plain loop measured just before it):")
+            by_round[where] = ratios
+            name = "cnnray" if where != "plain loop on a Ray Train worker" else "plain loop"
+            results["ratios"][f"{precision}: {name}, {where.replace('plain loop on a ', '')} / plain loop"] = median(ratios)
+        # What cnnray's loop adds on a Ray Train worker, Ray's own cost taken out (per round).
+        results["ratios"][f"{precision}: cnnray / plain loop, both on a Ray Train worker"] = median(
+            ours / ray for ours, ray in zip(by_round["Ray Train worker"], by_round["plain loop on a Ray Train worker"]))
+    print("ratios (median over rounds, each against the plain loop without Ray measured just before it):")
     for k, v in results["ratios"].items():
         print(f"  {k:72} {v:.2f}")
     return results

@@ -19,6 +19,7 @@ from cnnray.models.layers import (
     as_image_size,
     conv_norm,
     conv_out,
+    flatten_features,
     make_conv,
     norm_or_identity,
     require_min_size,
@@ -61,7 +62,7 @@ class CNN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv1(x)
         x = self.conv2(x)
-        x = torch.flatten(x, start_dim=1)  # (batch, 32 * H/4 * W/4)
+        x = flatten_features(x)  # (batch, 32 * H/4 * W/4)
         return self.out(x)
 
 
@@ -95,7 +96,7 @@ class TutorialCNN(nn.Module):
         # relu(pool(.)) == pool(relu(.)) exactly, on 4x fewer elements (see CNN).
         x = F.relu(self.pool(self.norm1(self.conv1(x))))
         x = F.relu(self.pool(self.norm2(self.conv2(x))))
-        x = torch.flatten(x, 1)  # flatten all dimensions except batch
+        x = flatten_features(x)  # flatten all dimensions except batch
         x = F.relu(self.fc1(x))
         x = F.relu(self.fc2(x))
         return self.fc3(x)

@@ -7,7 +7,9 @@ rule "a conv followed by a norm has no bias" live here once instead of in each f
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
+import torch
 from torch import nn
 
 # "none": no norm layer, convs keep their bias (the lecture's plain CNNs).
@@ -150,3 +152,39 @@ def kaiming_init_(model: nn.Module) -> None:
         elif isinstance(module, (nn.BatchNorm2d, nn.GroupNorm)):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
+
+
+class _FlattenFeatures(torch.autograd.Function):
+    """torch.flatten(x, 1) whose gradient comes back with x's strides."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        ctx.shape = x.shape
+        # Only a dense tensor (NCHW or channels-last) has strides a new gradient can copy.
+        dense = x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)
+        ctx.stride = x.stride() if dense else None
+        return torch.flatten(x, 1)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.reshape(ctx.shape)
+        if ctx.stride is None or grad.stride() == ctx.stride:
+            return grad
+        out = grad.new_empty_strided(ctx.shape, ctx.stride)
+        out.copy_(grad)
+        return out
+
+
+def flatten_features(x: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) feature maps -> (N, C*H*W) in channel-major (NCHW) order, the order the
+    head's Linear weights are stored in, whatever x's memory format.
+
+    The difference from torch.flatten(x, 1) is in the backward pass only: x's gradient has
+    x's strides (channels-last for a channels-last x, even at 1 x 1 after a global pool).
+    torch.flatten's gradient is NCHW-strided, so the layers before (a ReLU, a pool) ran
+    their backward on inputs of two layouts: for a ReLU on a CPU that
+    is PyTorch's strided scalar loop, whose branch on the ReLU mask made it cost 4-20x
+    the vectorised kernel, depending on how many units are active (measured on the MNIST
+    `cnn` in bf16: 70 us to over 1 ms a call against ~50 us). Values are identical.
+    """
+    return _FlattenFeatures.apply(x)

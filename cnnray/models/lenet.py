@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cnnray.models.layers import as_image_size, conv_out, make_conv, norm_or_identity
+from cnnray.models.layers import as_image_size, conv_out, flatten_features, make_conv, norm_or_identity
 from cnnray.models.registry import register_model
 
 PAPER_SIZE = 32  # LeNet-5's input side; smaller sides are zero-padded in C1 (2 pixels)
@@ -69,7 +69,7 @@ class LeNet5(nn.Module):
         x = self.s2(self.act(self.n1(self.c1(x))))
         x = self.s4(self.act(self.n3(self.c3(x))))
         x = self.act(self.n5(self.c5(x)))
-        x = torch.flatten(x, 1)
+        x = flatten_features(x)
         x = self.act(self.f6(x))
         return self.output(x)
 

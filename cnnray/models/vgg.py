@@ -20,7 +20,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from cnnray.models.layers import as_image_size, conv_norm, kaiming_init_, require_min_size
+from cnnray.models.layers import as_image_size, conv_norm, flatten_features, kaiming_init_, require_min_size
 from cnnray.models.registry import register_model
 
 Layer = int | Literal["M"]  # conv output channels, or "M" for max-pool 2x2
@@ -108,7 +108,7 @@ class VGG(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.features(x)
-        x = torch.flatten(x, 1)
+        x = flatten_features(x)
         return self.classifier(x)
 
 

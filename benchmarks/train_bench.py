@@ -180,7 +180,8 @@ def reference_throughput_on_ray_train(data_dir: str, batch_size: int, threads: i
     with tempfile.TemporaryDirectory() as tmp:
         own = init_ray(ray_train=True)
         try:
-            config = {"data_dir": data_dir, "batch_size": batch_size, "threads": threads, "seconds": seconds,
+            # Ray Train runs the worker in its trial folder: a relative path would not resolve.
+            config = {"data_dir": str(Path(data_dir).resolve()), "batch_size": batch_size, "threads": threads, "seconds": seconds,
                       "bf16": bf16, "out": str(Path(tmp) / "rate.json")}
             TorchTrainer(_plain_on_ray_train_worker, train_loop_config=config,
                          scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": threads}),
@@ -374,10 +375,13 @@ def throughput(a: argparse.Namespace) -> dict[str, Any]:
             by_round[where] = ratios
             name = "cnnray" if where != "plain loop on a Ray Train worker" else "plain loop"
             results["ratios"][f"{precision}: {name}, {where.replace('plain loop on a ', '')} / plain loop"] = median(ratios)
-        # What cnnray's loop adds on a Ray Train worker, Ray's own cost taken out (per round).
-        results["ratios"][f"{precision}: cnnray / plain loop, both on a Ray Train worker"] = median(
-            ours / ray for ours, ray in zip(by_round["Ray Train worker"], by_round["plain loop on a Ray Train worker"]))
-    print("ratios (median over rounds, each against the plain loop without Ray measured just before it):")
+        # What cnnray's loop adds on a Ray Train worker, Ray's own cost taken out: per round,
+        # the ratio of the two paired ratios (each against its own plain loop without Ray).
+        results["ratios"][f"{precision}: cnnray / plain loop, both on a Ray Train worker (ratio of ratios)"] = median(
+            r_cnnray / r_plain_on_ray for r_cnnray, r_plain_on_ray
+            in zip(by_round["Ray Train worker"], by_round["plain loop on a Ray Train worker"]))
+    print("ratios (median over rounds; each against the plain loop without Ray measured just before it, "
+          "the last of each precision a ratio of two such ratios):")
     for k, v in results["ratios"].items():
         print(f"  {k:72} {v:.2f}")
     return results

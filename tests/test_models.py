@@ -161,6 +161,8 @@ def test_channels_last_backward_never_mixes_layouts(name: str) -> None:
 
 
 def test_flatten_features_gives_values_in_nchw_order_and_gradients_in_the_input_layout() -> None:
+    """The gradient the layer before receives (autograd.grad: a leaf's .grad would be copied
+    into the leaf's layout anyway) keeps the input's layout; values are torch.flatten's."""
     from cnnray.models.layers import flatten_features
 
     x = torch.randn(3, 4, 5, 6)
@@ -169,9 +171,11 @@ def test_flatten_features_gives_values_in_nchw_order_and_gradients_in_the_input_
         out = flatten_features(xi)
         assert torch.equal(out, torch.flatten(x, 1))  # the Linear head's order, whatever the layout
         grad = torch.randn_like(out)
-        out.backward(grad)
-        assert torch.equal(xi.grad, grad.reshape(x.shape))
-        assert xi.grad.is_contiguous(memory_format=layout)
+        (g,) = torch.autograd.grad(out, xi, grad)
+        assert torch.equal(g, grad.reshape(x.shape))
+        assert g.is_contiguous(memory_format=layout)
+    with torch.no_grad():  # evaluation: torch.flatten itself
+        assert torch.equal(flatten_features(x.contiguous(memory_format=torch.channels_last)), torch.flatten(x, 1))
 
 
 # --- the lecture's numbers ------------------------------------------------------------

@@ -176,6 +176,18 @@ def test_epoch_stats_equal_the_per_step_sums(bad_steps):
     assert got.step_lrs == (0.1,) * len(sizes)
 
 
+def test_epoch_sums_name_the_first_non_finite_step():
+    from cnnray.train.loop import _epoch_sums
+
+    labels = [torch.tensor([0, 1]), torch.tensor([1, 1]), torch.tensor([0]), torch.tensor([2, 2])]
+    preds = [torch.tensor([0, 0]), torch.tensor([1, 1]), torch.tensor([0]), torch.tensor([2, 0])]
+    losses = [torch.tensor(v) for v in (1.0, float("nan"), 2.0, float("inf"))]
+    got = _epoch_sums(losses, preds, labels, torch.device("cpu"))
+    assert (got.nonfinite_step, got.correct, got.count) == (1, 5, 7)
+    finite = _epoch_sums([torch.tensor(v) for v in (1.0, 0.5, 2.0, 4.0)], preds, labels, torch.device("cpu"))
+    assert (finite.nonfinite_step, finite.loss_sum) == (-1, 1.0 * 2 + 0.5 * 2 + 2.0 * 1 + 4.0 * 2)
+
+
 def test_an_epoch_without_batches_reports_zeros():
     net = nn.Linear(4, 3)
     cfg = TrainConfig(model="mlp", epochs=1, batch_size=5, schedule="constant")

@@ -155,36 +155,33 @@ def kaiming_init_(model: nn.Module) -> None:
 
 
 class _FlattenFeatures(torch.autograd.Function):
-    """torch.flatten(x, 1) whose gradient comes back with x's strides."""
+    """torch.flatten(x, 1) of a channels-last x whose gradient comes back channels-last."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
         ctx.shape = x.shape
-        # Only a dense tensor (NCHW or channels-last) has strides a new gradient can copy.
-        dense = x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)
-        ctx.stride = x.stride() if dense else None
-        return torch.flatten(x, 1)
+        return torch.flatten(x, 1)  # a copy: x is not NCHW-contiguous
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.reshape(ctx.shape)
-        if ctx.stride is None or grad.stride() == ctx.stride:
-            return grad
-        out = grad.new_empty_strided(ctx.shape, ctx.stride)
-        out.copy_(grad)
-        return out
+        return grad.reshape(ctx.shape).contiguous(memory_format=torch.channels_last)
 
 
 def flatten_features(x: torch.Tensor) -> torch.Tensor:
     """(N, C, H, W) feature maps -> (N, C*H*W) in channel-major (NCHW) order, the order the
     head's Linear weights are stored in, whatever x's memory format.
 
-    The difference from torch.flatten(x, 1) is in the backward pass only: x's gradient has
-    x's strides (channels-last for a channels-last x, even at 1 x 1 after a global pool).
-    torch.flatten's gradient is NCHW-strided, so the layers before (a ReLU, a pool) ran
-    their backward on inputs of two layouts: for a ReLU on a CPU that
-    is PyTorch's strided scalar loop, whose branch on the ReLU mask made it cost 4-20x
-    the vectorised kernel, depending on how many units are active (measured on the MNIST
-    `cnn` in bf16: 70 us to over 1 ms a call against ~50 us). Values are identical.
+    The difference from torch.flatten(x, 1) is in the backward pass only: a channels-last
+    x gets a channels-last gradient. torch.flatten's gradient is NCHW-strided, so the layer
+    before (a ReLU, a pool) ran its backward on inputs of two layouts: for a ReLU on a CPU
+    that is PyTorch's strided scalar loop, whose branch on the ReLU mask made it cost 4-20x
+    the vectorised kernel depending on how many units are active (measured on the MNIST
+    `cnn` in bf16: 70 us to over 1 ms a call against ~50 us). Values are identical. Where
+    no gradient is wanted (evaluation, Serve), or x is NCHW or has the same memory order in
+    both layouts (C == 1, or H == W == 1), this is torch.flatten itself.
     """
+    channels_last_only = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(
+        memory_format=torch.channels_last)
+    if not (channels_last_only and torch.is_grad_enabled() and x.requires_grad):
+        return torch.flatten(x, 1)
     return _FlattenFeatures.apply(x)

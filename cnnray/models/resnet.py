@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cnnray.models.layers import as_image_size, flatten_features, kaiming_init_, make_conv, norm_or_identity
+from cnnray.models.layers import as_image_size, kaiming_init_, make_conv, norm_or_identity
 from cnnray.models.registry import register_model
 
 STAGE_WIDTHS = (64, 128, 256, 512)  # channels of the four stages; stages 2-4 stride 2
@@ -85,7 +85,7 @@ class ResNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.norm1(self.conv1(x)))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        x = flatten_features(self.pool(x))
+        x = torch.flatten(self.pool(x), 1)  # 1 x 1 maps: either layout is the same order
         return self.fc(x)
 
 

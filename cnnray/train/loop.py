@@ -136,17 +136,16 @@ def _epoch_sums(losses: Sequence[torch.Tensor], predictions: Sequence[torch.Tens
     B_i; nonfinite_step is the first step whose loss is NaN or infinite (-1 if none)."""
     if not losses:  # a shard with no full batch: nothing trained
         return EpochStats(0.0, 0, 0)
-    sizes = torch.tensor([len(t) for t in targets], dtype=torch.float64).to(device)
+    sizes = [len(t) for t in targets]
     step_losses = torch.stack(losses).double()
-    finite = torch.isfinite(step_losses)
     steps = torch.arange(len(losses), device=device, dtype=torch.float64)
     summary = torch.stack([
-        (step_losses * sizes).sum(),
+        (step_losses * torch.tensor(sizes, dtype=torch.float64).to(device)).sum(),
         (torch.cat(predictions) == torch.cat(targets)).sum().double(),  # exact below 2**53
-        torch.where(finite, len(losses), steps).min(),
+        torch.where(torch.isfinite(step_losses), len(losses), steps).min(),
     ]).tolist()  # the epoch's one host sync
     first_bad = int(summary[2])
-    return EpochStats(summary[0], int(summary[1]), sum(len(t) for t in targets),
+    return EpochStats(summary[0], int(summary[1]), sum(sizes),
                       nonfinite_step=-1 if first_bad == len(losses) else first_bad)
 
 

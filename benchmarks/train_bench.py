@@ -192,12 +192,17 @@ def reference_throughput_on_ray_train(data_dir: str, batch_size: int, threads: i
                 ray.shutdown()
 
 
+def _private_ray_env() -> dict[str, str]:
+    """This environment without RAY_ADDRESS: the child starts its own private local Ray."""
+    return {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+
+
 # --- cnnray, as a user runs it ---------------------------------------------------------------
 def run_cnnray(args: list[str], out: Path) -> dict[str, Any]:
     """`cnnray train ...` in a fresh process: wall time includes Python, Ray start-up, workers,
     the test evaluation and result.json; not the optional HTML report (--no-report)."""
     cmd = [sys.executable, "-m", "cnnray.cli", "train", *args, "--out", str(out), "--no-report"]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = _private_ray_env()
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - start
@@ -244,8 +249,7 @@ def _plain_on_ray_train_in_fresh_process(a: argparse.Namespace, threads: int, bf
     code = ("import json; from benchmarks.train_bench import reference_throughput_on_ray_train as r; "
             f"print('RESULT ' + json.dumps(r({a.data_dir!r}, {a.batch_size!r}, {threads!r}, {a.seconds!r}, "
             f"bf16={bf16!r})))")
-    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    env = {**_private_ray_env(), "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     return float(_run_for_result([sys.executable, "-c", code], "the plain loop on a Ray Train worker", env=env))
 
 
@@ -344,21 +348,22 @@ def throughput(a: argparse.Namespace) -> dict[str, Any]:
     common = ["--model", "cnn", "--data-dir", a.data_dir, "--workers", "1", "--cpus-per-worker", str(threads),
               "--batch-size", str(a.batch_size)]
     precisions = (("bf16", []), ("fp32", ["--no-amp"])) if bf16 else (("fp32", ["--no-amp"]),)
-    paths = (("local mode", ["--local-mode"]), ("Ray Train worker", ["--no-local-mode"]),
-             ("plain loop on a Ray Train worker", None))
+    # (where, what runs there, cnnray's flags; None: the plain loop itself, Ray's own cost)
+    paths = (("local mode", "cnnray", ["--local-mode"]), ("Ray Train worker", "cnnray", ["--no-local-mode"]),
+             ("Ray Train worker", "plain loop", None))
     for r in range(a.rounds):
         for precision, amp_flags in precisions:
-            for where, path_flags in paths:
+            for where, who, path_flags in paths:
                 plain = reference_throughput(a.data_dir, a.batch_size, threads, a.seconds, model="cnnray",
                                              bf16=precision == "bf16")
-                if path_flags is None:  # Ray's own cost: the plain loop itself on a Ray Train worker
+                if path_flags is None:
                     ours = _plain_on_ray_train_in_fresh_process(a, threads, precision == "bf16")
                 else:
                     ours = _epoch_rate([*common, *path_flags, *amp_flags], a.epochs)
-                pair = {"round": r + 1, "precision": precision, "where": where, "plain": plain, "measured": ours,
-                        "ratio": ours / plain}
+                pair = {"round": r + 1, "precision": precision, "where": where, "who": who, "plain": plain,
+                        "measured": ours, "ratio": ours / plain}
                 results["pairs"].append(pair)
-                print(f"  round {r + 1} {precision} {where:32} plain {plain:>8,.0f}  on it {ours:>8,.0f}  "
+                print(f"  round {r + 1} {precision} {who + ', ' + where:30} plain {plain:>8,.0f}  it {ours:>8,.0f}  "
                       f"ratio {ours / plain:.2f}", flush=True)
     results["plain lecture fp32"] = reference_throughput(a.data_dir, a.batch_size, threads, a.seconds, model="lecture")
     print(f"  plain lecture CNN fp32 (as written)    {results['plain lecture fp32']:>8,.0f}", flush=True)
@@ -370,16 +375,15 @@ def throughput(a: argparse.Namespace) -> dict[str, Any]:
     results["ratios"] = {}
     for precision, _ in precisions:
         by_round = {}
-        for where, _ in paths:
-            ratios = [p["ratio"] for p in results["pairs"] if p["precision"] == precision and p["where"] == where]
-            by_round[where] = ratios
-            name = "cnnray" if where != "plain loop on a Ray Train worker" else "plain loop"
-            results["ratios"][f"{precision}: {name}, {where.replace('plain loop on a ', '')} / plain loop"] = median(ratios)
+        for where, who, _ in paths:
+            by_round[who, where] = [p["ratio"] for p in results["pairs"]
+                                    if (p["precision"], p["who"], p["where"]) == (precision, who, where)]
+            results["ratios"][f"{precision}: {who}, {where} / plain loop"] = median(by_round[who, where])
         # What cnnray's loop adds on a Ray Train worker, Ray's own cost taken out: per round,
         # the ratio of the two paired ratios (each against its own plain loop without Ray).
         results["ratios"][f"{precision}: cnnray / plain loop, both on a Ray Train worker (ratio of ratios)"] = median(
             r_cnnray / r_plain_on_ray for r_cnnray, r_plain_on_ray
-            in zip(by_round["Ray Train worker"], by_round["plain loop on a Ray Train worker"]))
+            in zip(by_round["cnnray", "Ray Train worker"], by_round["plain loop", "Ray Train worker"]))
     print("ratios (median over rounds; each against the plain loop without Ray measured just before it, "
           "the last of each precision a ratio of two such ratios):")
     for k, v in results["ratios"].items():

@@ -275,8 +275,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> str | None:
     from cnnray.train.session import RaySession
     from cnnray.train.worker_data import from_loop_config
 
-    cfg, stream_info = from_loop_config(config)  # stream_info: the driver's scan (ray-data)
-    return run_worker(cfg, RaySession(), stream_info=stream_info)
+    from cnnray.train.session import INIT_CHECKPOINT
+
+    init = config.get(INIT_CHECKPOINT)  # a checkpoint of another run to start from (PBT)
+    cfg, stream_info = from_loop_config({k: v for k, v in config.items() if k != INIT_CHECKPOINT})
+    return run_worker(cfg, RaySession(init_checkpoint=init), stream_info=stream_info)
 
 
 def run_worker(cfg: TrainConfig, session: Any, dataset: Any = None, stream_info: Any = None) -> str | None:
@@ -287,7 +290,7 @@ def run_worker(cfg: TrainConfig, session: Any, dataset: Any = None, stream_info:
     Returns what train_loop_per_worker returns."""
     from cnnray.models import build_model, resolve_model_args
     from cnnray.train.allocator import keep_freed_memory
-    from cnnray.train.optim import build_optimizer, build_scheduler
+    from cnnray.train.optim import build_optimizer, build_scheduler, load_optimizer_state
     from cnnray.train.worker_data import prepare_worker_data
 
     keep_freed_memory()  # every step's activations from reused memory, not fresh pages
@@ -334,7 +337,7 @@ def run_worker(cfg: TrainConfig, session: Any, dataset: Any = None, stream_info:
             net.load_state_dict(load_weights(ckpt_dir, map_location=device))
             state = load_train_state(ckpt_dir, map_location=device)
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(optimizer, state["optimizer"])  # the config's lr/momentum/decay stay
         start_epoch, best_val = int(state["epoch"]), float(state["best_val_accuracy"])
         best_epoch = int(state.get("best_epoch", 0))
         history = list(state.get("history", []))

@@ -28,12 +28,13 @@ from typing import Any, Callable, Mapping
 
 from cnnray.checkpoint import atomic_write_json
 from cnnray.config import ConfigError, TrainConfig
-from cnnray.tune.results import RUNS_DIR, TUNE_DIR, finish_sweep, format_value, read_history
-from cnnray.tune.space import Dist, default_space, space_from_dict, space_to_dict, space_to_tune
+from cnnray.tune.pbt import PBT_DIR
+from cnnray.tune.results import RUNS_DIR, TUNE_DIR, finish_sweep, format_value
+from cnnray.tune.schedulers import SCHEDULERS
+from cnnray.tune.space import Dist, default_space, space_from_dict, space_to_dict
 from cnnray.tune.trial import train_trial
 
 SWEEP_FILE = "sweep.json"
-SCHEDULERS = ("asha", "none")
 # A Tune trial here only waits on its Train controller, so it must hold no CPU or GPU the
 # workers need. Tune refuses an empty resource request; a small logical memory
 # reservation (bytes) is a non-empty request that takes nothing the workers use.
@@ -49,13 +50,17 @@ class SweepConfig:
     space: Mapping[str, Dist] = field(default_factory=default_space)  # swept TrainConfig fields
     samples: int = 8  # configs drawn from the space (a grid is repeated this many times)
     max_concurrent: int | None = None  # None: as many trials as the cluster's CPUs/GPUs fit
-    scheduler: str = "asha"  # asha | none (every trial runs all its epochs)
+    scheduler: str = "asha"  # asha | hyperband | pbt | none (every trial runs all its epochs)
     grace_period: int = 1  # epochs every trial runs before ASHA may stop it
     reduction_factor: float = 2.0  # ASHA keeps the best 1/rf of the trials at each rung
     out: str = "sweeps/latest"
     model_store: str | None = None  # None: <out>/models
     name: str | None = None  # exported model name; None: <model>-<dataset>
     resume: bool = False  # continue the sweep stored in <out> (Tuner.restore)
+    search: str = "random"  # random | grid | optuna (cnnray.tune.search)
+    perturbation_interval: int = 1  # pbt: epochs between exploit/explore steps
+    budget: int | None = None  # trial-epochs the whole sweep may spend; None: no limit
+    gpus_per_trial: float | None = None  # with --gpu; None: one GPU per worker; 0.25: 4 trials a GPU
 
     def __post_init__(self) -> None:
         from cnnray.paths import PathError, resolve_path
@@ -72,8 +77,6 @@ class SweepConfig:
                     raise ConfigError(str(e)) from None
         if self.samples < 1:
             raise ConfigError(f"samples={self.samples} must be at least 1")
-        if self.scheduler not in SCHEDULERS:
-            raise ConfigError(f"unknown scheduler {self.scheduler!r}; choose one of: {', '.join(SCHEDULERS)}")
         if not 1 <= self.grace_period <= self.train.epochs:
             raise ConfigError(f"grace_period={self.grace_period} must be between 1 and epochs={self.train.epochs}")
         if not self.reduction_factor > 1:
@@ -82,13 +85,39 @@ class SweepConfig:
             raise ConfigError(f"max_concurrent={self.max_concurrent} must be at least 1")
         if not self.space:
             raise ConfigError("the search space is empty")
+        if self.perturbation_interval < 1:
+            raise ConfigError(f"perturbation_interval={self.perturbation_interval} must be at least 1")
+        if self.budget is not None and self.budget < 1:
+            raise ConfigError(f"budget={self.budget} must be at least 1 trial-epoch")
+        if self.gpus_per_trial is not None:
+            from cnnray.tune.resources import gpus_per_worker
+
+            if not self.train.gpu:
+                raise ConfigError(f"--gpus-per-trial {self.gpus_per_trial:g} needs --gpu")
+            gpus_per_worker(self.gpus_per_trial, self.train.workers)  # a share Ray can give
+        from cnnray.tune.schedulers import check_scheduler
+        from cnnray.tune.search import check_search
+
+        check_search(self.search, self.space)
+        check_scheduler(self)
         check_name(self.model_name)
         check_space(self.space, self.train)  # every trial's config and model, before any starts
 
     @property
     def num_trials(self) -> int:
-        """Tune repeats every grid `samples` times."""
-        return self.samples * math.prod(len(d.values) for d in self.space.values() if d.kind == "grid")
+        """Tune repeats every grid `samples` times (--search grid: every choice too)."""
+        from cnnray.tune.search import grid_size
+
+        return self.samples * grid_size(self.search, self.space)
+
+    @property
+    def worker_gpus(self) -> float:
+        """GPUs each worker reserves (0 without --gpu)."""
+        from cnnray.tune.resources import gpus_per_worker
+
+        if not self.train.gpu:
+            return 0.0
+        return 1.0 if self.gpus_per_trial is None else gpus_per_worker(self.gpus_per_trial, self.train.workers)
 
     @property
     def model_name(self) -> str:
@@ -106,6 +135,10 @@ class SweepConfig:
             "out": self.out,
             "model_store": self.model_store,
             "name": self.name,
+            "search": self.search,
+            "perturbation_interval": self.perturbation_interval,
+            "budget": self.budget,
+            "gpus_per_trial": self.gpus_per_trial,
         }
 
     @classmethod
@@ -119,50 +152,22 @@ def trial_dirname(trial: Any) -> str:
     return trial.trial_id
 
 
-def concurrency(cfg: TrainConfig, requested: int | None) -> int:
-    """Trials that can run at once: the cluster's CPUs (GPUs) over what one trial's workers take."""
+def concurrency(cfg: TrainConfig, requested: int | None, gpus_per_worker: float = 1.0) -> int:
+    """Trials that can run at once: the cluster's CPUs (GPUs) over what one trial's workers
+    take (cnnray.tune.resources: Ray's fixed-point arithmetic, fractions of a GPU)."""
     import ray
+
+    from cnnray.tune.resources import trials_that_fit
 
     total = ray.cluster_resources()
     cpus_per_trial = cfg.workers * cfg.cpus_per_worker
-    fit = int(total.get("CPU", 0) // cpus_per_trial)
-    if cfg.gpu:
-        fit = min(fit, int(total.get("GPU", 0) // cfg.workers))
+    gpus = cfg.workers * gpus_per_worker if cfg.gpu else 0.0
+    fit = trials_that_fit(total, cpus_per_trial, gpus, cfg.workers)
     if fit < 1:
-        need = f"{cpus_per_trial} CPUs" + (f" and {cfg.workers} GPUs" if cfg.gpu else "")
+        need = f"{cpus_per_trial} CPUs" + (f" and {gpus:g} GPUs" if cfg.gpu else "")
         have = f"{total.get('CPU', 0):g} CPUs" + (f" and {total.get('GPU', 0):g} GPUs" if cfg.gpu else "")
         raise ConfigError(f"one trial needs {need} but the Ray cluster has {have}: lower --workers-per-trial")
     return fit if requested is None else min(requested, fit)
-
-
-def _scheduler(sweep: SweepConfig) -> Any:
-    if sweep.scheduler == "none":
-        return None
-    from ray.tune.schedulers import ASHAScheduler
-
-    class ResumableASHA(ASHAScheduler):
-        """Tune saves no scheduler state, so after --resume ASHA would judge new results
-        against empty rungs; replaying each restored trial's saved epochs refills them."""
-
-        def on_trial_add(self, tune_controller, trial):
-            super().on_trial_add(tune_controller, trial)
-            try:
-                path = trial.path
-            except RuntimeError:  # a new trial: no folder yet, nothing to replay
-                return
-            for result in read_history(path) if path else []:
-                super().on_trial_result(tune_controller, trial, result)
-
-    # The epoch (not Tune's iteration count) is the time axis, so a trial resumed from a
-    # checkpoint is judged at the right rung. stop_last_trials=False lets a trial that
-    # reaches the last epoch end on its own instead of being stopped at its final report.
-    return ResumableASHA(
-        time_attr="epoch",
-        max_t=sweep.train.epochs,
-        grace_period=sweep.grace_period,
-        reduction_factor=sweep.reduction_factor,
-        stop_last_trials=False,
-    )
 
 
 def _trial_progress(sweep: SweepConfig, echo: Callable[[str], None]) -> Any:
@@ -248,13 +253,15 @@ def _run_sweep(sweep: SweepConfig, echo: Callable[[str], None]) -> dict[str, Any
     preflight(cfg)  # decode the data once here, and fail fast on unreadable data
     init_ray(cfg.address, ray_train=True)
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", EXPERIMENT_SAVE_PERIOD_S)
-    limit = concurrency(cfg, sweep.max_concurrent)
+    limit = concurrency(cfg, sweep.max_concurrent, sweep.worker_gpus or 1.0)
     if sweep.max_concurrent and limit < sweep.max_concurrent:
         echo(f"[cnnray] running {limit} trials at once, not {sweep.max_concurrent}: that is what the cluster fits")
 
     runs_dir = str(out / RUNS_DIR)
     trainable = tune.with_resources(
-        tune.with_parameters(train_trial, base=cfg.to_dict(), runs_dir=runs_dir),  # keeps its mixins
+        tune.with_parameters(train_trial, base=cfg.to_dict(), runs_dir=runs_dir,  # keeps its mixins
+                             pbt_dir=str(out / PBT_DIR) if sweep.scheduler == "pbt" else None,
+                             gpus_per_worker=sweep.worker_gpus or 1.0),
         tune.PlacementGroupFactory([{"memory": TRIAL_DRIVER_MEMORY}]),
     )
     if restore:
@@ -263,18 +270,22 @@ def _run_sweep(sweep: SweepConfig, echo: Callable[[str], None]) -> dict[str, Any
         # the experiment; only the trainable is given again.
         tuner = tune.Tuner.restore(str(out / TUNE_DIR), trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
-        from ray.tune.search import BasicVariantGenerator
+        from cnnray.tune.schedulers import budget_stopper, make_scheduler
+        from cnnray.tune.search import make_searcher, tune_space
 
+        if sweep.scheduler == "pbt":
+            import random
+
+            random.seed(cfg.seed)  # PBT picks donors and perturbations with Python's random
         tuner = tune.Tuner(
             trainable,
-            param_space=space_to_tune(sweep.space),
+            param_space=tune_space(sweep.search, sweep.space),
             tune_config=tune.TuneConfig(
                 metric="val_accuracy",
                 mode="max",
-                scheduler=_scheduler(sweep),
-                # Seeded, so the same command draws the same configs. The concurrency limit
-                # goes here: Tune ignores TuneConfig.max_concurrent_trials with this searcher.
-                search_alg=BasicVariantGenerator(random_state=cfg.seed, max_concurrent=limit),
+                scheduler=make_scheduler(sweep, out),
+                # Seeded (cfg.seed), so the same command proposes the same configs.
+                search_alg=make_searcher(sweep.search, cfg.seed, limit),
                 num_samples=sweep.samples,
                 trial_dirname_creator=trial_dirname,
             ),
@@ -285,6 +296,7 @@ def _run_sweep(sweep: SweepConfig, echo: Callable[[str], None]) -> dict[str, Any
                 # reported, not rerun from scratch.
                 failure_config=tune.FailureConfig(max_failures=0),
                 callbacks=[_trial_progress(sweep, echo)],
+                stop=budget_stopper(sweep.budget, out / TUNE_DIR) if sweep.budget else None,
                 verbose=0,  # our progress lines and summary table replace Tune's tables
             ),
         )
@@ -292,7 +304,14 @@ def _run_sweep(sweep: SweepConfig, echo: Callable[[str], None]) -> dict[str, Any
         f"[cnnray] sweeping {cfg.model} on {cfg.dataset}: {sweep.num_trials} trials of "
         f"{', '.join(f'{k} {d.describe()}' for k, d in sweep.space.items())}; {cfg.epochs} epochs, "
         f"{cfg.workers} {'GPU' if cfg.gpu else 'CPU'} worker(s) per trial, up to {limit} at once, "
-        f"scheduler {sweep.scheduler}"
+        f"search {sweep.search}, scheduler {sweep.scheduler}"
+        + (f", budget {sweep.budget} trial-epochs" if sweep.budget else "")
     )
     tuner.fit()
-    return finish_sweep(sweep, out, seconds=time.perf_counter() - started, echo=echo)
+    from cnnray.tune.schedulers import spent_trial_epochs
+
+    spent = spent_trial_epochs(out / TUNE_DIR)
+    if sweep.budget:
+        echo(f"[cnnray] spent {spent} of a budget of {sweep.budget} trial-epochs")
+    return finish_sweep(sweep, out, seconds=time.perf_counter() - started, echo=echo,
+                        budget_spent=bool(sweep.budget and spent >= sweep.budget))

@@ -4,9 +4,11 @@ Ray Tune's PopulationBasedTraining decides who exploits whom; what it cannot do 
 move a checkpoint, because a cnnray trial's checkpoints belong to its Ray Train run, not
 to Tune (TuneReportCallback reports only their path). So `CnnrayPBT`:
 
-- keeps a copy of each top-quantile trial's latest Train checkpoint when PBT looks at it
-  (`<out>/pbt/checkpoints/<trial>-e<epoch>`), since the donor's own run deletes older
-  checkpoints as it goes on (CheckpointConfig.num_to_keep);
+- ranks a trial that reports epoch t (every `perturbation_interval` epochs) against every
+  trial's score at epoch t, finished or running (Ray's ranks only the live trials' latest
+  scores, which on a loaded machine rarely overlap), and keeps a copy of each trial's
+  Train checkpoint at those epochs (`<out>/pbt/checkpoints/<trial>-e<epoch>`), since the
+  donor's own run deletes older checkpoints as it goes on (CheckpointConfig.num_to_keep);
 - on an exploit writes `<out>/pbt/<trial>.json`: the Train run the trial continues in
   (`<trial>-x<n>`, a new run per exploit) and the donor checkpoint that run starts from;
   `train_trial` reads it when the trial restarts, and the run's loop loads the donor's
@@ -22,6 +24,7 @@ would not fit the donor's checkpoint or its schedule, so such a space is refused
 from __future__ import annotations
 
 import json
+import math
 import random
 import shutil
 from pathlib import Path
@@ -85,16 +88,37 @@ def read_exploits(out: str | Path) -> list[dict[str, Any]]:
 
 def make_pbt(sweep: "SweepConfig", out: Path) -> Any:
     from ray.tune.schedulers import PopulationBasedTraining
-    from ray.tune.schedulers.pbt import _PBTTrialState  # noqa: F401  (the state PBT keeps per trial)
     from ray.train import Checkpoint
 
     space = dict(sweep.space)
     mutations = {k: (list(d.values) if d.kind in ("choice", "grid") else d.to_tune()) for k, d in space.items()}
     pbt_dir = out / PBT_DIR
+    epochs = sweep.train.epochs
 
     class CnnrayPBT(PopulationBasedTraining):
-        def _keep_checkpoint(self, trial: Any, result: Mapping[str, Any]) -> Any:
-            """A copy of the Train checkpoint `result` names, as a Tune Checkpoint."""
+        """Ray's PBT, with trials compared at equal epochs and checkpoints kept per epoch.
+
+        Ray ranks the live trials by their latest scores; on a loaded cluster whose trials
+        start minutes apart, the first trial has often finished before the last reports,
+        so no two trials are ever live together and nothing is exploited. Here a trial
+        reporting epoch t is ranked against every trial's score at epoch t, running or
+        finished, and may take over the epoch-t checkpoint of one in the top quarter."""
+
+        def __init__(self, **kw: Any) -> None:
+            super().__init__(**kw)
+            self._at: dict[int, dict[str, tuple[float, dict[str, Any], str | None]]] = {}
+
+        def on_trial_result(self, tune_controller, trial, result):
+            from ray.tune.experiment import Trial
+            from ray.tune.schedulers import TrialScheduler
+
+            super().on_trial_result(tune_controller, trial, result)
+            # Ray's PBT pauses trials to time-share the cluster with pending ones; a paused
+            # cnnray trial restarts its whole Train run, so only an exploit pauses one.
+            return TrialScheduler.NOOP if trial.status == Trial.PAUSED else TrialScheduler.CONTINUE
+
+        def _keep_checkpoint(self, trial: Any, result: Mapping[str, Any]) -> str | None:
+            """A copy of the Train checkpoint `result` names (its run deletes old ones)."""
             path = result.get("checkpoint_path")
             if not path or not Path(path).is_dir():
                 return None
@@ -104,21 +128,36 @@ def make_pbt(sweep: "SweepConfig", out: Path) -> Any:
                 shutil.rmtree(tmp, ignore_errors=True)
                 shutil.copytree(path, tmp)
                 tmp.rename(kept)
-            return Checkpoint.from_directory(str(kept))
+            return str(kept)
 
         def _checkpoint_or_exploit(self, trial, tune_controller, upper_quantile, lower_quantile):
-            # Ray's own asks the trial to save a Tune checkpoint, which a cnnray trial has
-            # not got: the Train checkpoint it just reported is kept instead.
             state = self._trial_state[trial]
-            if trial in upper_quantile:
-                state.last_checkpoint = self._keep_checkpoint(trial, state.last_result or {})
-                self._num_checkpoints += 1
-            else:
-                state.last_checkpoint = None
-            if trial in lower_quantile:
-                donor = random.choice(upper_quantile)
-                if self._trial_state[donor].last_checkpoint:
-                    self._exploit(tune_controller, trial, donor)
+            result = dict(state.last_result or {})
+            epoch = int(result["epoch"])
+            self._at.setdefault(epoch, {})[trial.trial_id] = (state.last_score, result, self._keep_checkpoint(trial, result))
+            self._num_checkpoints += 1
+            ranked = sorted(self._at[epoch], key=lambda t: self._at[epoch][t][0])
+            n = min(math.ceil(len(ranked) * self._quantile_fraction), len(ranked) // 2)
+            if n == 0 or epoch >= epochs or trial.trial_id not in ranked[:n]:
+                return  # too few to compare, the last epoch, or not in the bottom quarter
+            donors = [t for t in ranked[-n:] if self._at[epoch][t][2]]
+            by_id = {t.trial_id: t for t in tune_controller.get_trials()}
+            if not donors:
+                return
+            donor = by_id[random.choice(donors)]
+            donor_state = self._trial_state[donor]
+            saved = (donor_state.last_checkpoint, donor_state.last_result, donor_state.last_score,
+                     donor_state.last_train_time, donor_state.last_perturbation_time)
+            score, donor_result, ckpt = self._at[epoch][donor.trial_id]
+            # Ray's _exploit reads the donor's state: give it the donor as it was at `epoch`.
+            donor_state.last_checkpoint = Checkpoint.from_directory(ckpt)
+            donor_state.last_result, donor_state.last_score = donor_result, score
+            donor_state.last_train_time = donor_state.last_perturbation_time = epoch
+            try:
+                self._exploit(tune_controller, trial, donor)
+            finally:
+                (donor_state.last_checkpoint, donor_state.last_result, donor_state.last_score,
+                 donor_state.last_train_time, donor_state.last_perturbation_time) = saved
 
         def _exploit(self, tune_controller, trial, trial_to_clone):
             donor_state = self._trial_state[trial_to_clone]
@@ -132,12 +171,12 @@ def make_pbt(sweep: "SweepConfig", out: Path) -> Any:
             atomic_write_json({"run": f"{trial.trial_id}-x{count}", "init_checkpoint": ckpt,
                                "donor": trial_to_clone.trial_id, "epoch": epoch},
                               segment_file(pbt_dir, trial.trial_id))
+            score_to = (self._trial_state[trial].last_result or {}).get(self._metric)
             super()._exploit(tune_controller, trial, trial_to_clone)
             exploits.append({
                 "from": trial_to_clone.trial_id, "to": trial.trial_id, "epoch": epoch,
                 "old": old, "donor": donor_values, "new": {k: trial.config.get(k) for k in space},
-                "score_from": donor_state.last_result.get(self._metric),
-                "score_to": (self._trial_state[trial].last_result or {}).get(self._metric),
+                "score_from": donor_state.last_result.get(self._metric), "score_to": score_to,
                 "checkpoint": ckpt,
             })
             atomic_write_json(exploits, out / EXPLOITS_FILE)

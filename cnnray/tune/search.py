@@ -35,6 +35,10 @@ def check_search(search: str, space: Mapping[str, Dist]) -> None:
             raise ConfigError(f"--search grid enumerates values: {', '.join(ranges)} is a range; "
                               "give it as {grid: [...]} or use --search random or optuna")
     if search == "optuna":
+        import importlib.util
+
+        if importlib.util.find_spec("optuna") is None:
+            raise ConfigError("--search optuna needs Optuna: pip install 'cnnray[optuna]'")
         grids = [k for k, d in space.items() if d.kind == "grid"]
         if grids:
             raise ConfigError(f"--search optuna proposes every value itself: {', '.join(grids)} is a grid; "

@@ -1,6 +1,8 @@
 """Hyperparameter sweeps with Ray Tune over Ray Train runs (`cnnray tune`).
 
-`space` (search spaces over TrainConfig fields), `sweep` (the Tuner and the trial
+`space` (search spaces over TrainConfig fields; `space_effects`: fields that would change
+nothing), `search` (random, grid, Optuna), `schedulers` (ASHA, HyperBand, PBT, budgets),
+`pbt` (exploits and their record), `resources` (fractional GPUs), `sweep` (the Tuner and the trial
 function), `results` (the table, histories, best.json, export), `plots` (sweep.png),
 `cli` (the subcommand). Nothing is imported or started here.
 """

@@ -30,7 +30,6 @@ from cnnray.checkpoint import atomic_write_json
 from cnnray.config import ConfigError, TrainConfig
 from cnnray.tune.pbt import PBT_DIR
 from cnnray.tune.results import RUNS_DIR, TUNE_DIR, finish_sweep, format_value
-from cnnray.tune.schedulers import SCHEDULERS
 from cnnray.tune.space import Dist, default_space, space_from_dict, space_to_dict
 from cnnray.tune.trial import train_trial
 

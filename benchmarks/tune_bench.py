@@ -88,7 +88,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         size["seeds"] = [int(s) for s in args.seeds.split(",")]
     out = Path(args.out).resolve() / time.strftime("%Y%m%d-%H%M%S")
     own = init_ray(None, ray_train=True)
-    results = []
+    machine = machine_info()
+    out.mkdir(parents=True, exist_ok=True)
+    results: list[dict[str, Any]] = []
     try:
         for seed in size["seeds"]:
             for method in METHODS:
@@ -104,13 +106,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                 "best": best["swept"], "exploits": exploits, "seconds": seconds})
                 print(f"[tune_bench] {method} seed {seed}: best val {best['val_accuracy']:.4f} "
                       f"({best['trials']} trials, {spent} trial-epochs, {seconds:.0f}s)", flush=True)
+                record = {"machine": machine, "size": size, "model": args.model, "space": SPACE,
+                          "results": results, "table": table(results)}
+                # After every sweep: a long run stopped early still leaves what it measured.
+                (out / "tune_bench.json").write_text(json.dumps(record, indent=2))
     finally:
         if own:
             ray.shutdown()
-    record = {"machine": machine_info(), "size": size, "model": args.model, "space": SPACE, "results": results,
-              "table": table(results)}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "tune_bench.json").write_text(json.dumps(record, indent=2))
     print(record["table"])
     print(f"[tune_bench] wrote {out / 'tune_bench.json'}")
     return record

@@ -149,9 +149,10 @@ def budget_stopper(budget: int, tune_dir: Path) -> Any:
             self.spent: int | None = None
 
         def __call__(self, trial_id: str, result: dict) -> bool:
-            if self.spent is None:
+            if self.spent is None:  # Tune writes this result to result.json after asking
                 self.spent = spent_trial_epochs(tune_dir)
-            elif "epoch" in result:
+            # A finished trial's last result comes once more, marked done: not an epoch.
+            if "epoch" in result and not result.get("done"):
                 self.spent += 1
             return False
 

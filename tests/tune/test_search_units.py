@@ -278,3 +278,22 @@ def test_pbt_perturbations_stay_inside_the_space():
     space = {"lr": Dist("loguniform", (1e-3, 0.5)), "momentum": Dist("uniform", (0.5, 0.99))}
     assert clip_to_space({"lr": 0.6, "momentum": 0.99 * 1.2}, space) == {"lr": 0.5, "momentum": 0.99}
     assert clip_to_space({"lr": 0.0008, "momentum": 0.4}, space) == {"lr": 1e-3, "momentum": 0.5}
+
+
+def test_budget_counts_each_reported_epoch_once(tmp_path):
+    """What a resumed sweep spent is read from its files; a finished trial's repeated last
+    result (Tune passes it again, marked done) is not another epoch."""
+    import json
+
+    from cnnray.tune.schedulers import budget_stopper, spent_trial_epochs
+
+    (tmp_path / "t0").mkdir()
+    (tmp_path / "t0" / "result.json").write_text("".join(json.dumps({"epoch": e, "val_accuracy": 0.5}) + "\n" for e in (1, 2)))
+    assert spent_trial_epochs(tmp_path) == 2
+    stop = budget_stopper(5, tmp_path)
+    assert not stop("t1", {"epoch": 1}) and stop.spent == 3 and not stop.stop_all()
+    stop("t1", {"epoch": 1, "done": True})  # the duplicate of a finished trial's last result
+    assert stop.spent == 3
+    stop("t1", {"epoch": 2})
+    stop("t2", {"epoch": 1})
+    assert stop.spent == 5 and stop.stop_all()

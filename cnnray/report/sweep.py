@@ -211,7 +211,7 @@ def write_sweep_report(sweep_dir: str | Path, out_dir: str | Path | None = None,
                             "normalisation (left), and where the trials sat in the lr-momentum plane (right).")
                 if hp else html.note("No numeric setting varied between trials: nothing to plot against."))
     sections.append(html.Section("Trials", "".join(body)))
-    columns = ["trial_id", *keys, "epochs_run", "best_val_accuracy", "stopped_early", "status", "error"]
+    columns = ["trial_id", *keys, "epochs_run", "best_val_accuracy", "stopped_early", "status", "exploits", "error"]
     columns = [c for c in columns if any(t.get(c) not in (None, "") for t in trials)]
     from cnnray.tune.pbt import read_exploits
 

@@ -153,9 +153,11 @@ def finish_sweep(sweep: "SweepConfig", out: Path, *, seconds: float, echo: Calla
         echo(f"[cnnray] sweep interrupted with {done} of {sweep.num_trials} trials done: "
              "rerun the same command with --resume")
         raise KeyboardInterrupt
+    exploits = write_exploits(out)
+    for row in rows if exploits else []:  # PBT: each trial's exploits in its own row too
+        row["exploits"] = "; ".join(f"epoch {e['epoch']} from {e['from']}" for e in exploits if e["to"] == row["trial_id"])
     write_table(rows, out)
     atomic_write_json(histories, out / HISTORIES_FILE)
-    exploits = write_exploits(out)
     ran = [r for r in rows if r["epochs_run"] > 0]
     if not ran:
         raise SweepError(f"no trial reported an epoch; see the errors in {out / TRIALS_CSV}")

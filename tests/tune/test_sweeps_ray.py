@@ -95,6 +95,7 @@ def test_pbt_exploits_are_recorded_and_take_effect(local_ray, mnist_dir, tmp_pat
         assert after["val_accuracy"] > history[0]["val_accuracy"]
     assert (Path(e["checkpoint"]) / "meta.json").is_file() and str(good) in e["checkpoint"]
     assert donor_epoch1["val_accuracy"] == pytest.approx(e["score_from"])
+    assert table.loc[weak, "exploits"] == f"epoch 1 from {good}"  # the trial table names it too
     csv = pd.read_csv(out / "exploits.csv")
     assert list(csv.columns) == ["from", "to", "epoch", "lr_old", "lr_donor", "lr_new"] and len(csv) == 1
     assert any("PBT exploit" in line for line in lines)

@@ -6,7 +6,8 @@ Runs, all small and outside the repository (under --runs; nothing there is commi
 a 2-epoch `cnnray train` of the MNIST CNN on a 5,000-image subset (local mode: no Ray),
 its report page, a 4-trial `cnnray tune` sweep on a 2,000-image subset (starts a private
 local Ray and stops it), and `cnnray serve` of the trained checkpoint (started, shot and
-stopped with SIGTERM). Screenshots use Debian's headless `chromium`. The DDP data-flow
+stopped with SIGTERM). Screenshots use Debian's headless `chromium` (the digit page through `chromium-driver`
+and selenium, the test extra's, to draw a digit and press Predict). The DDP data-flow
 diagram is drawn with matplotlib. Every PNG is reduced to a 256-colour palette so each
 stays well under 200 KB. Takes ~3-6 minutes on a 2-core machine.
 """
@@ -105,6 +106,39 @@ def ddp_diagram(dst: Path) -> None:
     dst.with_suffix(".raw.png").unlink()
 
 
+def draw_and_shoot(url: str, dst: Path) -> None:
+    """Draw a 7 on the digit page, press Predict, wait for the top 3, and shoot the page
+    (selenium driving Debian's chromium through chromium-driver, as the page's test does)."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium") or sys.exit("needs Debian's chromium")
+    with tempfile.TemporaryDirectory() as profile, tempfile.TemporaryDirectory() as shots:
+        for flag in [*CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--window-size=900,1000"]:
+            options.add_argument(flag)
+        browser = webdriver.Chrome(service=Service(executable_path=shutil.which("chromedriver")), options=options)
+        try:
+            browser.get(url)
+            WebDriverWait(browser, 60).until(lambda b: b.find_elements(By.CSS_SELECTOR, "#model option"))
+            pad = browser.find_element(By.ID, "pad")
+            (ActionChains(browser).move_to_element_with_offset(pad, -80, -90).click_and_hold()
+             .move_by_offset(80, 0).move_by_offset(80, 0).move_by_offset(-50, 90).move_by_offset(-50, 90)
+             .release().perform())
+            browser.find_element(By.ID, "predict").click()
+            status = browser.find_element(By.ID, "status")
+            WebDriverWait(browser, 60).until(lambda b: status.get_attribute("data-done") == "1")
+            time.sleep(0.5)  # the sent image's <img> decodes after the answer
+            raw = Path(shots) / "shot.png"
+            browser.save_screenshot(str(raw))
+        finally:
+            browser.quit()
+        shrink(raw, dst, 700)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -125,7 +159,7 @@ def serve_page(checkpoint: str, dst: Path) -> None:
                 if proc.poll() is not None or time.monotonic() > deadline:
                     sys.exit("cnnray serve did not come up")
                 time.sleep(2)
-        screenshot(f"http://127.0.0.1:{port}/", dst, "900,700", 700)
+        draw_and_shoot(f"http://127.0.0.1:{port}/", dst)
     finally:
         proc.terminate()  # SIGTERM: cnnray serve removes what it started
         proc.wait(timeout=120)

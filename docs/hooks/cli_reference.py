@@ -31,13 +31,14 @@ def option_rows(parser: argparse.ArgumentParser) -> Iterator[tuple[str, str, str
     for a in parser._actions:
         if isinstance(a, (argparse._HelpAction, argparse._SubParsersAction)) or a.help == argparse.SUPPRESS:
             continue
-        flags = ", ".join(a.option_strings) if a.option_strings else (a.metavar or a.dest)
+        # The value's name as --help shows it: the metavar, else the choices, else DEST.
+        choices = "{" + ",".join(map(str, a.choices)) + "}" if a.choices is not None else None
+        value = a.metavar or choices or (a.dest.upper() if a.option_strings else a.dest)
+        flags = ", ".join(a.option_strings) if a.option_strings else str(value)
         if a.option_strings and a.nargs != 0:
-            flags += " " + str(a.metavar or a.dest.upper())
-        if a.choices is not None and not isinstance(a, argparse._SubParsersAction):
-            flags += " {" + ",".join(map(str, a.choices)) + "}"
+            flags += f" {value}"
         default = a.default
-        shown = "" if default in (None, argparse.SUPPRESS) or a.nargs == 0 else repr(default)
+        shown = "" if default in (None, argparse.SUPPRESS) or a.nargs == 0 else str(default)
         if a.required and a.option_strings:
             shown = "required"
         yield flags, parser._get_formatter()._expand_help(a) if a.help else "", shown
@@ -55,7 +56,8 @@ def render(parser: argparse.ArgumentParser) -> str:
                 "```text", sub.format_usage().strip(), "```\n",
                 "| option | meaning | default |", "|---|---|---|"]
         for flags, text, default in option_rows(sub):
-            out.append(f"| <code>{_cell(flags)}</code> | {_cell(text)} | {_cell(default)} |")
+            shown = f"<code>{_cell(default)}</code>" if default and default != "required" else default
+            out.append(f"| <code>{_cell(flags)}</code> | {_cell(text)} | {shown} |")
         out.append("")
     return "\n".join(out)
 

@@ -109,6 +109,22 @@ def test_reference_lists_every_flag_of_every_subcommand(site: Path) -> None:
                 assert name in sections[command], f"{command}: {name} missing from the reference page"
 
 
+def test_troubleshooting_lists_every_error_message(site: Path) -> None:
+    """The generated index on the troubleshooting page has a row for every message the
+    code raises to a user (ConfigError ... RequestError), read from the source again here."""
+    import html as html_lib
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("error_index", DOCS / "hooks" / "error_index.py")
+    index = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(index)
+    rows = index.messages(REPO / "cnnray")
+    assert len(rows) > 100  # the walk found the raises (183 messages when this test was written)
+    page = html_lib.unescape((site / "troubleshooting" / "index.html").read_text())
+    for _, _, text, at in rows:
+        assert at in page, f"{at}: {text} is missing from the troubleshooting page"
+
+
 @pytest.mark.parametrize("page", [p for p in PAGES if marked_commands(p, slow=False)], ids=lambda p: p.name)
 def test_quick_commands_run(page: Path, capsys) -> None:
     from cnnray.cli import main

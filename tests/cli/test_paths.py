@@ -90,7 +90,8 @@ def test_train_config_resolves_every_path_field_once(home, tmp_path):
 
 def test_yaml_paths_and_the_config_file_itself(home):
     (home / "c.yaml").write_text("out: '~/runs/a'\nstorage_path: ckpts\ndata_dir: ../data\n")
-    from cnnray.cli import build_parser, config_from_args
+    from cnnray.cli import build_parser
+    from cnnray.cli.flags import config_from_args
 
     cfg = config_from_args(build_parser().parse_args(["train", "--config", "~/c.yaml"]))
     assert cfg.out == str(home / "runs" / "a")

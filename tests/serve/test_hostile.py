@@ -187,6 +187,7 @@ def post_json_bytes(url: str, body: bytes, timeout: float = 120) -> requests.Res
 
 
 # --- 1. every request's cost is bounded before the work starts ----------------------------------
+@pytest.mark.slow  # a server
 def test_json_of_many_tiny_arrays_is_refused_before_it_is_parsed(local):
     # Just under 8 MiB of [[0],[0],...]: ~300 MB of Python lists once parsed, on the event loop.
     body = b'{"instances": [' + b",".join([b"[0]"] * (2 * 1024 * 1024 - 8)) + b"]}"
@@ -199,6 +200,7 @@ def test_json_of_many_tiny_arrays_is_refused_before_it_is_parsed(local):
     probe.check("an 8 MiB JSON body of tiny arrays")
 
 
+@pytest.mark.slow  # a server
 def test_deeply_nested_json_is_refused(local):
     depth = 10_000  # within the values budget: refused for its depth
     body = b'{"instances": ' + b"[" * depth + b"]" * depth + b"}"
@@ -206,6 +208,7 @@ def test_deeply_nested_json_is_refused(local):
     assert r.status_code == 400 and "nested" in r.json()["error"], r.text
 
 
+@pytest.mark.slow  # a server
 def test_pixels_times_instances_are_bounded_before_decoding(local):
     big = io.BytesIO()
     Image.new("L", (4096, 4096)).save(big, format="PNG", optimize=True)  # ~16 KB each
@@ -276,6 +279,7 @@ def _decode_cost_bombs() -> list[tuple[str, bytes]]:
     ]
 
 
+@pytest.mark.slow  # a server
 @pytest.mark.parametrize("case", _decode_cost_bombs(), ids=lambda c: c[0])
 def test_images_that_cost_more_than_their_pixels_are_refused_before_decoding(local, case):
     """One example per kind of decode work the pixel budget misses (a PNG's chunk count, an
@@ -289,6 +293,7 @@ def test_images_that_cost_more_than_their_pixels_are_refused_before_decoding(loc
     assert r.status_code == 413 and r.json()["error"].startswith("instance 1: "), r.text
 
 
+@pytest.mark.slow  # a server
 def test_decode_cost_limits_bound_a_request_not_each_image(local):
     """:predict instances each under the chunk limit, over it together: 413 before decoding
     (20 PNGs of 600 chunks each: 12,000 chunks cost Pillow as one PNG of 12,000)."""
@@ -301,6 +306,7 @@ def test_decode_cost_limits_bound_a_request_not_each_image(local):
     assert predict(local.url, "digits", [b64(each)] * 2).status_code == 200
 
 
+@pytest.mark.slow  # a server
 def test_real_images_within_the_decode_cost_limits_still_decode(local):
     """The limits refuse no real image: image data in many small IDAT chunks (libpng writes
     8 KiB ones) and a small RLE8 BMP give the pixels of the plain PNG; JPEGs with binary
@@ -387,6 +393,7 @@ def test_one_bad_request_never_fails_its_batch_mates(tmp_path, monkeypatch):
     assert not any(map(math.isfinite, together[3])), "the overflow model's row is its own NaN"
 
 
+@pytest.mark.slow  # a server
 @pytest.mark.parametrize("route", ["torchserve", "kserve"])
 def test_decoding_never_runs_on_the_event_loop(local, monkeypatch, route):
     """A decode that takes seconds (a many-scan progressive JPEG; here a stand-in that sleeps)
@@ -418,6 +425,7 @@ def test_decoding_never_runs_on_the_event_loop(local, monkeypatch, route):
     probe.check(f"a 3 s decode ({route})")
 
 
+@pytest.mark.slow  # a server
 def test_bodies_held_at_once_are_bounded(tmp_path):
     """Many large uploads at once cannot exhaust a replica's memory: past `max_buffered_bytes`
     a request gets 429 with Retry-After, and what was held is given back afterwards."""
@@ -471,6 +479,7 @@ def read_status(s: socket.socket, timeout_s: float) -> str:
     return data.split(b"\r\n", 1)[0].decode("latin-1")
 
 
+@pytest.mark.slow  # a server
 def test_stalled_bodies_get_408_and_others_keep_being_served(local):
     socks = stalled_connections("127.0.0.1", local.port, "/predictions/digits", 20)
     try:
@@ -488,6 +497,7 @@ def test_stalled_bodies_get_408_and_others_keep_being_served(local):
 
 
 # --- 3. oversized uploads: the client reads the 413 ------------------------------------------------
+@pytest.mark.slow  # a server
 @pytest.mark.parametrize("size_mb", [30, 60])
 def test_oversized_upload_answers_a_readable_413(local, size_mb):
     body = b'{"instances": [{"b64": "' + b"A" * (size_mb * 1024 * 1024) + b'"}]}'
@@ -497,6 +507,7 @@ def test_oversized_upload_answers_a_readable_413(local, size_mb):
     probe.check(f"a {size_mb} MB upload")
 
 
+@pytest.mark.slow  # a server
 def test_oversized_upload_with_urllib_and_chunked(local):
     body = b"\x89PNG" + bytes(30 * 1024 * 1024)
     req = urllib.request.Request(f"{local.url}/predictions/digits", data=body,
@@ -538,6 +549,7 @@ def _same_answers_cases() -> list[tuple]:
     ]
 
 
+@pytest.mark.slow  # a server
 @pytest.mark.parametrize("case", _same_answers_cases(), ids=lambda c: c[0])
 def test_lean_path_answers_as_fastapi_does(twins, case):
     """Every status, error body and header that matters, the same on both apps."""
@@ -551,6 +563,7 @@ def test_lean_path_answers_as_fastapi_does(twins, case):
         assert a.headers.get(h, "").replace(local.url, "") == b.headers.get(h, "").replace(plain.url, ""), h
 
 
+@pytest.mark.slow  # a server
 def test_lean_path_counts_requests_as_fastapi_does(twins):
     """After the cases above, both apps counted the same requests by model, API and status."""
     from prometheus_client.parser import text_string_to_metric_families
@@ -594,6 +607,7 @@ def test_nan_weights_are_refused_at_load(tmp_path):
         LocalBackend({"diverged": ref})
 
 
+@pytest.mark.slow  # a server
 def test_non_finite_output_is_a_4xx_and_metrics_count_the_status_sent(local):
     from prometheus_client.parser import text_string_to_metric_families
 

@@ -146,6 +146,7 @@ def _names(pids: set[int]) -> dict[int, str]:
     return out
 
 
+@pytest.mark.slow  # starts Ray or a server
 def test_cnnray_serve_listens_on_loopback_only_and_sigterm_leaves_nothing_behind(tmp_path):
     import psutil
 
@@ -205,6 +206,7 @@ def test_cnnray_serve_listens_on_loopback_only_and_sigterm_leaves_nothing_behind
 
 
 # --- Ray's own `serve run` of jobs/configs/serve.yaml: fast ingress, and the store watched ----------
+@pytest.mark.slow  # starts Ray or a server
 def test_serve_run_of_the_shipped_config_swaps_in_new_store_versions_itself(tmp_path):
     """What a RayService runs (no `cnnray serve` beside it): each replica finds the new version."""
     import yaml
@@ -295,6 +297,7 @@ def test_haproxy_socket_paths_fit(tmp_path):
     assert len("/tmp/cnnray-ray.XXXXXX/h") + 1 + 56 + len("/metrics.sock") <= 97
 
 
+@pytest.mark.slow  # starts Ray or a server
 def test_haproxy_answers_its_own_errors_readably(short_dir):
     """HAProxy as Ray configures it, through the wrapper: with no replica to answer, the client
     reads a JSON 500 (Ray's 502/503/504 mapping, cnnray's body); malformed HTTP gets a 400 that

@@ -116,6 +116,7 @@ def test_resume_refuses_only_what_cannot_be_honoured(tmp_path):
 # --- the Ray token -----------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # starts Ray or a server
 def test_local_ray_init_keeps_the_token_private(tmp_path, monkeypatch):
     """Issue 13: a local ray.init() (token auth on) wrote ~/.ray/auth_token 0644 in a 0755
     folder. Ray's own token writer stands in for the start of a real Ray here."""

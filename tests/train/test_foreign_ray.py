@@ -60,7 +60,8 @@ def foreign_head(tmp_path):
     ray_tmp = Path(tempfile.mkdtemp(prefix="rf-", dir="/tmp"))
     home = tmp_path / "home"
     home.mkdir()
-    env = {**os.environ, "RAY_TMPDIR": str(ray_tmp), "HOME": str(home)}
+    # A loaded machine registers a raylet slowly (Ray's default wait: 10 s).
+    env = {**os.environ, "RAY_TMPDIR": str(ray_tmp), "HOME": str(home), "RAY_raylet_start_wait_time_s": "120"}
     env.pop("RAY_ADDRESS", None)
     log = open(tmp_path / "head.log", "w+")
     ports = [f"--{name}={free_port()}" for name in ("port", "dashboard-port", "ray-client-server-port",
@@ -68,9 +69,7 @@ def foreign_head(tmp_path):
     head = subprocess.Popen(
         [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", *ports,
          "--num-cpus=1", "--include-dashboard=false", "--disable-usage-stats"],
-        # A loaded machine registers the raylet slowly (Ray's default wait: 10 s).
-        env={**env, "RAY_raylet_start_wait_time_s": "120"},
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     pids: list[int] = [head.pid]
     try:

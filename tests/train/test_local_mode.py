@@ -109,6 +109,7 @@ def _python(code: str, timeout_s: float) -> subprocess.CompletedProcess:
     return proc
 
 
+@pytest.mark.slow  # starts Ray or a server
 def test_a_local_ray_runs_its_workers_at_normal_priority():
     """Ray's default worker niceness (15) lets anything at 0 take the CPU from a training
     worker; the Ray that cnnray starts runs them at 0."""

@@ -189,11 +189,7 @@ def _check_app_name_free() -> None:
     from cnnray.config import ConfigError
     from cnnray.serve.defaults import APP_NAME
 
-    try:
-        apps = serve.status().applications
-    except Exception:  # no Serve on the cluster yet: nothing of ours to collide with
-        return
-    if APP_NAME in apps:
+    if APP_NAME in serve.status().applications:  # empty where Serve has not started (starts nothing)
         raise ConfigError(f"the Ray cluster already serves an application named {APP_NAME!r}: stop it "
                           "(serve shutdown, or the job that deployed it) before serving there again")
 

@@ -90,7 +90,7 @@ def test_stream_matches_memory_split_pixels_and_stats(local_ray, folder, tarball
     data_dir = {"tree": str(folder), "tarball": str(tarball), "file_uri": f"file://{folder}"}[source]
     memory_dir = tarball if source == "tarball" else folder
     cfg = _cfg(data_dir, "ray-data", subset=60)
-    info = scan(cfg, tmp_path)
+    info = scan(cfg.dataset, cfg.data_dir, tmp_path)
     ds = load_dataset("imagefolder", memory_dir, cache_dir=tmp_path / "npz")
     # Statistics, classes and shape exactly as the in-memory loader computes them.
     assert info.mean == ds.mean and info.std == ds.std
@@ -98,7 +98,8 @@ def test_stream_matches_memory_split_pixels_and_stats(local_ray, folder, tarball
     # The same split rule: the subset, then round(N * val_fraction) held out; same pixels.
     x, y = take_subset(ds.train_images, ds.train_labels, cfg.subset, cfg.seed)
     tx, ty, vx, vy = split_train_val(x, y, cfg.val_fraction, cfg.seed)
-    sets = build_datasets(cfg, info, "none", ("train", "val", "test"), tmp_path)
+    sets = build_datasets(info, cfg.data_dir, augment="none", pad=cfg.crop_padding, subset=cfg.subset, seed=cfg.seed,
+                          val_fraction=cfg.val_fraction, splits=("train", "val", "test"), cache_dir=tmp_path)
     for name, (ex, ey) in {"train": (tx, ty), "val": (vx, vy)}.items():
         got = _rows(sets[name])
         assert _sorted(*got) == _sorted(ex.numpy(), ey.numpy()), name
@@ -108,7 +109,7 @@ def test_stream_matches_memory_split_pixels_and_stats(local_ray, folder, tarball
 
 def test_gray_folder_streams_one_channel(local_ray, tmp_path):
     root = make_folder(tmp_path / "gray", train=10, test=4, gray=True)
-    info = scan(_cfg(root, "ray-data"), tmp_path)
+    info = scan("imagefolder", str(root), tmp_path)
     ds = load_dataset("imagefolder", root, cache_dir=tmp_path / "npz")
     assert info.input_shape == ds.input_shape == (1, 16, 16)
     assert info.mean == ds.mean and info.std == ds.std
@@ -234,9 +235,9 @@ def test_scan_names_a_corrupt_file_directly(local_ray, tmp_path):
     bad = make_folder(tmp_path / "bad", train=10, test=4)
     (bad / "test" / "circle" / "002.jpg").write_bytes(b"\xff\xd8\xff\xe0 cut")
     with pytest.raises(DataError, match="002.jpg"):
-        scan(_cfg(bad, "ray-data"), tmp_path)
+        scan("imagefolder", str(bad), tmp_path)
     assert list_source(str(bad)).train[0].name.endswith("train/circle/000.jpeg")
-    json.dumps(scan(_cfg(make_folder(tmp_path / "ok", train=10, test=4), "ray-data"), tmp_path).to_dict())
+    json.dumps(scan("imagefolder", str(make_folder(tmp_path / "ok", train=10, test=4)), tmp_path).to_dict())
 
 
 def test_the_alternating_flip_is_refused_for_a_stream_and_keeps_auto_in_memory(folder, tmp_path):

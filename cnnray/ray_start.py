@@ -44,7 +44,7 @@ REPEATED_WARNINGS = {
         "Failed to query Ray Train Controller actor state",
     "ray._private.services": "Found multiple active Ray instances",
 }
-WORKER_SETUP_HOOK = "cnnray.ray_start.quiet_repeated_warnings"
+WORKER_SETUP_HOOK = "cnnray.ray_start.setup_worker"
 
 
 class _OncePerProcess(logging.Filter):
@@ -70,6 +70,23 @@ def quiet_repeated_warnings() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _OncePerProcess) for f in logger.filters):
             logger.addFilter(_OncePerProcess(prefix))
+
+
+def setup_worker() -> None:
+    """Ray's worker_process_setup_hook for cnnray's Ray Train jobs: the repeated warnings
+    once (REPEATED_WARNINGS), and this worker's own cluster as $RAY_ADDRESS. Ray's state
+    API (Ray Train's placement-group cleaner asks it every second whether the run's
+    controller lives) finds its cluster from $RAY_ADDRESS, else from the temp dir's
+    `ray_current_cluster` (a `ray start` head: maybe someone else's Ray), else fails when
+    several Rays run on the machine: it must ask the Ray it runs in."""
+    import ray
+
+    quiet_repeated_warnings()
+    try:
+        own = ray.get_runtime_context().gcs_address
+    except Exception:  # noqa: BLE001 (a failing hook would end the worker: leave the variable unset)
+        return
+    os.environ.setdefault("RAY_ADDRESS", own)
 
 
 def joining_cluster(address: str | None = None) -> bool:

@@ -60,23 +60,23 @@ class Predictions:
 def evaluate_test_set(model: nn.Module, cfg: TrainConfig, tta: str | None = None) -> Predictions:
     """Run `model` over the test split (cfg's subset and seed) on the CPU.
 
-    The batches come from `held_out_batches`, the same function the final test accuracy
-    of a run uses, and the logits average the same test-time augmentation views (`tta`,
+    The batches come from `cnnray.data.test_batches`, as the final test accuracy of a run
+    takes them, and the logits average the same test-time augmentation views (`tta`,
     default the run's cfg.tta, which its checkpoints record), so the numbers here match
     result.json's test_accuracy and Serve's predictions.
     """
+    from cnnray.data import eval_batch_size, load_dataset, take_subset, test_batches
     from cnnray.models.tta import tta_logits
 
-    from cnnray.data import take_subset
-    from cnnray.train.worker_data import held_out_batches, load_for
-
     cpu = torch.device("cpu")
-    ds = load_for(cfg)
+    ds = load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download)
     images, labels = take_subset(ds.test_images, ds.test_labels, cfg.subset, cfg.seed)
+    batch = eval_batch_size(ds.input_shape, gpu=cfg.gpu, train_batch=cfg.batch_size_per_worker)
     model = model.to(cpu).eval()
     probs, seen = [], []
     with torch.no_grad():
-        for x, y in held_out_batches(cfg, cpu, ds=ds):  # unshuffled, one rank: the subset's order
+        # Unshuffled, one rank: the subset's order.
+        for x, y in test_batches(ds, subset=cfg.subset, seed=cfg.seed, batch_size=batch, device=cpu):
             probs.append(torch.softmax(tta_logits(model, x, cfg.tta if tta is None else tta), dim=1))
             seen.append(y)
     got = torch.cat(seen) if seen else torch.zeros(0, dtype=torch.int64)

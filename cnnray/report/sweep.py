@@ -25,9 +25,9 @@ import numpy as np
 from cnnray.config import ConfigError, TrainConfig
 from cnnray.report import html, plots
 from cnnray.report.run import PAGE, REPORT_DIR, config_table, read_json
-from cnnray.tune.results import BEST_FILE as BEST
-from cnnray.tune.results import HISTORIES_FILE as HISTORIES
-from cnnray.tune.results import TRIALS_CSV, TRIALS_PARQUET
+from cnnray.files import BEST_FILE as BEST
+from cnnray.files import HISTORIES_FILE as HISTORIES
+from cnnray.files import TRIALS_CSV, TRIALS_PARQUET
 
 LEGEND_MAX = 12  # trials named in a chart's legend; more would hide the curves
 NORM_MARKERS = {"none": "o", "batch": "s", "group": "^", "layer": "D"}

@@ -7,7 +7,7 @@
   config exist and fit the cluster's GPUs, the Serve config passes Ray Serve's schema and
   cnnray's app arguments, volumes and claims resolve;
 - the container recipe: every file it copies exists and survives its .dockerignore;
-- cluster/local.sh: syntax and its answers when no head runs (tests/test_jobs.py starts one).
+- cluster/local.sh: syntax and its answers when no head runs (tests/deploy/test_jobs.py starts one).
 """
 
 from __future__ import annotations

@@ -49,7 +49,7 @@ def test_colour_image_for_a_grayscale_model_becomes_one_channel():
     from cnnray.serve.preprocess import decode_image
 
     rgba = np.full((28, 28, 4), 200, dtype=np.uint8)
-    rgba[..., 3] = 255  # opaque (transparency is composited on white: tests/test_decode.py)
+    rgba[..., 3] = 255  # opaque (transparency is composited on white: tests/data/test_decode.py)
     out = decode_image(encode(Image.fromarray(rgba, mode="RGBA"), "PNG"), [1, 28, 28], 10**6)
     assert out.shape == (1, 28, 28) and int(out[0, 0, 0]) == 200
 

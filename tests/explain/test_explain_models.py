@@ -58,8 +58,10 @@ def one_thread():
 
 @pytest.fixture
 def few_windows(monkeypatch):
-    """Occlusion with 2 x 2 windows: the registry-wide tests check shapes, not the bound."""
+    """Occlusion with 2 x 2 windows of half the side: the registry-wide tests check shapes,
+    not the bound (tested below with the real settings)."""
     monkeypatch.setattr(attribution, "OCCLUSION_STEPS", 2)
+    monkeypatch.setattr(attribution, "OCCLUSION_WINDOW_SHARE", 0.5)
 
 
 @pytest.mark.parametrize("name", list_models())

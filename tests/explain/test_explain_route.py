@@ -206,3 +206,30 @@ def test_serve_flag_and_args_carry_no_explain():
     on = serve_args_from(parser.parse_args(["serve", "--checkpoint", ".", "--name", "m"]))
     off = serve_args_from(parser.parse_args(["serve", "--checkpoint", ".", "--name", "m", "--no-explain"]))
     assert on.explain is True and off.explain is False
+
+
+def run_cli(capsys, *args: str) -> tuple[int, str, list[str]]:
+    from cnnray.cli import main
+
+    try:
+        code = main(list(args))
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, [line for line in err.splitlines() if line.strip()]
+
+
+def test_predict_explain_never_overwrites_silently(tmp_path, capsys):
+    """Refused in one line (exit 2) before anything is sent: the URL below answers nothing."""
+    digit = tmp_path / "digit.png"
+    digit.write_bytes(DIGIT_PNG)
+    (tmp_path / "digit.gradcam.png").write_bytes(b"mine")
+    url = "http://127.0.0.1:9"  # discard port: nothing listens
+    code, _, err = run_cli(capsys, "predict", "--url", url, "--model", "digits", "--explain", str(digit))
+    assert code == 2 and len(err) == 1 and "digit.gradcam.png exists: remove it or pass --overwrite" in err[0]
+    assert (tmp_path / "digit.gradcam.png").read_bytes() == b"mine"
+    other = tmp_path / "digit.jpg"
+    other.write_bytes(DIGIT_PNG)
+    code, _, err = run_cli(capsys, "predict", "--url", url, "--model", "digits", "--explain", "--overwrite",
+                           str(digit), str(other))
+    assert code == 2 and len(err) == 1 and "would both write" in err[0]

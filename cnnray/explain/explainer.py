@@ -202,7 +202,8 @@ class Explainer:
             heatmaps.append(Heatmap("occlusion", values, overlay_png(pixels, values), _plan_json(plan)))
         if "gradcam" in opts.methods and self.cam is not None:
             values, small = gradcam(self.model, x, target, self.cam)
-            details = {"layer": self.cam.name, "layer_shape": list(self.cam.output_shape), "layer_map": small.tolist()}
+            details = {"layer": self.cam.name, "layer_shape": list(self.cam.output_shape),
+                       "layer_map": np.round(small.numpy().astype(np.float64), 6).tolist()}
             heatmaps.append(Heatmap("gradcam", values, overlay_png(pixels, values), details))
         layers = []
         if opts.layers:

@@ -424,9 +424,13 @@ def main(argv: list[str] | None = None) -> int:
                     if args.explain_clients > 0:
                         from benchmarks.explain_load import run_load_beside_explain
 
+                        cpu_before = tree_cpu_s(proc.pid)
                         beside, stats = run_load_beside_explain(
                             url, args.name, pngs, labels, requests=args.requests, concurrency=args.concurrency,
                             server=label, api=api, clients=args.explain_clients)
+                        cpu_after = tree_cpu_s(proc.pid)
+                        if cpu_before is not None and cpu_after is not None:  # explanations' CPU included
+                            beside.server_cpu_ms_per_request = round((cpu_after - cpu_before) * 1000 / args.requests, 3)
                         results.append(beside)
                         extras.setdefault(f"{kind} explain beside {api}", stats)
                         print(f"[bench] {beside.server}, {ROUTES[api]}: {beside.requests_per_s} requests/s, "

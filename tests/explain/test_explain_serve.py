@@ -169,7 +169,7 @@ def test_page_shows_the_heat_maps_and_response_maps_while_drawing(served, browse
     assert f"(class {top}," in status.text
     shot = tmp_path / "explain-page.png"
     height = browser.execute_script("return document.body.scrollHeight")
-    browser.set_window_size(900, min(2400, height + 140))  # the whole page, heat maps and strip included
+    browser.set_window_size(900, min(2400, height + 320))  # the whole page, heat maps and strip included
     browser.save_screenshot(str(shot))
     if os.environ.get("CNNRAY_DOCS_SCREENSHOT"):
         with Image.open(shot) as img:  # a small PNG for the docs: palette colours

@@ -1,7 +1,7 @@
 """`cnnray predict --explain`: each image's heat maps, written as PNG files beside it.
 
     cnnray predict --model mnist --explain digit.png
-    digit.png  7  0.9871
+    digit.png  7  0.9991
       wrote digit.occlusion.png
       wrote digit.gradcam.png
 

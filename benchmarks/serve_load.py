@@ -357,6 +357,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="torch threads per server process (the replica's CPUs); default 1")
     p.add_argument("--gpu", action="store_true", help="both servers on the GPU (cnnray serve --gpu: one per replica)")
     p.add_argument("--skip-plain", action="store_true", help="only measure cnnray serve")
+    p.add_argument("--explain-clients", type=int, default=0,
+                   help="after each predict load, run it again with this many clients POSTing :explain beside "
+                        "it (benchmarks/explain_load.py); default 0: no explain load")
     p.add_argument("--out", default="runs/bench/serve_load.json", help="JSON record (a run output, not committed); default %(default)s")
     p.add_argument("--log", default=None, help="the servers' output; default a file in the temp folder")
     p.add_argument("--start-timeout", type=float, default=300.0, help="seconds for a server to come up")
@@ -418,7 +421,22 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"[bench] {label}, {ROUTES[api]}: {result.requests_per_s} requests/s, "
                           f"p50 {result.p50_ms} ms, p99 {result.p99_ms} ms, {result.errors} errors, "
                           f"server CPU {result.server_cpu_ms_per_request} ms per request", flush=True)
-                extras[kind] = {**info, **batch_stats(url)}
+                    if args.explain_clients > 0:
+                        from benchmarks.explain_load import run_load_beside_explain
+
+                        cpu_before = tree_cpu_s(proc.pid)
+                        beside, stats = run_load_beside_explain(
+                            url, args.name, pngs, labels, requests=args.requests, concurrency=args.concurrency,
+                            server=label, api=api, clients=args.explain_clients)
+                        cpu_after = tree_cpu_s(proc.pid)
+                        if cpu_before is not None and cpu_after is not None:  # explanations' CPU included
+                            beside.server_cpu_ms_per_request = round((cpu_after - cpu_before) * 1000 / args.requests, 3)
+                        results.append(beside)
+                        extras.setdefault(f"{kind} explain beside {api}", stats)
+                        print(f"[bench] {beside.server}, {ROUTES[api]}: {beside.requests_per_s} requests/s, "
+                              f"p50 {beside.p50_ms} ms, p99 {beside.p99_ms} ms, {beside.errors} errors; "
+                              f"explain: {stats['explains_per_s']}/s, statuses {stats['statuses']}", flush=True)
+                extras[kind] = {**extras.get(kind, {}), **info, **batch_stats(url)}
             finally:
                 code = stop(proc)
                 extras.setdefault(kind, {})["exit_code"] = code

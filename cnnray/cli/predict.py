@@ -30,6 +30,10 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--model", required=True, help="model name (see GET /v1/models)")
     p.add_argument("--timeout", type=Range(0, 86_400, lo_open=True).argtype(float), default=60.0, help="seconds to wait for an answer; default 60")
     p.add_argument("--json", action="store_true", help="print the server's JSON answers instead of a table")
+    p.add_argument("--explain", action="store_true",
+                   help="also ask POST :explain for each image and write its heat maps beside it: IMAGE's "
+                        "folder gets STEM.occlusion.png and STEM.gradcam.png (refused if one exists)")
+    p.add_argument("--overwrite", action="store_true", help="with --explain: replace heat maps already there")
     p.set_defaults(func=cmd_predict)
 
 
@@ -49,6 +53,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
             raise ConfigError(str(e)) from None
         except OSError as e:
             raise ConfigError(f"cannot read {f}: {e.strerror or e}") from None
+    if args.explain:
+        from cnnray.serve.predict_explain import explain_files
+
+        return explain_files(args, files)
     endpoint = f"{args.url.rstrip('/')}/v1/models/{urllib.request.quote(args.model, safe='')}:predict"
     width = max(len(str(f)) for f in files)
     for start in range(0, len(files), PREDICT_CHUNK):

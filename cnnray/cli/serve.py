@@ -53,6 +53,9 @@ def add_parser(sub: Any) -> None:
                    help="fast: HAProxy in front of replicas that answer HTTP themselves (Ray Serve's fast "
                         "ingress); proxy: Serve's Python HTTP proxy. For a local Ray only (a cluster's "
                         "environment decides); default fast")
+    p.add_argument("--no-explain", action="store_true",
+                   help="turn off POST /v1/models/{name}:explain (heat maps and response maps of an image); "
+                        "the route then answers 403")
     p.add_argument("--address", help="Ray cluster to join (auto: the `ray start` on this machine); default $RAY_ADDRESS, else a new private local Ray")
     p.add_argument("--print-config", action="store_true",
                    help="print the Serve config YAML for `serve deploy` and exit (starts nothing)")
@@ -85,6 +88,7 @@ def serve_args_from(args: argparse.Namespace):
             batch_wait_timeout_s=args.batch_wait_ms / 1000,
             watch_s=args.watch_s,
             limits=Limits(max_body_bytes=int(args.max_body_mb * 2**20), max_instances=args.max_instances),
+            explain=not getattr(args, "no_explain", False),
         )
     except ValidationError as e:
         err = e.errors()[0]

@@ -87,25 +87,19 @@ def evaluate_test_set(model: nn.Module, cfg: TrainConfig, tta: str | None = None
 
 
 def conv_layers(model: nn.Module) -> list[tuple[str, nn.Conv2d]]:
-    """Every Conv2d with its module path, in definition order."""
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    """Every Conv2d with its module path, in definition order (`cnnray.explain.conv_layers`)."""
+    from cnnray.explain import conv_layers as layers
+
+    return layers(model)
 
 
 def conv_responses(model: nn.Module, x: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
     """(module path, C x H x W output) of every Conv2d for the single image x, in the order
-    the layers run (forward hooks), before any norm or activation: the response maps."""
-    out: list[tuple[str, torch.Tensor]] = []
-    handles = [
-        m.register_forward_hook(lambda mod, inp, res, name=name: out.append((name, res.detach()[0].float())))
-        for name, m in conv_layers(model)
-    ]
-    try:
-        with torch.no_grad():
-            model.eval()(x)
-    finally:
-        for h in handles:
-            h.remove()
-    return out
+    the layers run, before any norm or activation: the response maps, computed by the code
+    that serves them (`cnnray.explain.conv_maps`, which also checks their shapes)."""
+    from cnnray.explain import conv_maps
+
+    return [(shape.name, maps) for shape, maps in conv_maps(model, x)]
 
 
 def resolve_checkpoint(path: str, run_dir: Path, stack: ExitStack) -> Path:

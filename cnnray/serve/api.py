@@ -7,6 +7,7 @@
     GET  /v1/models/{name}              {"name", "version", "ready"}: 200 when ready, else 503
     POST /v1/models/{name}:predict      KServe v1: {"instances": [{"b64": ...} | C x H x W array]}
     POST /predictions/{name}            TorchServe: the raw bytes of one PNG, JPEG or BMP (PUT works too)
+    POST /v1/models/{name}:explain      KServe v1: heat maps and response maps of one image (explain.py)
 
 Every refused request answers 4xx with {"error": "..."}: unknown model 404, wrong content
 type 415, a body that does not arrive within `Limits.body_timeout_s` 408, body, JSON or
@@ -82,6 +83,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 class Backend(Protocol):
     limits: Limits
     metrics: ServeMetrics
+    explainer: Any  # cnnray.serve.explain.ExplainService, or None: explanations are off
 
     def replica_name(self) -> str: ...
     def model(self, name: str) -> LoadedModel | None: ...
@@ -250,6 +252,10 @@ def build_http_app(backend: Backend, lean: bool = True) -> FastAPI:
     )
     async def predictions(name: str, request: Request) -> Response:
         return await torchserve(name, request)
+
+    from cnnray.serve.explain import explain_router  # POST /v1/models/{name}:explain, off the batched path
+
+    app.include_router(explain_router(backend, buffered, off_loop))
 
     # --- pages and probes ---------------------------------------------------------------
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)

@@ -58,8 +58,13 @@ class ModelServer:
         device: str = "cpu",
         threads: int = 1,
         store: dict[str, Any] | None = None,
+        explain: bool = True,
     ) -> None:
+        from cnnray.serve.explain import ExplainService
+
         _replica_grpc_on_loopback()
+        # :explain runs on its own threads with its own copy of each model, never in the batches.
+        self.explainer = ExplainService() if explain else None
         log.setLevel(logging.INFO)
         cfg = ServeUserConfig.model_validate(user_config)
         # {"args": ServeArgs as JSON, "watch_s": seconds}: this replica looks in the model
@@ -188,6 +193,8 @@ class ModelServer:
 
     async def stop(self) -> None:
         await self._reporter.stop()
+        if self.explainer is not None:
+            self.explainer.close()
         if self._watch_task is not None:
             self._watch_task.cancel()
             self._watch_task = None
@@ -305,4 +312,5 @@ def build_app(args: ServeArgs) -> Application:
         device="cuda" if args.gpu else "cpu",
         threads=max(1, int(args.cpus_per_replica)),
         store=store,
+        explain=args.explain,
     )

@@ -264,8 +264,13 @@ class LocalBackend:
     It is the baseline of the load benchmark ("a plain FastAPI server of the same model
     without batching"), and serves the same routes, schemas and preprocessing."""
 
-    def __init__(self, models: dict[str, ModelRef], limits: Limits | None = None, device: str = "cpu") -> None:
+    def __init__(
+        self, models: dict[str, ModelRef], limits: Limits | None = None, device: str = "cpu", explain: bool = True
+    ) -> None:
+        from cnnray.serve.explain import ExplainService
+
         self.limits = limits or Limits()
+        self.explainer = ExplainService() if explain else None  # :explain, on its own threads
         self.metrics = ServeMetrics()
         self._models = {name: load_served_model(name, ref, device) for name, ref in models.items()}
         self.metrics.set_versions({n: m.version for n, m in self._models.items()})
@@ -304,4 +309,6 @@ class LocalBackend:
 
     async def stop(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        if self.explainer is not None:
+            self.explainer.close()
 

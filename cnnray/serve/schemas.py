@@ -72,6 +72,7 @@ class ServeArgs(_Strict):
         description="seconds between each replica's looks at the model store for new versions (0: never)",
     )
     limits: Limits = Field(default_factory=Limits)
+    explain: bool = Field(True, description="answer POST /v1/models/{name}:explain (heat maps, response maps)")
 
     # Paths as typed where the app was built (`cnnray serve`, `serve run`), once
     # (cnnray.paths): absolute, so every replica, wherever its working directory, reads

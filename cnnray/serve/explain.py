@@ -31,11 +31,12 @@ from typing import TYPE_CHECKING, Any
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
+from cnnray.serve import http_parts
 from cnnray.serve.preprocess import EncodedImage, Payload, RequestError
+from cnnray.serve.schemas import ErrorBody, PredictRequest
 
 if TYPE_CHECKING:
     from cnnray.explain import Explainer
-    from cnnray.serve.engine import LoadedModel
 
 EXPLAIN_THREADS = 1  # per replica: one explanation computes at a time
 EXPLAIN_MAX_PENDING = 4  # per replica, running or waiting; the next is answered 429
@@ -64,7 +65,7 @@ class ExplainService:
         self._lock = threading.Lock()
         # One Explainer (over a deep copy of the served module) per loaded model version,
         # dropped with it when a new version is swapped in.
-        self._explainers: weakref.WeakKeyDictionary[LoadedModel, Explainer] = weakref.WeakKeyDictionary()
+        self._explainers: weakref.WeakKeyDictionary[Any, Explainer] = weakref.WeakKeyDictionary()
 
     def admit(self) -> None:
         """Take a slot or raise RequestError 429 (called before the body is read)."""
@@ -76,7 +77,7 @@ class ExplainService:
     def release(self) -> None:
         self._pending -= 1
 
-    def explainer(self, entry: LoadedModel) -> Explainer:
+    def explainer(self, entry: Any) -> Explainer:  # entry: engine.LoadedModel
         from cnnray.explain import Explainer
 
         with self._lock:
@@ -86,11 +87,11 @@ class ExplainService:
                 found = self._explainers[entry] = Explainer(module, entry.input_shape, len(entry.classes))
             return found
 
-    async def run(self, entry: LoadedModel, payload: Payload, query: dict[str, str]) -> bytes:
+    async def run(self, entry: Any, payload: Payload, query: dict[str, str]) -> bytes:
         """The JSON answer (bytes) for one image, computed on the explain pool."""
         return await asyncio.get_running_loop().run_in_executor(self._pool, self._work, entry, payload, query)
 
-    def _work(self, entry: LoadedModel, payload: Payload, query: dict[str, str]) -> bytes:
+    def _work(self, entry: Any, payload: Payload, query: dict[str, str]) -> bytes:
         import torch
 
         from cnnray.explain import ExplainError
@@ -140,28 +141,26 @@ MAX_QUERY_CHARS = 4096  # the whole query string: 64 layer names of ~60 characte
 def explain_router(backend: Any, buffered: Any, off_loop: Any) -> APIRouter:
     """The :explain route over `backend` (api.Backend; its `explainer` is an ExplainService,
     or None when explanations are off), sharing the app's body budget and parse pool."""
-    from cnnray.serve import api
-
     router = APIRouter()
 
     @router.post(
         "/v1/models/{name}:explain",
-        responses={**api._ERRORS, 403: {"model": api.ErrorBody, "description": "explanations are off"},
-                   429: {"model": api.ErrorBody, "description": "too many explanations at once"}},
+        responses={**http_parts.ERRORS, 403: {"model": ErrorBody, "description": "explanations are off"},
+                   429: {"model": ErrorBody, "description": "too many explanations at once"}},
         openapi_extra={
             "requestBody": {
                 "required": True,
-                "content": {"application/json": {"schema": api.PredictRequest.model_json_schema()},
+                "content": {"application/json": {"schema": PredictRequest.model_json_schema()},
                             **{t: {"schema": {"type": "string", "format": "binary"}} for t in ("image/png", "image/jpeg")}},
             }
         },
     )
     async def explain(name: str, request: Request) -> Response:
-        with backend.metrics.track(api._label(backend, name), "explain") as t:
+        with backend.metrics.track(http_parts.label(backend, name), "explain") as t:
             service = getattr(backend, "explainer", None)
             if service is None:
                 raise RequestError(403, OFF_MESSAGE)
-            entry = api._served(backend, name)
+            entry = http_parts.served(backend, name)
             query = _query(request)
             kind = _body_kind(request)
             service.admit()
@@ -194,13 +193,11 @@ def _query(request: Request) -> dict[str, str]:
 def _body_kind(request: Request) -> str:
     """"json" or "image" from the Content-Type (a missing one is an image, as for
     POST /predictions/{name}); else RequestError 415."""
-    from cnnray.serve import api
-
     raw = request.headers.get("content-type")
     kind = (raw or "").split(";")[0].strip().lower()
-    if kind in api.JSON_TYPES:
+    if kind in http_parts.JSON_TYPES:
         return "json"
-    api._require_type(request, api.IMAGE_TYPES, "application/json (KServe v1, one instance), image/png, "
+    http_parts.require_type(request, http_parts.IMAGE_TYPES, "application/json (KServe v1, one instance), image/png, "
                       "image/jpeg or image/bmp", missing_ok=True)
     return "image"
 
@@ -208,10 +205,8 @@ def _body_kind(request: Request) -> str:
 async def _payload(body: bytes, kind: str, entry: Any, limits: Any, off_loop: Any) -> Payload:
     """The one image of the request, checked as :predict checks it (KServe v1 JSON of one
     instance, or the raw file as POST /predictions/{name} takes it)."""
-    from cnnray.serve import api
-
     if kind == "json":
-        payloads = await off_loop(api._predict_payloads, body, entry, limits)
+        payloads = await off_loop(http_parts.predict_payloads, body, entry, limits)
         if len(payloads) != 1:
             raise RequestError(400, f"{len(payloads)} instances: :explain takes exactly one")
         return payloads[0]

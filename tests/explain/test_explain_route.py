@@ -197,12 +197,10 @@ def test_no_explain_turns_the_route_off(tmp_path):
 
 
 def test_serve_flag_and_args_carry_no_explain():
-    import argparse
+    from cnnray.cli import build_parser
+    from cnnray.cli.serve import serve_args_from
 
-    from cnnray.serve.cli import add_parsers, serve_args_from
-
-    parser = argparse.ArgumentParser()
-    add_parsers(parser.add_subparsers())
+    parser = build_parser()
     on = serve_args_from(parser.parse_args(["serve", "--checkpoint", ".", "--name", "m"]))
     off = serve_args_from(parser.parse_args(["serve", "--checkpoint", ".", "--name", "m", "--no-explain"]))
     assert on.explain is True and off.explain is False

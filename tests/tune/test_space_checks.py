@@ -49,7 +49,7 @@ def test_train_flag_the_model_does_not_take(tmp_path, capsys, monkeypatch):
     assert main(["train", "--model", "cnn", "--hidden-sizes", "512", "--out", str(tmp_path / "r")]) == 2
     assert "model 'cnn' does not take hidden_sizes" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="hidden_sizes"):
-        TrainConfig.from_dict({"model": "resnet18", "hidden_sizes": [10]})
+        TrainConfig.from_dict({"model": "resnet18", "hidden_sizes": [10]}).validate()
 
 
 def test_values_no_trial_could_run_with_name_the_field(tmp_path, no_sweep, capsys):

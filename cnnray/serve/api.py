@@ -6,7 +6,9 @@
     GET  /v1/models                     every served model: version, input shape, classes, metrics
     GET  /v1/models/{name}              {"name", "version", "ready"}: 200 when ready, else 503
     POST /v1/models/{name}:predict      KServe v1: {"instances": [{"b64": ...} | C x H x W array]}
-    POST /predictions/{name}            TorchServe: the raw bytes of one PNG, JPEG or BMP (PUT works too)
+    POST /predictions/{name}            TorchServe: the raw bytes of one PNG, JPEG or BMP (PUT works too),
+                                        or a multipart form (field "data", else the first file: multipart.py)
+    GET|POST /v2/...                    OIP v2 (KServe v2, Triton): health, metadata, infer (oip.py)
 
 Every refused request answers 4xx with {"error": "..."}: unknown model 404, wrong content
 type 415, a body that does not arrive within `Limits.body_timeout_s` 408, body, JSON or
@@ -44,6 +46,7 @@ from cnnray.serve.defaults import DECODE_THREADS, INLINE_PARSE_BYTES
 from cnnray.serve.engine import LoadedModel
 from cnnray.serve.lean import LeanApp
 from cnnray.serve.metrics import UNKNOWN_MODEL, ServeMetrics
+from cnnray.serve.multipart import form_file, is_multipart
 from cnnray.serve.preprocess import (
     EncodedImage,
     Payload,
@@ -196,9 +199,12 @@ def build_http_app(backend: Backend, lean: bool = True) -> FastAPI:
     async def torchserve(name: str, request: Request) -> Response:
         with backend.metrics.track(_label(backend, name), "torchserve") as t:
             entry = _served(backend, name)
-            _require_type(request, IMAGE_TYPES, "image/png, image/jpeg or image/bmp", missing_ok=True)
+            _require_type(request, IMAGE_TYPES + ("multipart/form-data",),
+                          "image/png, image/jpeg or image/bmp (or a multipart form)", missing_ok=True)
             limits = backend.limits
             async with buffered.hold(request, limits) as body:
+                if is_multipart(request.headers.get("content-type")):  # curl -F "data=@digit.png"
+                    body = form_file(body, request.headers["content-type"])
                 image = EncodedImage(body, min(limits.max_image_pixels, limits.max_request_pixels))
                 results = await backend.infer(entry, [image])
             _raise_first_error(results, "")
@@ -250,6 +256,10 @@ def build_http_app(backend: Backend, lean: bool = True) -> FastAPI:
     )
     async def predictions(name: str, request: Request) -> Response:
         return await torchserve(name, request)
+
+    from cnnray.serve.oip import add_oip_routes  # imported here: oip.py uses this module's helpers
+
+    add_oip_routes(app, backend, buffered, off_loop)  # OIP v2 (KServe v2, Triton) REST
 
     # --- pages and probes ---------------------------------------------------------------
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)

@@ -28,6 +28,7 @@ from ray.serve import Application
 from cnnray.serve.defaults import BATCH_WAIT_S, DEPLOYMENT, MAX_BATCH_SIZE, MAX_ONGOING_REQUESTS
 from cnnray.serve.engine import LoadedModel, load_served_model, public_error, resolve, user_config_for
 from cnnray.serve.metrics import MetricsHub, MetricsReporter, ServeMetrics
+from cnnray.serve.oip_grpc import OipGrpcMethods
 from cnnray.serve.preprocess import Payload, RequestError
 from cnnray.serve.schemas import Limits, ModelRef, ServeArgs, ServeUserConfig
 
@@ -50,7 +51,7 @@ log = logging.getLogger("ray.serve.cnnray")
     graceful_shutdown_timeout_s=30,
 )
 @serve.ingress()
-class ModelServer:
+class ModelServer(OipGrpcMethods):  # + OIP v2 gRPC methods (oip_grpc.py), when Serve has a gRPC port
     def __init__(
         self,
         user_config: dict[str, Any],

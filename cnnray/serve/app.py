@@ -282,8 +282,14 @@ def build_app(args: ServeArgs) -> Application:
     store = None
     if args.model_store and args.watch_s > 0:
         store = {"args": args.model_dump(mode="json"), "watch_s": args.watch_s}
+    from cnnray.serve.autoscale import autoscaling_config
+
+    if args.autoscaling is not None:  # --replicas MIN-MAX
+        scale: dict[str, Any] = {"autoscaling_config": autoscaling_config(args.autoscaling)}
+    else:
+        scale = {"num_replicas": auto_replicas(args)}
     return ModelServer.options(
-        num_replicas=auto_replicas(args),
+        **scale,
         max_ongoing_requests=max(args.max_ongoing_requests, args.max_batch_size),
         ray_actor_options={"num_cpus": args.cpus_per_replica, "num_gpus": 1 if args.gpu else 0},
         # No access-log line per request: formatting and writing it (with a rollover check

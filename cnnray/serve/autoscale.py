@@ -20,7 +20,8 @@ from typing import Any
 TARGET_ONGOING_REQUESTS = 8.0
 UPSCALE_DELAY_S = 10.0  # seconds of load above the target before a replica is added (Ray: 30)
 DOWNSCALE_DELAY_S = 60.0  # seconds below the target before one is removed (Ray: 600)
-LOOK_BACK_S = 10.0  # seconds of load averaged per decision (Ray: 30)
+# Seconds of load averaged per decision (Ray: 30); Serve wants it over its 10 s metrics interval.
+LOOK_BACK_S = 12.0
 
 
 def parse_range(text: str) -> tuple[int, int] | None:

@@ -203,8 +203,9 @@ def build_http_app(backend: Backend, lean: bool = True) -> FastAPI:
                           "image/png, image/jpeg or image/bmp (or a multipart form)", missing_ok=True)
             limits = backend.limits
             async with buffered.hold(request, limits) as body:
-                if is_multipart(request.headers.get("content-type")):  # curl -F "data=@digit.png"
-                    body = form_file(body, request.headers["content-type"])
+                kind = request.headers.get("content-type")
+                if is_multipart(kind):  # curl -F "data=@digit.png"; parsing 8 MiB takes ~0.2 s: off the loop
+                    body = form_file(body, kind) if len(body) <= INLINE_PARSE_BYTES else await off_loop(form_file, body, kind)
                 image = EncodedImage(body, min(limits.max_image_pixels, limits.max_request_pixels))
                 results = await backend.infer(entry, [image])
             _raise_first_error(results, "")

@@ -116,9 +116,10 @@ async def _load(url: str, model: str, pngs: list[bytes], n: int, concurrency: in
                     data = await r.json(content_type=None)
                     ok, pred = r.status == 200, data.get("predictions", [{}])[0] if r.status == 200 else data
             elif api == "oip":  # as tritonclient.http sends it: the binary extension, one BYTES element
-                async with session.post(f"{url}/v2/models/{model}/infer", data=OIP_HEAD % len(png) + _prefixed(png),
-                                        headers={"Inference-Header-Content-Length": str(len(OIP_HEAD % len(png)))}
-                                        ) as r:
+                data = _prefixed(png)
+                head = OIP_HEAD % len(data)
+                async with session.post(f"{url}/v2/models/{model}/infer", data=head + data,
+                                        headers={"Inference-Header-Content-Length": str(len(head))}) as r:
                     raw = await r.read()
                     ok = r.status == 200
                     data = _oip_prediction(raw, r.headers) if ok else json.loads(raw)

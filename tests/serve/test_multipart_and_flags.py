@@ -108,3 +108,28 @@ def test_grpc_port_goes_into_the_serve_config():
         "enable_reflection": False,
     }
     assert "grpc_options" not in serve_config(ServeArgs(checkpoints={"x": "/ck"}))
+
+
+def test_build_app_gives_serve_the_autoscaling_config(tmp_path):
+    from cnnray.serve.app import build_app
+    from cnnray.serve.schemas import ServeArgs
+    from tests.test_serve_units import MNIST_INFO, save_model
+
+    ck = save_model(tmp_path / "ck", "cnn", MNIST_INFO)
+    scaled = build_app(ServeArgs(checkpoints={"x": str(ck)}, autoscaling={"min_replicas": 1, "max_replicas": 2}))
+    config = scaled._bound_deployment._deployment_config
+    assert config.autoscaling_config.min_replicas == 1 and config.autoscaling_config.max_replicas == 2
+    fixed = build_app(ServeArgs(checkpoints={"x": str(ck)}, replicas=2))._bound_deployment._deployment_config
+    assert fixed.autoscaling_config is None and fixed.num_replicas == 2
+
+
+def test_grpc_port_must_differ_from_the_http_port(tmp_path, capsys):
+    from cnnray.cli import main
+    from tests.conftest import free_port
+    from tests.test_serve_units import MNIST_INFO, save_model
+
+    ck = save_model(tmp_path / "ck", "cnn", MNIST_INFO)
+    port = free_port()
+    assert main(["serve", "--checkpoint", str(ck), "--name", "x", "--replicas", "1", "--port", str(port),
+                 "--grpc-port", str(port)]) == 2
+    assert "is also --port" in capsys.readouterr().err

@@ -133,3 +133,12 @@ def test_grpc_port_must_differ_from_the_http_port(tmp_path, capsys):
     assert main(["serve", "--checkpoint", str(ck), "--name", "x", "--replicas", "1", "--port", str(port),
                  "--grpc-port", str(port)]) == 2
     assert "is also --port" in capsys.readouterr().err
+
+
+def test_a_range_whose_max_does_not_fit_this_machine_exits_2(tmp_path, capsys):
+    from cnnray.cli import main
+    from tests.test_serve_units import MNIST_INFO, save_model
+
+    ck = save_model(tmp_path / "ck", "cnn", MNIST_INFO)
+    assert main(["serve", "--checkpoint", str(ck), "--name", "x", "--replicas", "1-4096"]) == 2
+    assert "--replicas 4096 need 4096 CPUs" in capsys.readouterr().err

@@ -14,10 +14,13 @@ from __future__ import annotations
 
 from typing import Any
 
-# Requests in flight per replica that Serve aims for: measured knee of one replica's
-# throughput against concurrency (docs/serving-protocols.md); Ray's default is 2, which
-# would add replicas before a replica's batches have filled.
-TARGET_ONGOING_REQUESTS = 8.0
+# Requests in flight per replica that Serve aims for. Measured (docs/serving-protocols.md,
+# benchmarks/serve_concurrency.py): one replica's throughput grew up to 32 in flight (a full
+# batch: 1067 requests/s, p99 44 ms) and fell past it (64: 777/s, p99 269 ms); at 16 it gave
+# 75% of that (804/s, p99 50 ms). Half the knee leaves a replica room for a burst while the
+# next one starts (30-90 s on the shared 2-core machine). Ray's default, 2, would add
+# replicas while each one's batches are nearly empty.
+TARGET_ONGOING_REQUESTS = 16.0
 UPSCALE_DELAY_S = 10.0  # seconds of load above the target before a replica is added (Ray: 30)
 DOWNSCALE_DELAY_S = 60.0  # seconds below the target before one is removed (Ray: 600)
 # Seconds of load averaged per decision (Ray: 30); Serve wants it over its 10 s metrics interval.

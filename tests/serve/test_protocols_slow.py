@@ -226,8 +226,8 @@ def test_load_adds_a_replica_and_its_end_removes_it(server):
                 if r.status_code != 200:
                     errors.append(r.text)
 
-    # 16 clients: 16 requests in flight against a target of 8 per replica (cnnray.serve.autoscale).
-    threads = [threading.Thread(target=client, daemon=True) for _ in range(16)]
+    # 32 clients: 32 requests in flight against a target of 16 per replica (cnnray.serve.autoscale).
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(32)]
     start = time.monotonic()
     for t in threads:
         t.start()

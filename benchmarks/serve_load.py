@@ -7,8 +7,9 @@ Both servers run the same model with the same routes and preprocessing (cnnray/s
 one after the other on loopback: the plain one is a single uvicorn process without Ray and
 without batching (one forward pass per request); `cnnray serve` is the real command in a
 subprocess, with its defaults (fast ingress, `--replicas auto`) unless --ingress/--replicas
-say otherwise. On each server, for each route (`--api both`: raw PNG bodies to
-POST /predictions/{name}, then one base64 PNG per JSON body to POST /v1/models/{name}:predict),
+say otherwise. On each server, for each route (raw PNG bodies to
+POST /predictions/{name}, then one base64 PNG per JSON body to POST /v1/models/{name}:predict,
+then one PNG per OIP v2 infer in the binary tensor data extension, `--api all`),
 `--warmup` untimed requests, then N requests of real MNIST test images from C concurrent
 clients. The table gives requests/s, p50 and p99 latency (client side), errors and the
 accuracy of the answers, the CPU time of all the server's processes per request (steadier
@@ -43,7 +44,7 @@ REPO = Path(__file__).resolve().parents[1]
 @dataclass
 class LoadResult:
     server: str
-    api: str  # "torchserve" (raw PNG, POST /predictions/{name}) or "kserve" (JSON, :predict)
+    api: str  # "torchserve" (raw PNG, POST /predictions/{name}), "kserve" (JSON, :predict) or "oip" (OIP v2 binary)
     requests: int
     concurrency: int
     seconds: float
@@ -78,6 +79,24 @@ def mnist_test_pngs(data_dir: str | None, count: int) -> tuple[list[bytes], list
 
 
 # --- load generator ---------------------------------------------------------------------------
+# OIP v2 infer (binary tensor data extension) of one PNG, asking for the probabilities as binary data.
+OIP_HEAD = (b'{"inputs":[{"name":"images","datatype":"BYTES","shape":[1],"parameters":{"binary_data_size":%d}}],'
+            b'"outputs":[{"name":"probabilities","parameters":{"binary_data":true}}]}')
+
+
+def _prefixed(data: bytes) -> bytes:
+    return len(data).to_bytes(4, "little") + data  # a BYTES element: its length, then its bytes
+
+
+def _oip_prediction(raw: bytes, headers: Any) -> dict[str, int]:
+    """{"class_index": ...} from an OIP binary answer: the first largest probability."""
+    import numpy as np
+
+    size = int(headers["Inference-Header-Content-Length"])
+    probs = np.frombuffer(raw[size:], dtype="<f4")
+    return {"class_index": int(np.argmax(probs))}
+
+
 async def _load(url: str, model: str, pngs: list[bytes], n: int, concurrency: int, api: str,
                 timeout_s: float) -> tuple[list[float], list[int], list[str], float]:
     import aiohttp
@@ -96,6 +115,15 @@ async def _load(url: str, model: str, pngs: list[bytes], n: int, concurrency: in
                 async with session.post(f"{url}/v1/models/{model}:predict", json=body) as r:
                     data = await r.json(content_type=None)
                     ok, pred = r.status == 200, data.get("predictions", [{}])[0] if r.status == 200 else data
+            elif api == "oip":  # as tritonclient.http sends it: the binary extension, one BYTES element
+                data = _prefixed(png)
+                head = OIP_HEAD % len(data)
+                async with session.post(f"{url}/v2/models/{model}/infer", data=head + data,
+                                        headers={"Inference-Header-Content-Length": str(len(head))}) as r:
+                    raw = await r.read()
+                    ok = r.status == 200
+                    data = _oip_prediction(raw, r.headers) if ok else json.loads(raw)
+                    pred = data
             else:
                 async with session.post(f"{url}/predictions/{model}", data=png,
                                         headers={"Content-Type": "image/png"}) as r:
@@ -269,7 +297,7 @@ def batch_stats(url: str) -> dict[str, float]:
     return {"forward_passes": count, "images": total, "mean_batch_size": round(total / count, 2) if count else 0.0}
 
 
-ROUTES = {"torchserve": "PNG /predictions", "kserve": "JSON :predict"}
+ROUTES = {"torchserve": "PNG /predictions", "kserve": "JSON :predict", "oip": "OIP v2 binary"}
 
 
 def format_table(results: list[LoadResult]) -> str:
@@ -345,9 +373,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=2000, help="timed requests per server; default 2000")
     p.add_argument("--concurrency", type=int, default=32, help="concurrent clients; default 32")
     p.add_argument("--warmup", type=int, default=64, help="untimed requests first; default 64")
-    p.add_argument("--api", choices=("torchserve", "kserve", "both"), default="both",
+    p.add_argument("--api", choices=("torchserve", "kserve", "oip", "both", "all"), default="all",
                    help="torchserve: raw PNG bodies to /predictions/{name}; kserve: one base64 PNG per JSON "
-                        ":predict body; default both, one after the other on the same servers")
+                        ":predict body; oip: one PNG per OIP v2 infer in the binary tensor data extension (as "
+                        "tritonclient sends it); both: torchserve and kserve; default all three, one after the "
+                        "other on the same servers")
     p.add_argument("--replicas", default="auto", help="cnnray serve --replicas (a number or auto); default auto")
     p.add_argument("--ingress", choices=("fast", "proxy"), default="fast",
                    help="cnnray serve --ingress; default fast (its default)")
@@ -383,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     with open(log_path, "w") as log:
         servers = [] if args.skip_plain else ["plain"]
         servers.append("cnnray")
-        apis = ["torchserve", "kserve"] if args.api == "both" else [args.api]
+        apis = {"both": ["torchserve", "kserve"], "all": list(ROUTES)}.get(args.api, [args.api])
         for kind in servers:
             port = free_port()
             url = f"http://127.0.0.1:{port}"

@@ -36,7 +36,14 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--port", type=TCP_PORT.argtype(int), default=8000, help="HTTP port; default 8000")
     p.add_argument("--replicas", type=_replicas, default="auto",
                    help="replicas of the deployment, or 'auto': as many as this node's CPUs (or GPUs, "
-                        "with --gpu) fit, after one core for HAProxy and Ray; default auto")
+                        "with --gpu) fit, after one core for HAProxy and Ray, or MIN-MAX: autoscaling "
+                        "between MIN and MAX by load (e.g. 1-4); default auto")
+    p.add_argument("--upscale-delay-s", type=Range(0, 3600).argtype(float), default=None,
+                   help="with --replicas MIN-MAX: seconds of load over the target before a replica is added; default 10")
+    p.add_argument("--downscale-delay-s", type=Range(0, 86_400).argtype(float), default=None,
+                   help="with --replicas MIN-MAX: seconds under the target before a replica is removed; default 60")
+    p.add_argument("--grpc-port", type=TCP_PORT.argtype(int), default=None,
+                   help="also serve OIP v2 over gRPC (inference.GRPCInferenceService) on this port; default off")
     p.add_argument("--gpu", action="store_true", help="one GPU per replica")
     p.add_argument("--cpus-per-replica", type=Range(0, 4096, lo_open=True).argtype(float), default=1.0, help="CPUs per replica (torch threads); default 1")
     p.add_argument("--max-batch-size", type=Range(1, 4096).argtype(int), default=s.MAX_BATCH_SIZE,
@@ -77,11 +84,13 @@ def serve_args_from(args: argparse.Namespace):
         raise ConfigError(f"--port {args.port} is not a TCP port (1-65535)")
     if args.watch_s < 0:
         raise ConfigError(f"--watch-s {args.watch_s:g} must be 0 (off) or positive")
+    autoscaling = _autoscaling_from(args)
     try:
         return ServeArgs(
             model_store=args.model_store,  # ServeArgs resolves paths (cnnray.paths)
             checkpoints={args.name: args.checkpoint} if args.checkpoint else {},
-            replicas=args.replicas,
+            replicas="auto" if autoscaling else args.replicas,
+            autoscaling=autoscaling,
             gpu=args.gpu,
             cpus_per_replica=args.cpus_per_replica,
             max_batch_size=args.max_batch_size,
@@ -97,6 +106,19 @@ def serve_args_from(args: argparse.Namespace):
         raise ConfigError(f"{where}: {msg}") from None
 
 
+def _autoscaling_from(args: argparse.Namespace) -> dict[str, Any] | None:
+    """--replicas MIN-MAX and the delay flags -> ServeArgs.autoscaling (plain data)."""
+    from cnnray.config import ConfigError
+
+    delays = {k: v for k, v in (("upscale_delay_s", getattr(args, "upscale_delay_s", None)),
+                                ("downscale_delay_s", getattr(args, "downscale_delay_s", None))) if v is not None}
+    if not isinstance(args.replicas, tuple):
+        if delays:
+            raise ConfigError("--upscale-delay-s and --downscale-delay-s go with --replicas MIN-MAX")
+        return None
+    return {"min_replicas": args.replicas[0], "max_replicas": args.replicas[1], **delays}
+
+
 class _Stop(Exception):
     """SIGTERM, handled like Ctrl-C."""
 
@@ -106,6 +128,7 @@ def _raise_stop(signum: int, frame: Any) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from cnnray.config import ConfigError
     from cnnray.serve.engine import resolve_models
     from cnnray.serve.runner import ServeRunner, serve_config
 
@@ -114,7 +137,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.print_config:
         import yaml
 
-        print(yaml.safe_dump(serve_config(sargs, args.host, args.port), sort_keys=False), end="")
+        print(yaml.safe_dump(serve_config(sargs, args.host, args.port, grpc_port=args.grpc_port), sort_keys=False), end="")
         return 0
 
     from cnnray.serve.ingress import FastIngress
@@ -123,11 +146,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not joined:  # what a local Ray cannot give is refused before it starts (exit 2)
         _check_fits_this_machine(sargs)
         _check_port_free(args.host, args.port)
+        if args.grpc_port is not None:
+            if args.grpc_port == args.port:
+                raise ConfigError(f"--grpc-port {args.grpc_port} is also --port: choose another")
+            _check_port_free(args.host, args.grpc_port)
     # Ray reads its settings when it is imported and when it starts: a local Ray gets the
     # fast ingress here, before `import ray`; a cluster we join has what its nodes' env says.
+    # Both carry --grpc-port's gRPC on Ray 2.60: HAProxy forwards it to each replica's own gRPC
+    # server (docs/serving-protocols.md, "gRPC and the fast ingress").
     ingress = FastIngress() if args.ingress == "fast" and not joined else None
     if ingress is not None:
         ingress.__enter__()
+    if args.grpc_port is not None and not joined:
+        from cnnray.serve.oip_grpc import grpc_env
+
+        os.environ.update(grpc_env(sargs.limits.max_body_bytes))  # read by Ray's processes as they start
 
     import ray
 
@@ -141,11 +174,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
             _check_app_name_free()
         # After ray.init: Ray's core worker installs its own SIGTERM handler (which aborts).
         previous = signal.signal(signal.SIGTERM, _raise_stop)
-        runner = ServeRunner(sargs, host=args.host, port=args.port)
+        runner = ServeRunner(sargs, host=args.host, port=args.port, grpc_port=args.grpc_port)
         url = runner.start(models=models)
         served = ", ".join(f"{n} (version {r.version})" for n, r in sorted(models.items()))
         print(f"[cnnray] serving {served} at {url}  (page {url}/, API {url}/v1/models, docs {url}/docs)", flush=True)
-        print(f"[cnnray] {runner.replicas} replica(s), ingress: {_ingress_name(ingress, joined)}; "
+        if args.grpc_port is not None:
+            print(f"[cnnray] OIP v2 gRPC (inference.GRPCInferenceService) at {args.host}:{args.grpc_port}", flush=True)
+        scale = (f"{sargs.autoscaling.min_replicas}-{sargs.autoscaling.max_replicas} replicas (autoscaling)"
+                 if sargs.autoscaling else f"{runner.replicas} replica(s)")
+        print(f"[cnnray] {scale}, ingress: {_ingress_name(ingress, joined)}; "
               "press Ctrl-C to stop", flush=True)
         _print_problems(runner.problems, [])
         # Each replica also looks in the store every --watch-s seconds itself (app.py, for
@@ -209,6 +246,8 @@ def _check_fits_this_machine(sargs: Any) -> None:
     resources forever on a local Ray: ConfigError instead."""
     from cnnray.config import ConfigError
 
+    if sargs.autoscaling is not None:  # the most replicas autoscaling may start must fit
+        sargs = sargs.model_copy(update={"replicas": sargs.autoscaling.max_replicas})
     if sargs.replicas == "auto":
         return
     if sargs.gpu:
@@ -247,12 +286,19 @@ def _check_port_free(host: str, port: int) -> None:
             raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror or e} (choose another --port)") from None
 
 
-def _replicas(text: str) -> int | str:
-    """argparse type of --replicas: 'auto', or a whole number in [1, 4096]."""
+def _replicas(text: str) -> int | str | tuple[int, int]:
+    """argparse type of --replicas: 'auto', a whole number in [1, 4096], or MIN-MAX."""
     from cnnray.argtypes import Range
+    from cnnray.serve.autoscale import parse_range
 
     if text.strip().lower() == "auto":
         return "auto"
+    try:
+        span = parse_range(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if span is not None:
+        return span
     try:
         return Range(1, 4096).argtype(int)(text)
     except argparse.ArgumentTypeError as e:

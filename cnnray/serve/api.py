@@ -6,7 +6,9 @@
     GET  /v1/models                     every served model: version, input shape, classes, metrics
     GET  /v1/models/{name}              {"name", "version", "ready"}: 200 when ready, else 503
     POST /v1/models/{name}:predict      KServe v1: {"instances": [{"b64": ...} | C x H x W array]}
-    POST /predictions/{name}            TorchServe: the raw bytes of one PNG, JPEG or BMP (PUT works too)
+    POST /predictions/{name}            TorchServe: the raw bytes of one PNG, JPEG or BMP (PUT works too),
+                                        or a multipart form (field "data", else the first file: multipart.py)
+    GET|POST /v2/...                    OIP v2 (KServe v2, Triton): health, metadata, infer (oip.py)
     POST /v1/models/{name}:explain      KServe v1: heat maps and response maps of one image (explain.py)
 
 Every refused request answers 4xx with {"error": "..."}: unknown model 404, wrong content
@@ -55,6 +57,7 @@ from cnnray.serve.http_parts import (  # shared with the routes beside this app
 )
 from cnnray.serve.lean import LeanApp
 from cnnray.serve.metrics import ServeMetrics
+from cnnray.serve.multipart import form_file, is_multipart
 from cnnray.serve.preprocess import (
     EncodedImage,
     Payload,
@@ -191,9 +194,13 @@ def build_http_app(backend: Backend, lean: bool = True) -> FastAPI:
     async def torchserve(name: str, request: Request) -> Response:
         with backend.metrics.track(_label(backend, name), "torchserve") as t:
             entry = _served(backend, name)
-            _require_type(request, IMAGE_TYPES, "image/png, image/jpeg or image/bmp", missing_ok=True)
+            _require_type(request, IMAGE_TYPES + ("multipart/form-data",),
+                          "image/png, image/jpeg or image/bmp (or a multipart form)", missing_ok=True)
             limits = backend.limits
             async with buffered.hold(request, limits) as body:
+                kind = request.headers.get("content-type")
+                if is_multipart(kind):  # curl -F "data=@digit.png"; parsing 8 MiB takes ~0.2 s: off the loop
+                    body = form_file(body, kind) if len(body) <= INLINE_PARSE_BYTES else await off_loop(form_file, body, kind)
                 image = EncodedImage(body, min(limits.max_image_pixels, limits.max_request_pixels))
                 results = await backend.infer(entry, [image])
             _raise_first_error(results, "")
@@ -249,6 +256,10 @@ def build_http_app(backend: Backend, lean: bool = True) -> FastAPI:
     from cnnray.serve.explain import explain_router  # POST /v1/models/{name}:explain, off the batched path
 
     app.include_router(explain_router(backend, buffered, off_loop))
+
+    from cnnray.serve.oip import add_oip_routes
+
+    add_oip_routes(app, backend, buffered, off_loop)  # OIP v2 (KServe v2, Triton) REST
 
     # --- pages and probes ---------------------------------------------------------------
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)

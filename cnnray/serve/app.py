@@ -28,6 +28,7 @@ from ray.serve import Application
 from cnnray.serve.defaults import BATCH_WAIT_S, DEPLOYMENT, MAX_BATCH_SIZE, MAX_ONGOING_REQUESTS
 from cnnray.serve.engine import LoadedModel, load_served_model, public_error, resolve, user_config_for
 from cnnray.serve.metrics import MetricsHub, MetricsReporter, ServeMetrics
+from cnnray.serve.oip_grpc import OipGrpcMethods
 from cnnray.serve.preprocess import Payload, RequestError
 from cnnray.serve.schemas import Limits, ModelRef, ServeArgs, ServeUserConfig
 
@@ -50,7 +51,7 @@ log = logging.getLogger("ray.serve.cnnray")
     graceful_shutdown_timeout_s=30,
 )
 @serve.ingress()
-class ModelServer:
+class ModelServer(OipGrpcMethods):  # + OIP v2 gRPC methods (oip_grpc.py), when Serve has a gRPC port
     def __init__(
         self,
         user_config: dict[str, Any],
@@ -288,8 +289,14 @@ def build_app(args: ServeArgs) -> Application:
     store = None
     if args.model_store and args.watch_s > 0:
         store = {"args": args.model_dump(mode="json"), "watch_s": args.watch_s}
+    from cnnray.serve.autoscale import autoscaling_config
+
+    if args.autoscaling is not None:  # --replicas MIN-MAX
+        scale: dict[str, Any] = {"autoscaling_config": autoscaling_config(args.autoscaling)}
+    else:
+        scale = {"num_replicas": auto_replicas(args)}
     return ModelServer.options(
-        num_replicas=auto_replicas(args),
+        **scale,
         max_ongoing_requests=max(args.max_ongoing_requests, args.max_batch_size),
         ray_actor_options={"num_cpus": args.cpus_per_replica, "num_gpus": 1 if args.gpu else 0},
         # No access-log line per request: formatting and writing it (with a rollover check

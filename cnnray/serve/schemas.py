@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from cnnray.paths import resolve_path
 
@@ -30,6 +30,7 @@ from cnnray.serve.defaults import (
     MAX_REQUEST_PIXELS,
     STORE_WATCH_S,
 )
+from cnnray.serve.autoscale import DOWNSCALE_DELAY_S, LOOK_BACK_S, TARGET_ONGOING_REQUESTS, UPSCALE_DELAY_S
 
 
 class _Strict(BaseModel):
@@ -50,6 +51,24 @@ class Limits(_Strict):
     body_timeout_s: float = Field(BODY_TIMEOUT_S, gt=0, le=3600, allow_inf_nan=False)
     max_drain_bytes: int = Field(MAX_DRAIN_BYTES, ge=0, le=1 << 32)
     max_buffered_bytes: int = Field(MAX_BUFFERED_BYTES, ge=1024, le=1 << 40)  # all bodies held at once
+
+
+class Autoscaling(_Strict):
+    """Serve's autoscaling_config for `--replicas MIN-MAX` (see cnnray/serve/autoscale.py for
+    the measured target and the delays' reasons)."""
+
+    min_replicas: int = Field(ge=1, le=4096)
+    max_replicas: int = Field(ge=1, le=4096)
+    target_ongoing_requests: float = Field(TARGET_ONGOING_REQUESTS, gt=0, le=4096)
+    upscale_delay_s: float = Field(UPSCALE_DELAY_S, ge=0, le=3600)
+    downscale_delay_s: float = Field(DOWNSCALE_DELAY_S, ge=0, le=86_400)
+    look_back_period_s: float = Field(LOOK_BACK_S, gt=0, le=3600)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "Autoscaling":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas {self.min_replicas} is over max_replicas {self.max_replicas}")
+        return self
 
 
 class ServeArgs(_Strict):
@@ -73,6 +92,9 @@ class ServeArgs(_Strict):
     )
     limits: Limits = Field(default_factory=Limits)
     explain: bool = Field(True, description="answer POST /v1/models/{name}:explain (heat maps, response maps)")
+    autoscaling: Autoscaling | None = Field(
+        None, description="replicas between min_replicas and max_replicas by load (replaces `replicas`)"
+    )
 
     # Paths as typed where the app was built (`cnnray serve`, `serve run`), once
     # (cnnray.paths): absolute, so every replica, wherever its working directory, reads

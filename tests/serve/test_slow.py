@@ -86,10 +86,9 @@ def test_load_benchmark_compares_cnnray_serve_with_plain_fastapi(mnist_checkpoin
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     record = json.loads(out.read_text())
-    # Both servers, both routes: raw PNG (/predictions) and JSON (:predict).
+    # Both servers, every route: raw PNG (/predictions), JSON (:predict) and OIP v2 binary (/v2/.../infer).
     runs = [(r["server"].split(" (")[0], r["api"]) for r in record["results"]]
-    assert runs == [("plain FastAPI", "torchserve"), ("plain FastAPI", "kserve"),
-                    ("cnnray serve", "torchserve"), ("cnnray serve", "kserve")]
+    assert runs == [(s, api) for s in ("plain FastAPI", "cnnray serve") for api in ("torchserve", "kserve", "oip")]
     for r in record["results"]:
         assert r["requests"] == 300 and r["errors"] == 0 and r["accuracy"] > 0.95
         assert r["requests_per_s"] > 0 and 0 < r["p50_ms"] <= r["p99_ms"]
@@ -99,6 +98,6 @@ def test_load_benchmark_compares_cnnray_serve_with_plain_fastapi(mnist_checkpoin
     assert cnnray["exit_code"] == 0 and cnnray["mean_batch_size"] >= 1
     # The defaults it ran with: the fast ingress, and replicas filling the machine's CPUs.
     assert cnnray["ingress"] == "fast" and cnnray["replicas"] == max(1, os.cpu_count() or 1)
-    assert set(record["comparison"]) == {"torchserve", "kserve"}
+    assert set(record["comparison"]) == {"torchserve", "kserve", "oip"}
     assert all(c["server_cpu_ratio"] > 0 for c in record["comparison"].values())
     assert "| cnnray serve" in proc.stdout and "| plain FastAPI" in proc.stdout

@@ -355,7 +355,10 @@ def test_one_bad_request_never_fails_its_batch_mates(tmp_path, monkeypatch):
     monkeypatch.setattr(ray.serve, "get_replica_context",
                         lambda: NS(_deployment_config=NS(max_ongoing_requests=512)))
     class Replica:  # the handler on a plain object: ModelServer's own class is Serve's ingress wrapper
-        _batched = ModelServer.func_or_class._batched
+        # A fresh @serve.batch around the same function: using the class's own wrapper would
+        # leave its batch queue (event loop, weak references) on ModelServer, which Serve
+        # then cannot pickle when a later test builds the app in this process.
+        _batched = ray.serve.batch(ModelServer.func_or_class._batched.__wrapped__)
 
     server = Replica()
     server._pool = ThreadPoolExecutor(max_workers=1)

@@ -58,6 +58,7 @@ class ModelServer:
         device: str = "cpu",
         threads: int = 1,
         store: dict[str, Any] | None = None,
+        runtime: str = "torch",
     ) -> None:
         _replica_grpc_on_loopback()
         log.setLevel(logging.INFO)
@@ -70,6 +71,8 @@ class ModelServer:
         self.metrics = ServeMetrics()
         self._device = torch.device(device)
         torch.set_num_threads(max(1, threads))
+        # The forward passes' runtime (serve/runtime.py); ONNX Runtime gets torch's thread count.
+        self._runtime, self._threads = runtime, max(1, threads)
         # One inference thread: batches are decoded and run one at a time, off the event
         # loop, so requests keep being read and batched while the model computes.
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cnnray-infer")
@@ -121,7 +124,7 @@ class ModelServer:
         and is reported by GET /v1/models; it never stops the replica (the bind arguments
         that a restarted replica starts from may name a version since deleted)."""
         try:
-            loaded = load_served_model(name, ref, self._device)
+            loaded = load_served_model(name, ref, self._device, self._runtime, self._threads)
         except Exception as e:  # reported without the server's paths: /v1/models needs no login
             self._failures[name] = (ref.version, public_error(e, ref.path, f"{name}/{ref.version}"))
             log.error("cnnray: cannot load %s version %s from %s: %s", name, ref.version, ref.path, e)
@@ -305,4 +308,5 @@ def build_app(args: ServeArgs) -> Application:
         device="cuda" if args.gpu else "cpu",
         threads=max(1, int(args.cpus_per_replica)),
         store=store,
+        runtime=args.runtime,
     )

@@ -47,6 +47,9 @@ def add_parsers(sub: Any) -> None:
                    help="replicas of the deployment, or 'auto': as many as this node's CPUs (or GPUs, "
                         "with --gpu) fit, after one core for HAProxy and Ray; default auto")
     p.add_argument("--gpu", action="store_true", help="one GPU per replica")
+    p.add_argument("--runtime", choices=("torch", "onnxruntime"), default=s.DEFAULT_RUNTIME,
+                   help="what runs the forward pass: torch, or the checkpoint's graph exported to ONNX and run "
+                        f"by ONNX Runtime (CPU; needs cnnray[onnx]); default {s.DEFAULT_RUNTIME}")
     p.add_argument("--cpus-per-replica", type=Range(0, 4096, lo_open=True).argtype(float), default=1.0, help="CPUs per replica (torch threads); default 1")
     p.add_argument("--max-batch-size", type=Range(1, 4096).argtype(int), default=s.MAX_BATCH_SIZE,
                    help=f"images per forward pass; default {s.MAX_BATCH_SIZE}")
@@ -106,6 +109,7 @@ def serve_args_from(args: argparse.Namespace):
             max_batch_size=args.max_batch_size,
             batch_wait_timeout_s=args.batch_wait_ms / 1000,
             watch_s=args.watch_s,
+            runtime=args.runtime,
             limits=Limits(max_body_bytes=int(args.max_body_mb * 2**20), max_instances=args.max_instances),
         )
     except ValidationError as e:

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from cnnray.paths import resolve_path
 
 from cnnray.serve.defaults import (
+    DEFAULT_RUNTIME,
     BATCH_WAIT_S,
     MAX_BATCH_SIZE,
     BODY_TIMEOUT_S,
@@ -72,6 +73,9 @@ class ServeArgs(_Strict):
         description="seconds between each replica's looks at the model store for new versions (0: never)",
     )
     limits: Limits = Field(default_factory=Limits)
+    runtime: Literal["torch", "onnxruntime"] = Field(
+        DEFAULT_RUNTIME, description="what runs the forward pass: torch, or the exported ONNX graph in ONNX Runtime"
+    )
 
     # Paths as typed where the app was built (`cnnray serve`, `serve run`), once
     # (cnnray.paths): absolute, so every replica, wherever its working directory, reads

@@ -11,6 +11,7 @@ for a model or op the exporter refuses and for a file that fails verification (e
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -157,32 +158,34 @@ def export_checkpoint(
     with ExitStack() as stack:
         ckpt = resolve_source(source, stack)
         model, meta = load_model(ckpt)
-        shape, _, mean, std = input_description(meta, ckpt)
-        what = f"model {meta['model']['name']!r}"
-        if images is None:
-            images = test_sample(meta, sample, data_dir)
-        reference = reference_logits(model, meta, images)  # before the layout changes below
         props = metadata(meta, ckpt, input_dtype)
-    # The file holds NCHW weights (what ONNX stores and what GPU consumers expect); the
-    # checkpoint's model is channels-last on a CPU (inference_layout): same values.
-    model = model.to(memory_format=torch.contiguous_format)
-    graph = PixelGraph(model, mean, std, checkpoint_tta(meta), input_dtype=input_dtype)
-    x = images if input_dtype == "uint8" else images.float()
+    shape, _, mean, std = input_description(meta, ckpt)
+    what = f"model {meta['model']['name']!r}"
+    # The file holds NCHW weights (what ONNX stores and what GPU consumers expect), from a
+    # copy: the checkpoint's model stays channels-last on a CPU (inference_layout), the
+    # layout cnnray's own predictions, the reference below, are computed in.
+    nchw = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
+    graph = PixelGraph(nchw, mean, std, checkpoint_tta(meta), input_dtype=input_dtype)
+    # Exported before the test data is read: a model that cannot export is refused at once.
     if fmt == "onnx":
         from cnnray.export.onnx import onnx_bytes, ort_session, run_session
 
         data = onnx_bytes(graph, shape, what, props)
-
-        def run(path: str) -> torch.Tensor:
-            return torch.from_numpy(run_session(ort_session(path, torch.get_num_threads()), x))
     else:
         from cnnray.export.pt2 import export_program, load_program, program_bytes
 
         data = program_bytes(export_program(graph, shape, what))
+    del graph, nchw
+    if images is None:
+        images = test_sample(meta, sample, data_dir)
+    reference = reference_logits(model, meta, images)
+    x = images if input_dtype == "uint8" else images.float()
 
-        def run(path: str) -> torch.Tensor:
-            with torch.inference_mode():
-                return load_program(path)(x)
+    def run(path: str) -> torch.Tensor:
+        if fmt == "onnx":
+            return torch.from_numpy(run_session(ort_session(path, torch.get_num_threads()), x))
+        with torch.inference_mode():
+            return load_program(path)(x)
 
     comparison = _write_verified(out_path, data, run, reference)
     if fmt == "pt2":  # torch.export.save keeps no free-form metadata: a sidecar beside it

@@ -7,8 +7,13 @@ so cnnray works without them until an ONNX file is asked for.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
-from collections.abc import Mapping
+import logging
+import warnings
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -40,6 +45,27 @@ def require(module: str) -> Any:
         raise ExportError(f"{module} is not installed: pip install 'cnnray[onnx]'") from None
 
 
+@contextmanager
+def quiet_exporters() -> Iterator[None]:
+    """Silence the exporters' own log lines and Python warnings while they run (torch.export
+    logs a guard failure as a warning before raising it; the ONNX exporter prints its
+    progress): the caller reports one line per outcome."""
+    prefixes = ("torch", "onnxscript", "onnx_ir", "onnx")
+    loggers = [logging.getLogger(n) for n in list(logging.Logger.manager.loggerDict) if n.split(".")[0] in prefixes]
+    loggers += [logging.getLogger(p) for p in prefixes]
+    before = [(lg, lg.disabled) for lg in loggers]
+    for lg in loggers:
+        lg.disabled = True
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                yield
+    finally:
+        for lg, disabled in before:
+            lg.disabled = disabled
+
+
 def onnx_bytes(graph: PixelGraph, input_shape: tuple[int, int, int], what: str,
                metadata: Mapping[str, Any] | None = None) -> bytes:
     """The serialised ONNX model of `graph` (input `pixels`, batch dimension dynamic),
@@ -52,7 +78,7 @@ def onnx_bytes(graph: PixelGraph, input_shape: tuple[int, int, int], what: str,
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
     ex = example_input(input_shape, input_dtype=graph.input_dtype)
     try:
-        with torch.inference_mode(False), torch.no_grad():
+        with torch.inference_mode(False), torch.no_grad(), quiet_exporters():
             program = torch.onnx.export(
                 graph, (ex,), dynamo=True, dynamic_shapes=({0: batch},), input_names=[INPUT_NAME],
                 output_names=[OUTPUT_NAME], verbose=False, report=False,

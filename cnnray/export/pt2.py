@@ -8,7 +8,7 @@ import io
 import torch
 
 from cnnray.export.graph import PixelGraph, example_input
-from cnnray.export.onnx import MAX_BATCH, ExportError, first_line
+from cnnray.export.onnx import MAX_BATCH, ExportError, first_line, quiet_exporters
 
 
 def export_program(graph: PixelGraph, input_shape: tuple[int, int, int], what: str) -> torch.export.ExportedProgram:
@@ -17,7 +17,7 @@ def export_program(graph: PixelGraph, input_shape: tuple[int, int, int], what: s
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
     ex = example_input(input_shape, input_dtype=graph.input_dtype)
     try:
-        with torch.inference_mode(False), torch.no_grad():
+        with torch.inference_mode(False), torch.no_grad(), quiet_exporters():
             return torch.export.export(graph.eval(), (ex,), dynamic_shapes=({0: batch},))
     except Exception as e:
         raise ExportError(f"cannot export {what} with torch.export: {first_line(e)}") from None

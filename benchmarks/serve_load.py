@@ -279,7 +279,8 @@ ROUTES = {"torchserve": "PNG /predictions", "kserve": "JSON :predict"}
 def format_table(results: list[LoadResult]) -> str:
     """A Markdown table, as the README shows it."""
     width = max([len("server")] + [len(r.server) for r in results])
-    head = (f"| {'server':<{width}} | runtime     | route            | requests | concurrency | requests/s | p50 ms | p99 ms "
+    head = (f"| {'server':<{width}} | runtime     | route            | requests | concurrency | requests/s "
+            "| p50 ms | p99 ms "
             "| errors | accuracy | server CPU ms/request |")
     rule = "|" + "|".join("-" * len(c) for c in head.split("|")[1:-1]) + "|"
     rows = [

@@ -79,12 +79,16 @@ def resolve_source(path: str | Path, stack: ExitStack) -> Path:
     raise CheckpointError(f"{p} is neither a checkpoint folder ({META_FILE}) nor a run folder ({RESULT_FILE})")
 
 
-def input_description(meta: dict[str, Any], where: Path) -> tuple[tuple[int, int, int], list[str], list[float], list[float]]:
+InputDescription = tuple[tuple[int, int, int], list[str], list[float], list[float]]
+
+
+def input_description(meta: dict[str, Any], where: Path) -> InputDescription:
     """(C, H, W), class names, mean, std from meta.json's "data" (CheckpointError if absent)."""
     data = meta.get("data") or {}
     try:
         c, h, w = (int(s) for s in data["input_shape"])
-        return (c, h, w), [str(x) for x in data["classes"]], [float(x) for x in data["mean"]], [float(x) for x in data["std"]]
+        classes = [str(x) for x in data["classes"]]
+        return (c, h, w), classes, [float(x) for x in data["mean"]], [float(x) for x in data["std"]]
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"checkpoint {where}: meta.json lacks the input description ({e})") from None
 
@@ -109,7 +113,7 @@ def metadata(meta: dict[str, Any], ckpt: Path, input_dtype: str) -> dict[str, An
     }
 
 
-def test_sample(meta: dict[str, Any], n: int, data_dir: str | None = None) -> torch.Tensor:
+def held_out_sample(meta: dict[str, Any], n: int, data_dir: str | None = None) -> torch.Tensor:
     """The first `n` images (uint8 N x C x H x W) of the checkpoint's test split, as its
     run evaluated it (same dataset, subset and seed); `data_dir` overrides the recorded one.
     Never downloads. ConfigError/DataError when the data cannot be read."""
@@ -177,7 +181,7 @@ def export_checkpoint(
         data = program_bytes(export_program(graph, shape, what))
     del graph, nchw
     if images is None:
-        images = test_sample(meta, sample, data_dir)
+        images = held_out_sample(meta, sample, data_dir)
     reference = reference_logits(model, meta, images)
     x = images if input_dtype == "uint8" else images.float()
 
@@ -198,7 +202,9 @@ def sidecar_path(pt2: Path) -> Path:
     return pt2.with_name(pt2.name + ".json")
 
 
-def _write_verified(out: Path, data: bytes, run: Callable[[str], torch.Tensor], reference: torch.Tensor) -> Comparison:
+def _write_verified(
+    out: Path, data: bytes, run: Callable[[str], torch.Tensor], reference: torch.Tensor
+) -> Comparison:
     """Write `data` to a temporary file beside `out`, run that file (`run(path)` -> logits),
     and rename it to `out` only if its logits match `reference`; VerificationError if not.
     The file gets the mode a plain open() gives (umask), not mkstemp's 0600."""

@@ -11,7 +11,9 @@ from cnnray.export.graph import PixelGraph, example_input
 from cnnray.export.onnx import MAX_BATCH, ExportError, first_line, quiet_exporters
 
 
-def export_program(graph: PixelGraph, input_shape: tuple[int, int, int], what: str) -> torch.export.ExportedProgram:
+def export_program(
+    graph: PixelGraph, input_shape: tuple[int, int, int], what: str
+) -> torch.export.ExportedProgram:
     """torch.export.export of `graph` with a dynamic batch dimension; ExportError (one
     line, naming `what`) when torch.export refuses the model."""
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)

@@ -65,7 +65,8 @@ def test_every_model_exports_to_both_formats_and_matches(name, tmp_path):
 
 
 def test_tta_exports(tmp_path):
-    """flip_translate, the TTA with every op of the others and more: the TTA views (flips, reflect-padded shifts, a batch of 2N) are in the graph, with a
+    """flip_translate, the TTA with every op of the others and more: the TTA views (flips,
+    reflect-padded shifts, a batch of 2N) are in the graph, with a
     dynamic batch: both files give cnnray's TTA logits on a batch size not traced."""
     from cnnray.export.files import export_checkpoint
 

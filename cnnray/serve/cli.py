@@ -99,6 +99,14 @@ def serve_args_from(args: argparse.Namespace):
         raise ConfigError(f"--port {args.port} is not a TCP port (1-65535)")
     if args.watch_s < 0:
         raise ConfigError(f"--watch-s {args.watch_s:g} must be 0 (off) or positive")
+    if args.runtime == "onnxruntime":
+        import importlib.util
+
+        if args.gpu:
+            raise ConfigError("--runtime onnxruntime runs on CPUs: with --gpu use --runtime torch")
+        missing = [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise ConfigError(f"--runtime onnxruntime needs {', '.join(missing)}: pip install 'cnnray[onnx]'")
     try:
         return ServeArgs(
             model_store=args.model_store,  # ServeArgs resolves paths (cnnray.paths)

@@ -103,3 +103,11 @@ def test_cnnray_serve_runtime_onnxruntime_answers_as_torch(checkpoint, tmp_path)
         proc.terminate()
         proc.wait(timeout=120)
         log.close()
+
+
+def test_onnxruntime_with_gpu_exits_2_before_ray(checkpoint, capsys):
+    from cnnray.cli import main
+
+    assert main(["serve", "--checkpoint", str(checkpoint), "--name", "m", "--gpu", "--runtime", "onnxruntime"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "--runtime onnxruntime runs on CPUs" in err, err

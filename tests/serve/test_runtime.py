@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
-import json
 
 import numpy as np
 import pytest
@@ -94,7 +93,7 @@ def test_cnnray_serve_runtime_onnxruntime_answers_as_torch(checkpoint, tmp_path)
     try:
         wait_http(f"http://127.0.0.1:{port}/v1/models/m", proc, log, "cnnray serve --runtime onnxruntime")
         body = {"instances": [{"b64": base64.b64encode(p).decode()} for p in pngs]}
-        r = requests.post(f"http://127.0.0.1:{port}/v1/models/m:predict", data=json.dumps(body), timeout=60)
+        r = requests.post(f"http://127.0.0.1:{port}/v1/models/m:predict", json=body, timeout=60)
         assert r.status_code == 200, r.text
         got = np.array([p["probabilities"] for p in r.json()["predictions"]])
         assert (got.argmax(1) == want.argmax(1)).all(), log_tail(log)

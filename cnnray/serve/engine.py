@@ -135,13 +135,13 @@ def load_served_model(
     module, meta = load_model(ref.path, map_location=device)
     loaded = LoadedModel(name, ref.version, str(ref.path), module, meta, device)
     _check_input(loaded)
-    if runtime != "torch":
-        loaded.runtime = make_runtime(runtime, module, meta, ref.path, device, threads)
-        _check_runtime_agrees(loaded)
     bad = [k for k, t in module.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:
         more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
         raise CheckpointError(f"checkpoint {ref.path}: weights hold NaN or infinity ({bad[0]}{more})")
+    if runtime != "torch":  # after the weights' check: a NaN model is refused for what it is
+        loaded.runtime = make_runtime(runtime, module, meta, ref.path, device, threads)
+        _check_runtime_agrees(loaded)
     try:
         out = loaded.predict(torch.zeros(1, *loaded.input_shape))
     except Exception as e:

@@ -78,9 +78,17 @@ def make_runtime(kind: str, module: torch.nn.Module, meta: dict[str, Any], path:
     from cnnray.export.onnx import ExportError, ort_session
 
     try:
-        return OnnxRuntime(ort_session(_cached_graph(module, meta, Path(path)), threads))
-    except ExportError as e:
-        raise CheckpointError(f"checkpoint {path}: {e}") from None
+        try:
+            return OnnxRuntime(ort_session(_cached_graph(module, meta, Path(path)), threads))
+        except ExportError:
+            raise
+        except Exception:  # a cached file ONNX Runtime cannot load (truncated by a full disk...)
+            _cache_file(Path(path)).unlink(missing_ok=True)
+            return OnnxRuntime(ort_session(_cached_graph(module, meta, Path(path)), threads))
+    except Exception as e:
+        from cnnray.export.onnx import first_line
+
+        raise CheckpointError(f"checkpoint {path}: {first_line(e)}") from None
 
 
 def cache_dir() -> Path:
@@ -92,6 +100,18 @@ def cache_dir() -> Path:
     return Path(base) / "cnnray" / "onnx"
 
 
+def _cache_file(path: Path) -> Path:
+    """The cache entry of the serving graph of the checkpoint at `path`: its SHA-256 (of
+    meta.json, which lists the weights' SHA-256) and the versions that export it."""
+    import onnx
+
+    from cnnray import __version__
+    from cnnray.export.files import checkpoint_digest
+
+    versions = f"serve-normalised|{torch.__version__}|{onnx.__version__}|{__version__}"
+    return cache_dir() / f"{checkpoint_digest(path)}-{hashlib.sha256(versions.encode()).hexdigest()[:16]}.onnx"
+
+
 def _cached_graph(module: torch.nn.Module, meta: dict[str, Any], path: Path) -> bytes:
     """The serialised serving graph of the checkpoint at `path`: from the cache when a
     graph of this checkpoint (SHA-256 of its meta.json, which lists its weights' SHA-256)
@@ -99,17 +119,12 @@ def _cached_graph(module: torch.nn.Module, meta: dict[str, Any], path: Path) -> 
     cannot be written costs only the next load's export."""
     import copy
 
-    import onnx
-
-    from cnnray import __version__
     from cnnray.export.files import checkpoint_digest, input_description
     from cnnray.export.graph import PixelGraph
     from cnnray.export.onnx import onnx_bytes
 
     digest = checkpoint_digest(path)
-    versions = f"serve-normalised|{torch.__version__}|{onnx.__version__}|{__version__}"
-    key = f"{digest}-{hashlib.sha256(versions.encode()).hexdigest()[:16]}.onnx"
-    cached = cache_dir() / key
+    cached = _cache_file(path)
     try:
         return cached.read_bytes()
     except OSError:

@@ -74,14 +74,16 @@ def onnx_bytes(graph: PixelGraph, input_shape: tuple[int, int, int], what: str,
     Raises ExportError (one line) when the exporter or the checker refuses it."""
     onnx = require("onnx")
     require("onnxscript")  # the dynamo exporter's op library
-    graph = graph.eval()
-    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
-    ex = example_input(input_shape, input_dtype=graph.input_dtype)
+    from cnnray.export.pt2 import export_program
+
+    # torch.export first (the program a .pt2 holds), then ONNX from that program: a model
+    # torch.export refuses is refused at once, not after the ONNX exporter's retries.
+    exported = export_program(graph, input_shape, what, to="ONNX")
     try:
         with torch.inference_mode(False), torch.no_grad(), quiet_exporters():
             program = torch.onnx.export(
-                graph, (ex,), dynamo=True, dynamic_shapes=({0: batch},), input_names=[INPUT_NAME],
-                output_names=[OUTPUT_NAME], verbose=False, report=False,
+                exported, (), dynamo=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                verbose=False, report=False,
             )
         proto = program.model_proto
     except Exception as e:  # the exporter raises many kinds (UserError, TorchExportError, ...)

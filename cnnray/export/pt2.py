@@ -12,7 +12,7 @@ from cnnray.export.onnx import MAX_BATCH, ExportError, first_line, quiet_exporte
 
 
 def export_program(
-    graph: PixelGraph, input_shape: tuple[int, int, int], what: str
+    graph: PixelGraph, input_shape: tuple[int, int, int], what: str, to: str = "torch.export"
 ) -> torch.export.ExportedProgram:
     """torch.export.export of `graph` with a dynamic batch dimension; ExportError (one
     line, naming `what`) when torch.export refuses the model."""
@@ -22,7 +22,8 @@ def export_program(
         with torch.inference_mode(False), torch.no_grad(), quiet_exporters():
             return torch.export.export(graph.eval(), (ex,), dynamic_shapes=({0: batch},))
     except Exception as e:
-        raise ExportError(f"cannot export {what} with torch.export: {first_line(e)}") from None
+        raise ExportError(f"cannot export {what} {'with torch.export' if to == 'torch.export' else 'to ' + to}: "
+                          f"{first_line(e)}") from None
 
 
 def program_bytes(program: torch.export.ExportedProgram) -> bytes:

@@ -30,11 +30,11 @@ import os
 import sys
 from typing import Sequence
 
-from cnnray.cli import models, predict, report, serve, train, tune
+from cnnray.cli import export, models, predict, report, serve, train, tune
 from cnnray.cli.flags import Parser
 
 # In the order `cnnray --help` lists them.
-SUBCOMMANDS = (train, models, tune, serve, predict, report)
+SUBCOMMANDS = (train, models, tune, serve, predict, report, export)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -45,6 +45,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--grpc-port", type=TCP_PORT.argtype(int), default=None,
                    help="also serve OIP v2 over gRPC (inference.GRPCInferenceService) on this port; default off")
     p.add_argument("--gpu", action="store_true", help="one GPU per replica")
+    p.add_argument("--runtime", choices=("torch", "onnxruntime"), default=s.DEFAULT_RUNTIME,
+                   help="what runs the forward pass: torch, or the checkpoint's graph exported to ONNX and run "
+                        f"by ONNX Runtime (CPU; needs cnnray[onnx]); default {s.DEFAULT_RUNTIME}")
     p.add_argument("--cpus-per-replica", type=Range(0, 4096, lo_open=True).argtype(float), default=1.0, help="CPUs per replica (torch threads); default 1")
     p.add_argument("--max-batch-size", type=Range(1, 4096).argtype(int), default=s.MAX_BATCH_SIZE,
                    help=f"images per forward pass; default {s.MAX_BATCH_SIZE}")
@@ -84,6 +87,14 @@ def serve_args_from(args: argparse.Namespace):
         raise ConfigError(f"--port {args.port} is not a TCP port (1-65535)")
     if args.watch_s < 0:
         raise ConfigError(f"--watch-s {args.watch_s:g} must be 0 (off) or positive")
+    if args.runtime == "onnxruntime":
+        import importlib.util
+
+        if args.gpu:
+            raise ConfigError("--runtime onnxruntime runs on CPUs: with --gpu use --runtime torch")
+        missing = [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise ConfigError(f"--runtime onnxruntime needs {', '.join(missing)}: pip install 'cnnray[onnx]'")
     autoscaling = _autoscaling_from(args)
     try:
         return ServeArgs(
@@ -96,6 +107,7 @@ def serve_args_from(args: argparse.Namespace):
             max_batch_size=args.max_batch_size,
             batch_wait_timeout_s=args.batch_wait_ms / 1000,
             watch_s=args.watch_s,
+            runtime=args.runtime,
             limits=Limits(max_body_bytes=int(args.max_body_mb * 2**20), max_instances=args.max_instances),
             explain=not getattr(args, "no_explain", False),
         )

@@ -60,6 +60,7 @@ class ModelServer(OipGrpcMethods):  # + OIP v2 gRPC methods (oip_grpc.py), when 
         threads: int = 1,
         store: dict[str, Any] | None = None,
         explain: bool = True,
+        runtime: str = "torch",
     ) -> None:
         from cnnray.serve.explain import ExplainService
 
@@ -76,6 +77,8 @@ class ModelServer(OipGrpcMethods):  # + OIP v2 gRPC methods (oip_grpc.py), when 
         self.metrics = ServeMetrics()
         self._device = torch.device(device)
         torch.set_num_threads(max(1, threads))
+        # The forward passes' runtime (serve/runtime.py); ONNX Runtime gets torch's thread count.
+        self._runtime, self._threads = runtime, max(1, threads)
         # One inference thread: batches are decoded and run one at a time, off the event
         # loop, so requests keep being read and batched while the model computes.
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cnnray-infer")
@@ -127,7 +130,7 @@ class ModelServer(OipGrpcMethods):  # + OIP v2 gRPC methods (oip_grpc.py), when 
         and is reported by GET /v1/models; it never stops the replica (the bind arguments
         that a restarted replica starts from may name a version since deleted)."""
         try:
-            loaded = load_served_model(name, ref, self._device)
+            loaded = load_served_model(name, ref, self._device, self._runtime, self._threads)
         except Exception as e:  # reported without the server's paths: /v1/models needs no login
             self._failures[name] = (ref.version, public_error(e, ref.path, f"{name}/{ref.version}"))
             log.error("cnnray: cannot load %s version %s from %s: %s", name, ref.version, ref.path, e)
@@ -320,4 +323,5 @@ def build_app(args: ServeArgs) -> Application:
         threads=max(1, int(args.cpus_per_replica)),
         store=store,
         explain=args.explain,
+        runtime=args.runtime,
     )

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from cnnray.paths import resolve_path
 
 from cnnray.serve.defaults import (
+    DEFAULT_RUNTIME,
     BATCH_WAIT_S,
     MAX_BATCH_SIZE,
     BODY_TIMEOUT_S,
@@ -94,6 +95,9 @@ class ServeArgs(_Strict):
     explain: bool = Field(True, description="answer POST /v1/models/{name}:explain (heat maps, response maps)")
     autoscaling: Autoscaling | None = Field(
         None, description="replicas between min_replicas and max_replicas by load (replaces `replicas`)"
+    )
+    runtime: Literal["torch", "onnxruntime"] = Field(
+        DEFAULT_RUNTIME, description="what runs the forward pass: torch, or the exported ONNX graph in ONNX Runtime"
     )
 
     # Paths as typed where the app was built (`cnnray serve`, `serve run`), once

@@ -73,6 +73,9 @@ RULES = [
     ("train", {"tune", "serve", "report", "cli"}, "training never imports tune/ or the CLI"),
     ("tune", {"serve", "report", "cli"}, "tune runs Ray Train runs, nothing above"),
     ("report", {"train", "tune", "serve", "cli"}, "report reads files and checkpoints, not training code"),
+    ("export", {"tune", "serve", "report", "cli"}, "export turns a checkpoint into a file; serving calls it, not the reverse"),
+    ("explain", {"config", "data", "train", "tune", "serve", "report", "cli", "store", "ray_start"},
+     "explanations need only a model: serve and the report both use them"),
 ]
 FLOOR = {"errors": set(), "files": set(), "paths": set(), "raytoken": set(), "argtypes": {"errors"}}
 

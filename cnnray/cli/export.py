@@ -57,7 +57,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     from cnnray.config import ConfigError
-    from cnnray.export.onnx import ExportError
+    from cnnray.export.graph import ExportError
 
     if args.format == "store":
         if not args.name:

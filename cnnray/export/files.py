@@ -26,12 +26,13 @@ import torch
 
 from cnnray.checkpoint import META_FILE, CheckpointError, atomic_write_json, file_mode, load_model
 from cnnray.export.graph import PixelGraph
-from cnnray.export.onnx import ExportError, first_line
+from cnnray.errors import first_line
+from cnnray.export.graph import ExportError
+from cnnray.files import RESULT_FILE  # what `cnnray train --out` writes
 from cnnray.export.verify import Comparison, compare
 
 FORMATS = ("onnx", "pt2")
 SAMPLE = 512  # test images the export is verified on (~1 s of a small model's forward passes)
-RESULT_FILE = "result.json"  # what `cnnray train --out` writes (cnnray.train.driver.RESULT_FILE)
 
 
 class VerificationError(ExportError):
@@ -219,7 +220,7 @@ def _write_verified(
         try:
             comparison = compare(reference, run(tmp))
         except Exception as e:  # the runtime cannot load or run what was written
-            raise VerificationError(f"the exported file cannot be run: {first_line(e)}") from None
+            raise VerificationError(f"the exported file cannot be run: {first_line(e, 300)}") from None
         if not comparison.ok:
             raise VerificationError(f"the exported file does not match the checkpoint: {comparison.describe()}")
         os.replace(tmp, out)

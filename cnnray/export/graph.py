@@ -12,12 +12,58 @@ file alone gives the predictions that `cnnray train`'s test accuracy and Serve g
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from cnnray.models.tta import check_tta, tta_logits
+
+MAX_BATCH = 1 << 16  # the batch dimension's upper bound in the graph (dynamic below it)
+
+
+class ExportError(Exception):
+    """A model, op or file that cannot be exported; the message is one line naming it."""
+
+
+def require(module: str) -> Any:
+    """Import one of the `cnnray[onnx]` extra's packages, or ExportError saying how to get it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ExportError(f"{module} is not installed: pip install 'cnnray[onnx]'") from None
+
+
+@contextmanager
+def quiet_exporters() -> Iterator[None]:
+    """Silence the exporters' own log lines and Python warnings while they run (torch.export
+    logs a guard failure as a warning before raising it; the ONNX exporter prints its
+    progress): the caller reports one line per outcome."""
+    prefixes = ("torch", "onnxscript", "onnx_ir", "onnx")
+    loggers = [logging.getLogger(n) for n in list(logging.Logger.manager.loggerDict) if n.split(".")[0] in prefixes]
+    loggers += [logging.getLogger(p) for p in prefixes]
+    before = [(lg, lg.disabled) for lg in loggers]
+    for lg in loggers:
+        lg.disabled = True
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                yield
+    finally:
+        for lg, disabled in before:
+            lg.disabled = disabled
+
 
 INPUT_DTYPES = ("float32", "uint8")  # what the exported graph's one input can be
 

@@ -7,65 +7,18 @@ so cnnray works without them until an ONNX file is asked for.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import logging
-import warnings
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import torch
 
-from cnnray.export.graph import PixelGraph, example_input
+from cnnray.errors import first_line
+from cnnray.export.graph import ExportError, PixelGraph, quiet_exporters, require
 
 INPUT_NAME = "pixels"  # the graph's input: N x C x H x W
 OUTPUT_NAME = "logits"  # its output: N x K float32
-MAX_BATCH = 1 << 16  # the batch dimension's upper bound in the graph (dynamic below it)
-
-
-class ExportError(Exception):
-    """A model, op or file that cannot be exported; the message is one line naming it."""
-
-
-def first_line(e: BaseException) -> str:
-    lines = [line for line in str(e).strip().splitlines() if line.strip()]
-    return lines[0][:300] if lines else type(e).__name__
-
-
-def require(module: str) -> Any:
-    """Import one of the `cnnray[onnx]` extra's packages, or ExportError saying how to get it."""
-    import importlib
-
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise ExportError(f"{module} is not installed: pip install 'cnnray[onnx]'") from None
-
-
-@contextmanager
-def quiet_exporters() -> Iterator[None]:
-    """Silence the exporters' own log lines and Python warnings while they run (torch.export
-    logs a guard failure as a warning before raising it; the ONNX exporter prints its
-    progress): the caller reports one line per outcome."""
-    prefixes = ("torch", "onnxscript", "onnx_ir", "onnx")
-    loggers = [logging.getLogger(n) for n in list(logging.Logger.manager.loggerDict) if n.split(".")[0] in prefixes]
-    loggers += [logging.getLogger(p) for p in prefixes]
-    before = [(lg, lg.disabled) for lg in loggers]
-    for lg in loggers:
-        lg.disabled = True
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-                yield
-    finally:
-        for lg, disabled in before:
-            lg.disabled = disabled
-
-
 def onnx_bytes(graph: PixelGraph, input_shape: tuple[int, int, int], what: str,
                metadata: Mapping[str, Any] | None = None) -> bytes:
     """The serialised ONNX model of `graph` (input `pixels`, batch dimension dynamic),
@@ -87,14 +40,14 @@ def onnx_bytes(graph: PixelGraph, input_shape: tuple[int, int, int], what: str,
             )
         proto = program.model_proto
     except Exception as e:  # the exporter raises many kinds (UserError, TorchExportError, ...)
-        raise ExportError(f"cannot export {what} to ONNX: {first_line(e)}") from None
+        raise ExportError(f"cannot export {what} to ONNX: {first_line(e, 300)}") from None
     for key, value in (metadata or {}).items():
         prop = proto.metadata_props.add()
         prop.key, prop.value = key, value if isinstance(value, str) else json.dumps(value)
     try:
         onnx.checker.check_model(proto, full_check=True)
     except Exception as e:
-        raise ExportError(f"{what}: the ONNX checker refuses the exported graph: {first_line(e)}") from None
+        raise ExportError(f"{what}: the ONNX checker refuses the exported graph: {first_line(e, 300)}") from None
     return proto.SerializeToString()
 
 

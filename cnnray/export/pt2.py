@@ -7,8 +7,8 @@ import io
 
 import torch
 
-from cnnray.export.graph import PixelGraph, example_input
-from cnnray.export.onnx import MAX_BATCH, ExportError, first_line, quiet_exporters
+from cnnray.errors import first_line
+from cnnray.export.graph import MAX_BATCH, ExportError, PixelGraph, example_input, quiet_exporters
 
 
 def export_program(
@@ -23,7 +23,7 @@ def export_program(
             return torch.export.export(graph.eval(), (ex,), dynamic_shapes=({0: batch},))
     except Exception as e:
         raise ExportError(f"cannot export {what} {'with torch.export' if to == 'torch.export' else 'to ' + to}: "
-                          f"{first_line(e)}") from None
+                          f"{first_line(e, 300)}") from None
 
 
 def program_bytes(program: torch.export.ExportedProgram) -> bytes:

@@ -75,7 +75,8 @@ def make_runtime(kind: str, module: torch.nn.Module, meta: dict[str, Any], path:
         raise ValueError(f"unknown runtime {kind!r}; choose one of: {', '.join(RUNTIMES)}")
     if device.type != "cpu":
         raise CheckpointError("the onnxruntime runtime runs on CPUs: serve with --runtime torch on a GPU")
-    from cnnray.export.onnx import ExportError, ort_session
+    from cnnray.export.graph import ExportError
+    from cnnray.export.onnx import ort_session
 
     try:
         try:
@@ -86,9 +87,9 @@ def make_runtime(kind: str, module: torch.nn.Module, meta: dict[str, Any], path:
             _cache_file(Path(path)).unlink(missing_ok=True)
             return OnnxRuntime(ort_session(_cached_graph(module, meta, Path(path)), threads))
     except Exception as e:
-        from cnnray.export.onnx import first_line
+        from cnnray.errors import first_line
 
-        raise CheckpointError(f"checkpoint {path}: {first_line(e)}") from None
+        raise CheckpointError(f"checkpoint {path}: {first_line(e, 300)}") from None
 
 
 def cache_dir() -> Path:

@@ -18,6 +18,8 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import tempfile
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -243,3 +245,31 @@ def _cnnray_version() -> str:
     from cnnray import __version__
 
     return __version__
+
+
+def resolve_checkpoint(path: str, run_dir: Path, stack: ExitStack) -> Path:
+    """A local directory for the checkpoint recorded as `path`.
+
+    Tries the path itself, then its last three and two components under `run_dir` (the
+    folder was moved or copied from a cluster: `ray/<run>/epoch-N` of a run,
+    `runs/<trial>/epoch-N` of a sweep), then a `scheme://` URI copied into a temporary
+    directory that lives as long as `stack`.
+    """
+    p = Path(path).expanduser()
+    if "://" not in path and p.is_dir():
+        return p
+    parts = Path(path.split("://", 1)[-1].rstrip("/")).parts
+    for k in (3, 2):
+        moved = run_dir.joinpath(*parts[-k:])
+        if len(parts) >= k and moved.is_dir():
+            return moved
+    if "://" in path:
+        import pyarrow.fs
+
+        local = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="cnnray-report-")))
+        try:
+            pyarrow.fs.copy_files(path, str(local))
+        except Exception as e:  # pyarrow raises OSError/ArrowInvalid/... per filesystem
+            raise CheckpointError(f"cannot copy checkpoint {path}: {e}") from None
+        return local
+    raise CheckpointError(f"checkpoint {path} not found (nor at the same place under {run_dir})")

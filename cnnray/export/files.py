@@ -70,7 +70,7 @@ def resolve_source(path: str | Path, stack: ExitStack) -> Path:
     if (p / META_FILE).is_file():
         return p
     if (p / RESULT_FILE).is_file():
-        from cnnray.report.evaluate import resolve_checkpoint
+        from cnnray.checkpoint import resolve_checkpoint
 
         try:
             recorded = json.loads((p / RESULT_FILE).read_text())["checkpoint"]

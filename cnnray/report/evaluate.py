@@ -10,10 +10,7 @@ Everything runs in-process on the CPU: a report needs no Ray and no GPU.
 
 from __future__ import annotations
 
-import tempfile
-from contextlib import ExitStack
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -100,33 +97,3 @@ def conv_responses(model: nn.Module, x: torch.Tensor) -> list[tuple[str, torch.T
     from cnnray.explain import conv_maps
 
     return [(shape.name, maps) for shape, maps in conv_maps(model, x)]
-
-
-def resolve_checkpoint(path: str, run_dir: Path, stack: ExitStack) -> Path:
-    """A local directory for the checkpoint recorded as `path`.
-
-    Tries the path itself, then its last three and two components under `run_dir` (the
-    folder was moved or copied from a cluster: `ray/<run>/epoch-N` of a run,
-    `runs/<trial>/epoch-N` of a sweep), then a `scheme://` URI copied into a temporary
-    directory that lives as long as `stack`.
-    """
-    from cnnray.checkpoint import CheckpointError
-
-    p = Path(path).expanduser()
-    if "://" not in path and p.is_dir():
-        return p
-    parts = Path(path.split("://", 1)[-1].rstrip("/")).parts
-    for k in (3, 2):
-        moved = run_dir.joinpath(*parts[-k:])
-        if len(parts) >= k and moved.is_dir():
-            return moved
-    if "://" in path:
-        import pyarrow.fs
-
-        local = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="cnnray-report-")))
-        try:
-            pyarrow.fs.copy_files(path, str(local))
-        except Exception as e:  # pyarrow raises OSError/ArrowInvalid/... per filesystem
-            raise CheckpointError(f"cannot copy checkpoint {path}: {e}") from None
-        return local
-    raise CheckpointError(f"checkpoint {path} not found (nor at the same place under {run_dir})")

@@ -135,7 +135,7 @@ def write_run_report(
 ) -> Path:
     """Write the report of the run in `run_dir`; return the HTML page's path."""
     from cnnray.report import tensorboard as tb
-    from cnnray.report.evaluate import resolve_checkpoint
+    from cnnray.checkpoint import resolve_checkpoint
     from cnnray.report.sections import checkpoint_report
 
     from cnnray.paths import resolve_path

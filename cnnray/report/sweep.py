@@ -179,7 +179,7 @@ def write_sweep_report(sweep_dir: str | Path, out_dir: str | Path | None = None,
     """Write the report of the sweep in `sweep_dir`; return the HTML page's path."""
     from cnnray.checkpoint import CheckpointError, read_meta
     from cnnray.report import tensorboard as tb
-    from cnnray.report.evaluate import resolve_checkpoint
+    from cnnray.checkpoint import resolve_checkpoint
     from cnnray.report.sections import checkpoint_report
 
     from cnnray.paths import resolve_path

@@ -96,7 +96,7 @@ def test_bad_input_exits_2_with_one_line(args, fragment, tmp_path, capsys, monke
 def test_uint8_graph_and_store_mode(tmp_path, capsys):
     from cnnray.export.files import export_checkpoint
     from cnnray.export.onnx import ort_session, run_session
-    from cnnray.store import versions
+    from cnnray.store import scan
 
     ckpt = save_untrained(tmp_path / "ckpt", "mlp")
     images = random_pixels(shape_of("mlp"), n=8)
@@ -107,7 +107,7 @@ def test_uint8_graph_and_store_mode(tmp_path, capsys):
 
     assert main(["export", str(ckpt), "--format", "store", "--out", str(tmp_path / "store"), "--name", "digits"]) == 0
     assert "digits version 1" in capsys.readouterr().out
-    assert versions(tmp_path / "store", "digits") == [1]
+    assert scan(tmp_path / "store").models == {"digits": [1]}
 
 
 # --- a trained MNIST cnn: ONNX Runtime alone gives `cnnray train`'s test accuracy ----------------

@@ -30,16 +30,13 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
-from cnnray.checkpoint import atomic_write_json
 from cnnray.config import FIELD_RANGES, ConfigError
+from cnnray.files import EXPLOITS_FILE, PBT_DIR, atomic_write_json, read_exploits
 
 if TYPE_CHECKING:
     from cnnray.tune.space import Dist
-    from cnnray.tune.sweep import SweepConfig
 
 PBT_FIELDS = ("lr", "momentum", "weight_decay")  # what an exploited trial can take over at once
-PBT_DIR = "pbt"
-EXPLOITS_FILE = "exploits.json"
 QUANTILE = 0.25  # bottom quarter exploits the top quarter (Jaderberg et al. 2017)
 RESAMPLE_PROBABILITY = 0.25  # else multiply by 0.8 or 1.2 (Ray's default factors)
 
@@ -79,14 +76,9 @@ def read_segment(pbt_dir: str | Path | None, trial_id: str) -> dict[str, Any] | 
         return None
 
 
-def read_exploits(out: str | Path) -> list[dict[str, Any]]:
-    try:
-        return json.loads((Path(out) / EXPLOITS_FILE).read_text())
-    except (OSError, ValueError):
-        return []
-
-
-def make_pbt(sweep: "SweepConfig", out: Path) -> Any:
+def make_pbt(sweep: Any, out: Path) -> Any:
+    """Ray's PopulationBasedTraining for `sweep` (a SweepConfig; not imported, see
+    cnnray.tune.schedulers), recording exploits and segments under `out`."""
     from ray.tune.schedulers import PopulationBasedTraining
     from ray.train import Checkpoint
 

@@ -10,59 +10,32 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
-from cnnray.checkpoint import (
-    CheckpointError,
+from cnnray.checkpoint import read_meta, verify_checkpoint
+from cnnray.config import TrainConfig
+from cnnray.errors import CheckpointError, TrainingError
+from cnnray.files import (  # noqa: F401  (the sweep folder's names, also read from here)
+    BEST_FILE,
+    HISTORIES_FILE,
+    RUNS_DIR,
+    TRIALS_CSV,
+    TRIALS_PARQUET,
+    TUNE_DIR,
     atomic_write,
     atomic_write_bytes,
     atomic_write_json,
-    read_meta,
-    verify_checkpoint,
 )
-from cnnray.config import TrainConfig
-from cnnray.train.driver import TrainingError
+from cnnray.tune.history import read_history  # noqa: F401  (also read from here)
+from cnnray.tune.sweep_config import SweepConfig
 
-if TYPE_CHECKING:
-    from cnnray.tune.sweep import SweepConfig
-
-TUNE_DIR = "tune"  # Tune's experiment: state, one folder per trial (result.json)
-RUNS_DIR = "runs"  # Ray Train storage; each trial's run is named by its trial id
-TRIALS_CSV = "trials.csv"
-TRIALS_PARQUET = "trials.parquet"
-HISTORIES_FILE = "histories.json"
-BEST_FILE = "best.json"
 PLOT_FILE = "sweep.png"
 EXPLOITS_CSV = "exploits.csv"  # PBT only: one row per exploit
-# Keys Tune adds to every reported result, and the checkpoint path TuneReportCallback
-# adds: dropped so that a history holds the metrics exactly as the training loop reports them.
-_TUNE_KEYS = frozenset(
-    {"training_iteration", "time_total_s", "time_this_iter_s", "time_since_restore", "timestamp", "date",
-     "timesteps_total", "episodes_total", "timesteps_since_restore", "iterations_since_restore", "pid",
-     "hostname", "node_ip", "done", "trial_id", "experiment_tag", "config", "checkpoint_dir_name",
-     "checkpoint_path", "should_checkpoint", "episodes_this_iter", "timesteps_this_iter"}
-)
-
-
 class SweepError(TrainingError):
     """The sweep ran but left nothing to choose from (every trial failed): the CLI exits 1."""
 
 
-def read_history(trial_dir: str | Path) -> list[dict[str, Any]]:
-    """Per-epoch metrics of one trial from Tune's result.json (one JSON object a line).
-    An epoch reported twice (rerun after a resume) keeps its latest report."""
-    path = Path(trial_dir) / "result.json"
-    by_epoch: dict[int, dict[str, Any]] = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            if line.strip():
-                row = json.loads(line)
-                if "epoch" in row:
-                    by_epoch[int(row["epoch"])] = {k: v for k, v in row.items() if k not in _TUNE_KEYS}
-    return [by_epoch[e] for e in sorted(by_epoch)]
-
-
-def collect(sweep: "SweepConfig", out: Path) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, Any]]]]:
+def collect(sweep: SweepConfig, out: Path) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, Any]]]]:
     """(one row per trial, {trial_id: history}) from the experiment as saved on disk."""
     from ray.tune import ExperimentAnalysis
 
@@ -137,14 +110,14 @@ def format_table(rows: list[dict[str, Any]], swept: list[str]) -> str:
     return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip() for line in [head, *body])
 
 
-def finish_sweep(sweep: "SweepConfig", out: Path, *, seconds: float, echo: Callable[[str], None] = print,
+def finish_sweep(sweep: SweepConfig, out: Path, *, seconds: float, echo: Callable[[str], None] = print,
                  budget_spent: bool = False) -> dict[str, Any]:
     """Table, histories, best.json (with test accuracy), plot and model export.
     `budget_spent`: the budget ended the sweep, so trials left unstarted are expected."""
     from ray.train import Checkpoint
 
     from cnnray.store import export
-    from cnnray.train.driver import evaluate_on_test
+    from cnnray.train.best_checkpoint import evaluate_on_test
     from cnnray.tune.plots import plot_sweep
 
     rows, histories = collect(sweep, out)
@@ -210,7 +183,7 @@ def write_exploits(out: Path) -> list[dict[str, Any]]:
     old/donor/new value of each perturbed field); the list, empty without PBT."""
     import pandas as pd
 
-    from cnnray.tune.pbt import read_exploits
+    from cnnray.files import read_exploits
 
     exploits = read_exploits(out)
     if exploits:

@@ -12,18 +12,18 @@ The budget (`--budget`, trial-epochs: one per epoch any trial reports) ends the 
 sweep once spent; the checks here refuse, before Ray starts, a sweep whose scheduler could
 never act: no rung below the last epoch, fewer than two trials to compare, or a budget
 too small for every trial to reach the first rung.
+
+A `sweep` argument here is a cnnray.tune.sweep_config.SweepConfig, not imported: it
+calls check_scheduler to check itself, and modules do not import each other.
 """
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from cnnray.config import ConfigError
-
-if TYPE_CHECKING:
-    from cnnray.tune.sweep import SweepConfig
 
 SCHEDULERS = ("asha", "hyperband", "pbt", "none")
 
@@ -43,7 +43,7 @@ def hyperband_brackets(epochs: int, reduction_factor: float) -> int:
     return int(math.log(epochs) / math.log(reduction_factor)) + 1
 
 
-def min_budget(sweep: "SweepConfig") -> int:
+def min_budget(sweep: Any) -> int:
     """The fewest trial-epochs with which the scheduler can act at all."""
     epochs, n = sweep.train.epochs, sweep.num_trials
     if sweep.scheduler == "asha":  # every trial reaches the first rung, one the last epoch
@@ -56,11 +56,11 @@ def min_budget(sweep: "SweepConfig") -> int:
     return epochs  # none: one trial runs to the end
 
 
-def reduction_power(sweep: "SweepConfig") -> float:
+def reduction_power(sweep: Any) -> float:
     return sweep.reduction_factor ** (hyperband_brackets(sweep.train.epochs, sweep.reduction_factor) - 1)
 
 
-def check_scheduler(sweep: "SweepConfig") -> None:
+def check_scheduler(sweep: Any) -> None:
     """ConfigError (one line) for a scheduler that could never act in this sweep."""
     epochs, name = sweep.train.epochs, sweep.scheduler
     if name not in SCHEDULERS:
@@ -89,7 +89,7 @@ def check_scheduler(sweep: "SweepConfig") -> None:
                           f"{sweep.num_trials} trials: it needs at least {min_budget(sweep)}")
 
 
-def make_scheduler(sweep: "SweepConfig", out: Path) -> Any:
+def make_scheduler(sweep: Any, out: Path) -> Any:
     """The Tune scheduler for TuneConfig(scheduler=...); None for `none`."""
     if sweep.scheduler == "none":
         return None
@@ -107,10 +107,10 @@ def make_scheduler(sweep: "SweepConfig", out: Path) -> Any:
     return _resumable_asha(sweep)
 
 
-def _resumable_asha(sweep: "SweepConfig") -> Any:
+def _resumable_asha(sweep: Any) -> Any:
     from ray.tune.schedulers import ASHAScheduler
 
-    from cnnray.tune.results import read_history
+    from cnnray.tune.history import read_history
 
     class ResumableASHA(ASHAScheduler):
         """Tune saves no scheduler state, so after --resume ASHA would judge new results
@@ -164,7 +164,7 @@ def budget_stopper(budget: int, tune_dir: Path) -> Any:
 
 def spent_trial_epochs(tune_dir: Path) -> int:
     """Trial-epochs reported so far: one per epoch in each trial's result.json."""
-    from cnnray.tune.results import read_history
+    from cnnray.tune.history import read_history
 
     return sum(len(read_history(d)) for d in Path(tune_dir).iterdir() if (d / "result.json").is_file()) \
         if Path(tune_dir).is_dir() else 0

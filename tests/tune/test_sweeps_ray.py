@@ -16,7 +16,8 @@ import pytest
 
 from cnnray.config import TrainConfig
 from cnnray.tune.space import Dist
-from tests.conftest import REPO, spawn_cnnray
+from tests.helpers import REPO
+from tests.helpers.processes import spawn_cnnray
 
 # Seconds per epoch: 900 training images; lr 0.05 clearly beats 1e-4 after one epoch.
 TINY = dict(model="cnn", dataset="mnist", subset=1000, batch_size=100, seed=0, workers=1)

@@ -39,6 +39,7 @@ from cnnray.data.base import DataError, split_train_val, take_subset
 from cnnray.data.decode import TRAINING_LIMITS, DecodeError, decode_image
 from cnnray.data.imagefolder import pixel_sums, stats_from_sums
 from cnnray.data.loader import augment_offsets, crop_flip, normalization, normalize
+from cnnray.data.rebatch import full_batches
 from cnnray.data.sources import (
     Item,
     Listing,
@@ -387,11 +388,16 @@ class StreamBatches:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         batches = self.shard.iter_torch_batches(
-            batch_size=self.batch_size, drop_last=self.drop_last, device=self.device,
+            # drop_last here would drop a short tail after short mid-stream batches: rows a
+            # full batch needs; full_batches drops the remainder itself.
+            batch_size=self.batch_size, drop_last=False, device=self.device,
             local_shuffle_buffer_size=self._shuffle_rows() if self.shuffle else None,
         )
-        for batch in batches:
-            x, y = batch["image"], batch["label"]
+        # Re-cut into full batches, exactly len(self) of them in training: every rank takes
+        # the same steps whatever block sizes Ray Data yields (cnnray.data.rebatch).
+        pieces = ((b["image"], b["label"]) for b in batches)
+        steps = len(self) if self.drop_last else None
+        for x, y in full_batches(pieces, self.batch_size, steps, self.drop_last):
             if x.dtype == torch.uint8:  # not augmented: normalised here, as ShardedBatches does
                 x = torch.addcmul(self._shift, x, self._scale)
             if self.channels_last:

@@ -6,7 +6,7 @@
     GET  /v1/models                     every served model: version, input shape, classes, metrics
     GET  /v1/models/{name}              {"name", "version", "ready"}: 200 when ready, else 503
     POST /v1/models/{name}:predict      KServe v1: {"instances": [{"b64": ...} | C x H x W array]}
-    POST /predictions/{name}            TorchServe: the raw bytes of one PNG, JPEG or BMP (PUT works too)
+    POST /predictions/{name}            TorchServe: the raw bytes of one image file (PUT works too)
 
 Every refused request answers 4xx with {"error": "..."}: unknown model 404, wrong content
 type 415, a body that does not arrive within `Limits.body_timeout_s` 408, body, JSON or
@@ -65,7 +65,8 @@ from cnnray.serve.schemas import (
 log = logging.getLogger("cnnray.serve")
 
 JSON_TYPES = ("application/json",)
-IMAGE_TYPES = ("image/png", "image/jpeg", "image/jpg", "image/bmp", "application/octet-stream")
+IMAGE_TYPES = ("image/png", "image/jpeg", "image/jpg", "image/bmp", "image/webp", "image/tiff", "image/gif",
+               "image/x-portable-anymap", "application/octet-stream")
 # {"instances": [ [C [H [W values]]] ]} nests 5 deep ({"b64": ...} instances 3): deeper is malformed.
 MAX_JSON_DEPTH = 5
 
@@ -196,7 +197,7 @@ def build_http_app(backend: Backend, lean: bool = True) -> FastAPI:
     async def torchserve(name: str, request: Request) -> Response:
         with backend.metrics.track(_label(backend, name), "torchserve") as t:
             entry = _served(backend, name)
-            _require_type(request, IMAGE_TYPES, "image/png, image/jpeg or image/bmp", missing_ok=True)
+            _require_type(request, IMAGE_TYPES, "image/png, image/jpeg or image/bmp (or image/webp, image/tiff, image/gif)", missing_ok=True)
             limits = backend.limits
             async with buffered.hold(request, limits) as body:
                 image = EncodedImage(body, min(limits.max_image_pixels, limits.max_request_pixels))

@@ -68,7 +68,7 @@ def add_parsers(sub: Any) -> None:
         help="classify image files with a running `cnnray serve`",
         description="Send image files to a running server and print each one's label and probability; files that cannot be classified (a folder, not an image) are named after the results, and the exit status is then 2.",
     )
-    p.add_argument("images", nargs="+", metavar="IMAGE", help="PNG, JPEG or BMP files")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, BMP, WebP, TIFF, GIF, PPM)")
     p.add_argument("--url", default="http://127.0.0.1:8000", help="server address; default http://127.0.0.1:8000")
     p.add_argument("--model", required=True, help="model name (see GET /v1/models)")
     p.add_argument("--timeout", type=Range(0, 86_400, lo_open=True).argtype(float), default=60.0, help="seconds to wait for an answer; default 60")

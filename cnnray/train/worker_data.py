@@ -113,7 +113,7 @@ def data_info(ds: Dataset) -> dict[str, Any]:
 
 
 def load_for(cfg: TrainConfig) -> Dataset:
-    return load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download)
+    return load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download, skip_unreadable=cfg.skip_unreadable)
 
 
 def check_data(cfg: TrainConfig) -> Dataset | None:

@@ -19,6 +19,7 @@ import os
 import sys
 from typing import Sequence
 
+from cnnray.errors import no_space_path, one_line
 from cnnray.flags import add_train_flags, config_from_args
 
 
@@ -118,7 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ConfigError, DataError, CheckpointError, UnknownModelError, StoreError) as e:
-        print(f"cnnray: error: {e}", file=sys.stderr)
+        print(f"cnnray: error: {one_line(e)}", file=sys.stderr)  # long ones cut, the rest in a log
         return 2
     except BrokenPipeError:  # e.g. `cnnray models | head`: the reader left; not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -127,10 +128,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("cnnray: interrupted", file=sys.stderr)
         return 130
     except Exception as e:
+        from cnnray.serve.runner import ServeError
         from cnnray.train.driver import TrainingError
 
-        if isinstance(e, TrainingError):
-            print(f"cnnray: error: {e}", file=sys.stderr)
+        if isinstance(e, (TrainingError, ServeError)) or no_space_path(e) is not None:
+            print(f"cnnray: error: {one_line(e, trace=True)}", file=sys.stderr)
             return 1
         raise
 

@@ -40,8 +40,9 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on; default 127.0.0.1 (this machine only)")
     p.add_argument("--port", type=TCP_PORT.argtype(int), default=8000, help="HTTP port; default 8000")
     p.add_argument("--replicas", type=_replicas, default="auto",
-                   help="replicas of the deployment, or 'auto': as many as this node's CPUs (or GPUs, "
-                        "with --gpu) fit, after one core for HAProxy and Ray; default auto")
+                   help="replicas of the deployment, or 'auto': the Ray cluster's CPUs divided by "
+                        "--cpus-per-replica (or its GPUs, with --gpu), at least 1; HAProxy and Ray share "
+                        "those cores (no core is held back); default auto")
     p.add_argument("--gpu", action="store_true", help="one GPU per replica")
     p.add_argument("--cpus-per-replica", type=Range(0, 4096, lo_open=True).argtype(float), default=1.0, help="CPUs per replica (torch threads); default 1")
     p.add_argument("--max-batch-size", type=Range(1, 4096).argtype(int), default=s.MAX_BATCH_SIZE,
@@ -114,6 +115,8 @@ def serve_args_from(args: argparse.Namespace):
 class _Stop(Exception):
     """SIGTERM, handled like Ctrl-C."""
 
+    signum = signal.SIGTERM
+
 
 def _raise_stop(signum: int, frame: Any) -> None:
     raise _Stop()
@@ -148,6 +151,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from cnnray.ray_start import init_ray
 
     runner = None
+    stopped_by = 0  # the signal that stopped serving: the exit status is 128 + it
     previous = signal.getsignal(signal.SIGTERM)
     try:
         init_ray(args.address)
@@ -175,12 +179,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 _print_problems(runner.problems, before)
                 for name, ref in changed.items():
                     print(f"[cnnray] now serving {name} version {ref.version} ({ref.path})", flush=True)
-    except (KeyboardInterrupt, _Stop):
-        print("[cnnray] stopping", flush=True)
+    except (KeyboardInterrupt, _Stop) as e:
+        stopped_by = e.signum if isinstance(e, _Stop) else signal.SIGINT
     finally:
         # A second Ctrl-C or SIGTERM while stopping must not cut the clean-up short.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if stopped_by and ingress is not None and runner is not None:
+            _drain(ingress, signal.Signals(stopped_by).name)
+        elif stopped_by:
+            print(f"[cnnray] {signal.Signals(stopped_by).name}: stopping", flush=True)
         try:
             # On a cluster we joined, remove our app only; a local Ray is ours to stop.
             if runner is not None:
@@ -194,7 +202,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
                     ingress.close()  # and any HAProxy Ray left running
                 signal.signal(signal.SIGTERM, previous)
                 signal.signal(signal.SIGINT, signal.default_int_handler)
+    if stopped_by:
+        print(f"[cnnray] stopped ({signal.Signals(stopped_by).name})", flush=True)
+        return 128 + stopped_by  # 130 for Ctrl-C, 143 for SIGTERM: as a shell reports a signal
     return 0
+
+
+def _drain(ingress: Any, name: str) -> None:
+    """Stop accepting connections and finish the accepted requests before Serve stops
+    (cnnray.serve.drain)."""
+    from cnnray.serve.drain import DRAIN_TIMEOUT_S, soft_stop_haproxy
+
+    print(f"[cnnray] {name}: no new connections; finishing the requests already accepted", flush=True)
+    _, drained = soft_stop_haproxy(ingress.folder)
+    if not drained:
+        print(f"[cnnray] requests still running after {DRAIN_TIMEOUT_S:g} s are cut short", flush=True)
 
 
 def _print_problems(problems: list[str], before: list[str]) -> None:

@@ -31,7 +31,7 @@ import traceback
 from collections.abc import Iterator
 from pathlib import Path
 
-MAX_CHARS = 300  # a terminal line or two: long enough for a path and its reason
+MAX_CHARS = 400  # a few terminal lines: room for two paths and the fix
 _NO_SPACE = re.compile(r"\[Errno 28\]|No space left on device|Disk quota exceeded", re.I)
 _ERRNO_PATH = re.compile(r"\[Errno \d+\] [^:]*: '([^']+)'")
 

@@ -33,6 +33,7 @@ from cnnray.paths import PathError, check_printable
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".pbm"})
 # File managers' own files in image folders: never images, never named as unreadable.
 _JUNK = frozenset({"thumbs.db", "desktop.ini", "icon\r"})
+READ_TEXT = "PNG, JPEG, BMP, WebP, TIFF, GIF or PPM"  # decode.ACCEPTED_FORMATS, as users name them
 UNREADABLE_SHOWN = 3  # unreadable files named in a message (the count says how many in all)
 SPLITS = ("train", "test")
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
@@ -277,7 +278,8 @@ def decode_images(items: Sequence[ImageItem], source: str) -> dict[str, np.ndarr
 
 def unreadable_text(names: Sequence[str], reasons: Sequence[str], total: int) -> str:
     """"N of M files cannot be read as images: a (why), b (why), c (why) and K more"."""
-    shown = ", ".join(f"{n if n.isprintable() else ascii(n)} ({r})"
+    # The reason's head ("not an image", "cannot decode the PNG image"): the line stays short.
+    shown = ", ".join(f"{n if n.isprintable() else ascii(n)} ({r.split(':')[0]})"
                       for n, r in zip(names[:UNREADABLE_SHOWN], reasons[:UNREADABLE_SHOWN]))
     more = f" and {len(names) - UNREADABLE_SHOWN} more" if len(names) > UNREADABLE_SHOWN else ""
     return f"{len(names)} of {total} files cannot be read as images: {shown}{more}"
@@ -294,9 +296,10 @@ def check_unreadable(names: Sequence[str], reasons: Sequence[str], total: int, s
     text = unreadable_text(shown, list(reasons), total)
     if not skip:
         raise DataError(
-            f"{source}: {text}; convert or remove them, or pass --skip-unreadable to train without them"
+            f"{source}: {text}; convert them (to {READ_TEXT}) or remove them, "
+            "or pass --skip-unreadable to train without them"
         )
-    print(f"[cnnray] training without {text} (--skip-unreadable)", file=sys.stderr, flush=True)
+    print(f"[cnnray] {source}: {text}; training without them (--skip-unreadable)", file=sys.stderr, flush=True)
 
 
 def check_arrays_unreadable(arrays: dict[str, np.ndarray], source: str, skip: bool) -> None:

@@ -73,7 +73,8 @@ def test_skip_unreadable_goes_on_and_says_so(tmp_path, monkeypatch, capsys):
         ds = load_dataset("imagefolder", tmp_path / "imgs", skip_unreadable=True)
         assert len(ds.train_labels) + len(ds.test_labels) == total
         err = capsys.readouterr().err
-        assert f"training without 3 of {total + 3} files" in err and "train/cat/notes.txt" in err
+        assert f"3 of {total + 3} files cannot be read as images" in err and "train/cat/notes.txt" in err
+        assert "training without them (--skip-unreadable)" in err
     with pytest.raises(DataError, match="3 of"):  # the cache does not hide them from a run without the flag
         load_dataset("imagefolder", tmp_path / "imgs")
 

@@ -112,3 +112,21 @@ def test_stream_scan_batch_names_every_unreadable_file():
     row = _scan_batch(batch, (12, 12), frozenset({"t/a/1.webp", "t/a/2.webp"}))
     assert [name for name, _ in json.loads(row["error"][0])] == ["t/a/x.txt", "t/a/y.png"]
     assert row["n"] == [2]  # both readable train images counted in the statistics
+
+
+@pytest.mark.slow
+def test_stream_scan_names_and_skips_like_memory(local_ray, tmp_path, monkeypatch):
+    """The streamed loader (Ray Data) applies the same rule: named, or left out of every split."""
+    from cnnray.config import TrainConfig
+    from cnnray.data.stream import build_datasets, scan
+
+    total = write_folder(tmp_path / "imgs", extra=BAD)
+    cfg = TrainConfig(dataset="imagefolder", data_dir=str(tmp_path / "imgs"), data_loader="ray-data")
+    with pytest.raises(DataError, match=f"3 of {total + 3} files cannot be read as images"):
+        scan(cfg, tmp_path / "cache")
+    info = scan(cfg.replace(skip_unreadable=True), tmp_path / "cache")  # from the scan's cache now
+    memory = load_dataset("imagefolder", tmp_path / "imgs", skip_unreadable=True, cache_dir=tmp_path / "mcache")
+    assert (info.n_train, info.n_test) == (len(memory.train_labels), len(memory.test_labels))
+    assert len(info.skipped) == 3 and info.input_shape == tuple(memory.input_shape)
+    test = build_datasets(cfg.replace(skip_unreadable=True), info, "none", ("test",), tmp_path / "cache")["test"]
+    assert test.count() == info.n_test  # the unreadable test file is not decoded (it would raise)

@@ -12,7 +12,8 @@ ValidationError lists every field. `one_line` gives
   write elsewhere (--out / --storage-path)";
 - for a `shutil.Error`: how many files failed, the first one and why;
 - else the message itself, its last line when it has several (Ray's wrappers end with the
-  innermost error), cut at MAX_CHARS;
+  innermost error), cut in the middle to MAX_CHARS (its start names the problem, its end
+  usually the fix);
 
 followed by "(details: LOG)" whenever something was left out, LOG being a file holding the
 whole traceback and message (`log_dir`, else the system's temporary folder; when neither
@@ -116,8 +117,9 @@ def one_line(exc: BaseException, log_dir: str | Path | None = None, max_chars: i
         text = f"no space left on the device{at}: free space there, or write elsewhere (--out / --storage-path)"
     else:
         text = _summary(exc)
-    if len(text) > max_chars:
-        text = text[: max_chars - 3].rstrip() + "..."
+    if len(text) > max_chars:  # the middle goes: the problem leads, the fix usually ends the line
+        head = max_chars // 2
+        text = text[:head].rstrip() + " ... " + text[-(max_chars - head - 5):].lstrip()
     wrapped = exc.__cause__ is not None or getattr(exc, "cause", None) is not None
     if text == full.strip() and not (trace and wrapped):
         return text

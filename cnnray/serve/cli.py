@@ -188,7 +188,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if stopped_by and ingress is not None and runner is not None:
             _drain(ingress, signal.Signals(stopped_by).name)
         elif stopped_by:
-            print(f"[cnnray] {signal.Signals(stopped_by).name}: stopping", flush=True)
+            print(f"[cnnray] stopping ({signal.Signals(stopped_by).name})", flush=True)
         try:
             # On a cluster we joined, remove our app only; a local Ray is ours to stop.
             if runner is not None:
@@ -213,7 +213,7 @@ def _drain(ingress: Any, name: str) -> None:
     (cnnray.serve.drain)."""
     from cnnray.serve.drain import DRAIN_TIMEOUT_S, soft_stop_haproxy
 
-    print(f"[cnnray] {name}: no new connections; finishing the requests already accepted", flush=True)
+    print(f"[cnnray] stopping ({name}): no new connections; finishing the requests already accepted", flush=True)
     _, drained = soft_stop_haproxy(ingress.folder)
     if not drained:
         print(f"[cnnray] requests still running after {DRAIN_TIMEOUT_S:g} s are cut short", flush=True)

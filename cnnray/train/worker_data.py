@@ -11,7 +11,8 @@ import torch
 from cnnray.config import ConfigError, TrainConfig
 from cnnray.data import DataError, Dataset, ShardedBatches, load_dataset, split_train_val, take_subset
 from cnnray.data.loader import eval_batch_size, test_batches
-from cnnray.data.stream import StreamBatches, StreamInfo
+from cnnray.data.stream import StreamInfo
+from cnnray.data.stream_batches import StreamBatches
 from cnnray.train.device import use_channels_last
 
 def eval_batch(cfg: TrainConfig, input_shape: tuple[int, ...]) -> int:

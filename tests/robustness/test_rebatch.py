@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cnnray.data.rebatch import ShortStreamError, full_batches
-from cnnray.data.stream import StreamBatches
+from cnnray.data.stream_batches import StreamBatches
 
 BATCH = 1024
 

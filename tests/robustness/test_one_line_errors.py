@@ -31,12 +31,12 @@ def _log_of(line: str) -> str:
 
 
 def test_full_disk_during_a_checkpoint_is_one_readable_line(tmp_path, monkeypatch, capsys):
-    from cnnray.train import run_dir
+    from cnnray.train import session
 
     monkeypatch.setenv("CNNRAY_DATA", str(tmp_path / "cache"))
     write_folder(tmp_path / "imgs", per_format=1)
     names = ["model.pt", "optimizer.pt", "meta.json", "history.json"] + [f"part-{i:04d}.bin" for i in range(20)]
-    monkeypatch.setattr(run_dir.shutil, "copytree", _full_disk_copy(names))
+    monkeypatch.setattr(session.shutil, "copytree", _full_disk_copy(names))
     code = main(["train", "--dataset", "imagefolder", "--data-dir", str(tmp_path / "imgs"), "--local-mode",
                  "--epochs", "1", "--batch-size", "4", "--val-fraction", "0.25", "--out", str(tmp_path / "run")])
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("cnnray: error")]

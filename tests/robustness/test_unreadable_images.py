@@ -95,7 +95,7 @@ def test_flag_and_yaml_field(tmp_path):
 
     from cnnray.cli import build_parser
     from cnnray.config import TrainConfig
-    from cnnray.flags import config_from_args
+    from cnnray.cli.flags import config_from_args
 
     assert not TrainConfig().skip_unreadable
     assert TrainConfig.from_dict(yaml.safe_load("skip_unreadable: true")).skip_unreadable

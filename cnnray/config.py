@@ -69,6 +69,7 @@ class TrainConfig:
     dataset: str = "mnist"  # mnist | fashion_mnist | cifar10 | imagefolder
     data_dir: str | None = None  # None: $CNNRAY_DATA/<dataset>, downloaded if missing
     download: bool = True  # fetch missing files from the canonical mirrors
+    skip_unreadable: bool = False  # train without image files that cannot be read (named); else stop
     data_loader: str = "auto"  # auto | memory | ray-data (see DATA_LOADERS)
     norm: str = "none"  # none | batch | group | layer, for every conv layer
     hidden_sizes: tuple[int, ...] | None = None  # mlp only; None: the model's default

@@ -70,12 +70,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if program:
             gc.freeze()
             gc.enable()
-    from cnnray.errors import TrainingError
+    from cnnray.errors import TrainingError, no_space_path, one_line
 
     try:
         return args.func(args)
     except USER_ERRORS as e:
-        print(f"cnnray: error: {e}", file=sys.stderr)
+        print(f"cnnray: error: {one_line(e)}", file=sys.stderr)  # long ones cut, the rest in a log
         return 2
     except BrokenPipeError:  # e.g. `cnnray models | head`: the reader left; not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -83,6 +83,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("cnnray: interrupted", file=sys.stderr)
         return 130
-    except TrainingError as e:
-        print(f"cnnray: error: {e}", file=sys.stderr)
-        return 1
+    except Exception as e:
+        # Imported only here: serve.runner imports Ray, which a local-mode run never loads.
+        from cnnray.serve.runner import ServeError
+
+        if isinstance(e, (TrainingError, ServeError)) or no_space_path(e) is not None:
+            print(f"cnnray: error: {one_line(e, trace=True)}", file=sys.stderr)  # a full disk too
+            return 1
+        raise

@@ -97,6 +97,9 @@ TRAIN_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "--amp": ("amp", dict(action=argparse.BooleanOptionalAction, help="bf16 autocast where native (GPU, AVX512-BF16/AMX CPU); default on")),
     "--compile": ("compile", dict(action=argparse.BooleanOptionalAction, help="torch.compile on GPU; default off")),
     "--download": ("download", dict(action=argparse.BooleanOptionalAction, help="download missing data; default on")),
+    "--skip-unreadable": ("skip_unreadable", dict(action=argparse.BooleanOptionalAction,
+                          help="train without the image files that cannot be read (their count and a few "
+                               "names are printed); default off: such files stop the run (exit 2)")),
 }
 
 

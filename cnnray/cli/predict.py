@@ -6,15 +6,13 @@
 from __future__ import annotations
 
 import argparse
-import base64
 import json
-import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
 
-PREDICT_CHUNK = 32  # images per :predict request (the server's default limit is 64)
+
 
 
 def add_parser(sub: Any) -> None:
@@ -23,9 +21,9 @@ def add_parser(sub: Any) -> None:
     p = sub.add_parser(
         "predict",
         help="classify image files with a running `cnnray serve`",
-        description="Send PNG, JPEG or BMP files to a running server and print each one's label and probability.",
+        description="Send image files to a running server and print each one's label and probability; files that cannot be classified (a folder, not an image) are named after the results, and the exit status is then 2.",
     )
-    p.add_argument("images", nargs="+", metavar="IMAGE", help="PNG, JPEG or BMP files")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, BMP, WebP, TIFF, GIF, PPM)")
     p.add_argument("--url", default="http://127.0.0.1:8000", help="server address; default http://127.0.0.1:8000")
     p.add_argument("--model", required=True, help="model name (see GET /v1/models)")
     p.add_argument("--timeout", type=Range(0, 86_400, lo_open=True).argtype(float), default=60.0, help="seconds to wait for an answer; default 60")
@@ -42,37 +40,24 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     if not args.url.startswith(("http://", "https://")):
         raise ConfigError(f"--url {args.url!r} must start with http:// or https://")
-    from cnnray.paths import PathError, resolve_path
-
-    files = [Path(p) for p in args.images]  # shown as typed
-    payloads = []
-    for f in files:
-        try:
-            payloads.append(base64.b64encode(Path(resolve_path(f, "image")).read_bytes()).decode("ascii"))
-        except PathError as e:
-            raise ConfigError(str(e)) from None
-        except OSError as e:
-            raise ConfigError(f"cannot read {f}: {e.strerror or e}") from None
     if args.explain:
+        from cnnray.paths import PathError, resolve_path
         from cnnray.serve.predict_explain import explain_files
 
+        files = [Path(p) for p in args.images]  # shown as typed
+        for f in files:
+            try:
+                Path(resolve_path(f, "image")).read_bytes()
+            except PathError as e:
+                raise ConfigError(str(e)) from None
+            except OSError as e:
+                raise ConfigError(f"cannot read {f}: {e.strerror or e}") from None
         return explain_files(args, files)
+    from cnnray.serve.predict_client import predict_files
+
     endpoint = f"{args.url.rstrip('/')}/v1/models/{urllib.request.quote(args.model, safe='')}:predict"
-    width = max(len(str(f)) for f in files)
-    for start in range(0, len(files), PREDICT_CHUNK):
-        chunk = payloads[start : start + PREDICT_CHUNK]
-        status, body = _post_json(endpoint, {"instances": [{"b64": b} for b in chunk]}, args.timeout)
-        if status != 200:
-            said = f"answered {status}" if status else "cannot be reached"
-            print(f"cnnray: error: {endpoint} {said}: {body.get('error', body)}", file=sys.stderr)
-            return 2 if 400 <= status < 500 else 1  # the request was refused: a user error
-        if args.json:
-            print(json.dumps(body))
-            continue
-        for f, pred in zip(files[start : start + PREDICT_CHUNK], body["predictions"]):
-            prob = pred["probabilities"][pred["class_index"]]
-            print(f"{str(f):<{width}}  {pred['label']}  {prob:.4f}")
-    return 0
+    # Every readable file is classified; the others are named after the results (exit 2).
+    return predict_files(list(args.images), endpoint, args.timeout, _post_json, as_json=args.json)
 
 
 def _post_json(url: str, obj: Any, timeout: float) -> tuple[int, dict[str, Any]]:

@@ -35,9 +35,10 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on; default 127.0.0.1 (this machine only)")
     p.add_argument("--port", type=TCP_PORT.argtype(int), default=8000, help="HTTP port; default 8000")
     p.add_argument("--replicas", type=_replicas, default="auto",
-                   help="replicas of the deployment, or 'auto': as many as this node's CPUs (or GPUs, "
-                        "with --gpu) fit, after one core for HAProxy and Ray, or MIN-MAX: autoscaling "
-                        "between MIN and MAX by load (e.g. 1-4); default auto")
+                   help="replicas of the deployment, or 'auto': the Ray cluster's CPUs divided by "
+                        "--cpus-per-replica (or its GPUs, with --gpu), at least 1; HAProxy and Ray share "
+                        "those cores (no core is held back); or MIN-MAX: autoscaling between MIN and MAX "
+                        "by load (e.g. 1-4); default auto")
     p.add_argument("--upscale-delay-s", type=Range(0, 3600).argtype(float), default=None,
                    help="with --replicas MIN-MAX: seconds of load over the target before a replica is added; default 10")
     p.add_argument("--downscale-delay-s", type=Range(0, 86_400).argtype(float), default=None,
@@ -134,6 +135,8 @@ def _autoscaling_from(args: argparse.Namespace) -> dict[str, Any] | None:
 class _Stop(Exception):
     """SIGTERM, handled like Ctrl-C."""
 
+    signum = signal.SIGTERM
+
 
 def _raise_stop(signum: int, frame: Any) -> None:
     raise _Stop()
@@ -179,6 +182,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from cnnray.ray_start import init_ray
 
     runner = None
+    stopped_by = 0  # the signal that stopped serving: the exit status is 128 + it
     previous = signal.getsignal(signal.SIGTERM)
     try:
         init_ray(args.address)
@@ -212,12 +216,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 _print_problems(runner.problems, before)
                 for name, ref in changed.items():
                     print(f"[cnnray] now serving {name} version {ref.version} ({ref.path})", flush=True)
-    except (KeyboardInterrupt, _Stop):
-        print("[cnnray] stopping", flush=True)
+    except (KeyboardInterrupt, _Stop) as e:
+        stopped_by = e.signum if isinstance(e, _Stop) else signal.SIGINT
     finally:
         # A second Ctrl-C or SIGTERM while stopping must not cut the clean-up short.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if stopped_by and ingress is not None and runner is not None:
+            _drain(ingress, signal.Signals(stopped_by).name)
+        elif stopped_by:
+            print(f"[cnnray] stopping ({signal.Signals(stopped_by).name})", flush=True)
         try:
             # On a cluster we joined, remove our app only; a local Ray is ours to stop.
             if runner is not None:
@@ -231,6 +239,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                     ingress.close()  # and any HAProxy Ray left running
                 signal.signal(signal.SIGTERM, previous)
                 signal.signal(signal.SIGINT, signal.default_int_handler)
+    if stopped_by:
+        print(f"[cnnray] stopped ({signal.Signals(stopped_by).name})", flush=True)
+        return 128 + stopped_by  # 130 for Ctrl-C, 143 for SIGTERM: as a shell reports a signal
     return 0
 
 
@@ -245,6 +256,17 @@ def _check_app_name_free() -> None:
     if APP_NAME in serve.status().applications:  # empty where Serve has not started (starts nothing)
         raise ConfigError(f"the Ray cluster already serves an application named {APP_NAME!r}: stop it "
                           "(serve shutdown, or the job that deployed it) before serving there again")
+
+
+def _drain(ingress: Any, name: str) -> None:
+    """Stop accepting connections and finish the accepted requests before Serve stops
+    (cnnray.serve.drain)."""
+    from cnnray.serve.drain import DRAIN_TIMEOUT_S, soft_stop_haproxy
+
+    print(f"[cnnray] stopping ({name}): no new connections; finishing the requests already accepted", flush=True)
+    _, drained = soft_stop_haproxy(ingress.folder)
+    if not drained:
+        print(f"[cnnray] requests still running after {DRAIN_TIMEOUT_S:g} s are cut short", flush=True)
 
 
 def _print_problems(problems: list[str], before: list[str]) -> None:

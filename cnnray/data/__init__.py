@@ -57,13 +57,16 @@ def load_dataset(
     *,
     download: bool = True,
     cache_dir: str | Path | None = None,
+    skip_unreadable: bool = False,
 ) -> Dataset:
     """Load a dataset by name into memory (uint8 images, int64 labels).
 
     data_dir defaults to `default_data_dir(name)` ($CNNRAY_DATA/<name>, CNNRAY_DATA
     defaulting to ~/.cache/cnnray); mnist, fashion_mnist and cifar10 are downloaded there
     when missing and `download` is true. Decoded arrays are cached in `cache_dir`
-    (default $CNNRAY_DATA/cache). Raises DataError for any missing or malformed input.
+    (default $CNNRAY_DATA/cache). Image files that cannot be read raise DataError naming
+    them, unless `skip_unreadable` (then they are left out, with a message on stderr).
+    Raises DataError for any missing or malformed input.
     """
     key = str(name).strip().lower().replace("-", "_")
     if key not in DATASETS:
@@ -74,8 +77,8 @@ def load_dataset(
         if key in ("mnist", "fashion_mnist"):
             return load_idx_dataset(key, root, download_ok=download, cache_dir=cache)
         if key == "cifar10":
-            return load_cifar10(root, download_ok=download, cache_dir=cache)
-        return load_imagefolder(root, cache_dir=cache)
+            return load_cifar10(root, download_ok=download, cache_dir=cache, skip_unreadable=skip_unreadable)
+        return load_imagefolder(root, cache_dir=cache, skip_unreadable=skip_unreadable)
     except DataError:
         raise
     except (OSError, EOFError, struct.error, zlib.error, tarfile.TarError,

@@ -204,8 +204,9 @@ def _download(data_dir: Path) -> Path:
     return dest
 
 
-def load_cifar10(data_dir: Path, *, download_ok: bool, cache_dir: Path) -> Dataset:
-    """Load CIFAR-10 from any supported layout at `data_dir`, downloading it if allowed."""
+def load_cifar10(data_dir: Path, *, download_ok: bool, cache_dir: Path, skip_unreadable: bool = False) -> Dataset:
+    """Load CIFAR-10 from any supported layout at `data_dir`, downloading it if allowed;
+    `skip_unreadable`: an image folder's unreadable files (imagefolder.check_unreadable)."""
     found = _locate(data_dir)
     if found is None:
         if not download_ok:
@@ -234,5 +235,6 @@ def load_cifar10(data_dir: Path, *, download_ok: bool, cache_dir: Path) -> Datas
         )
     else:
         arrays = _check_folder(imagefolder.load_arrays(path, cache_dir, "cifar10"), str(path))
+    imagefolder.check_arrays_unreadable(arrays, str(path), skip_unreadable)  # python batches: none
     classes = [str(c) for c in arrays["classes"]]
     return dataset_from_arrays("cifar10", arrays, classes, MEAN, STD)

@@ -14,7 +14,8 @@ table; in short:
   ImageCms, perceptual intent), as colour-managed viewers and browsers do; CMYK without a
   profile uses Pillow's plain CMYK -> RGB. gAMA/cHRM chunks and gray profiles are ignored.
 - EXIF orientation is applied (`ImageOps.exif_transpose`).
-- Multi-frame files (MPO, APNG) give their first frame; truncated files are refused.
+- Multi-frame files (MPO, APNG, GIF, multi-page TIFF, animated WebP) give their first
+  frame; truncated files are refused.
 
 Then the image becomes the caller's mode ("L": Pillow's ITU-R 601-2 luma of RGB; "RGB": a
 gray image repeated on three channels) and size (Pillow's bilinear resize), in that order.
@@ -43,8 +44,12 @@ DECODER_VERSION = 2
 DECODER_ID = f"cnnray-decode-{DECODER_VERSION}"
 
 # Image.format values accepted; MPO is a multi-picture JPEG (phone cameras write it as .jpg).
-ACCEPTED_FORMATS = frozenset({"PNG", "JPEG", "MPO", "BMP"})
-ACCEPTED_TEXT = "a PNG, JPEG or BMP file"
+# WebP, TIFF and GIF (first frame, as for APNG) are what image datasets and cameras commonly
+# hold beside PNG and JPEG; PPM is Netpbm's PBM/PGM/PPM. Pillow reads ~40 more formats, but
+# some run external programs (EPS: Ghostscript) or cost far more than their header says
+# (JPEG 2000): those stay refused, for serving's untrusted bytes as for training.
+ACCEPTED_FORMATS = frozenset({"PNG", "JPEG", "MPO", "BMP", "WEBP", "TIFF", "GIF", "PPM"})
+ACCEPTED_TEXT = "a PNG, JPEG, BMP, WebP, TIFF, GIF or PPM file"
 
 # Modes whose pixels are gray (one channel when every image of a dataset is gray).
 _GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
@@ -194,7 +199,7 @@ def decode_image(
     size: tuple[int, int] | None = None,
     limits: DecodeLimits = DecodeLimits(),
 ) -> np.ndarray:
-    """PNG, JPEG or BMP bytes -> uint8 C x H x W, C = 1 ("L") or 3 ("RGB"), as a viewer shows it.
+    """Image bytes (ACCEPTED_FORMATS) -> uint8 C x H x W, C = 1 ("L") or 3 ("RGB"), as a viewer shows it.
 
     channels: 1 or 3; None keeps the image's own (1 if `is_gray`, else 3).
     size: (height, width) to resize to (bilinear) when different; None keeps the image's.

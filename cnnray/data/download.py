@@ -20,6 +20,7 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from cnnray.data.base import DataError
+from cnnray.leftovers import missing_dirs, remove_created
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +40,16 @@ class DownloadFailed(Exception):
 
 @contextmanager
 def dir_lock(directory: Path) -> Iterator[None]:
-    """Create `directory` and hold `<directory>/.lock` (an OS lock, freed if the holder dies)."""
+    """Create `directory` and hold `<directory>/.lock` (an OS lock, freed if the holder dies).
+
+    A failed command leaves nothing behind: when the body raises, the folders this call
+    created (a mistyped --data-dir such as ../mnst, and any missing parents) are removed
+    again with their lock file, as long as nothing else was written into them."""
+    created = missing_dirs(directory)
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
+        remove_created(directory, created, (".lock",))
         raise DataError(f"cannot create data dir {directory}: {exc.strerror or exc}") from exc
     lock = FileLock(str(directory / ".lock"), timeout=LOCK_TIMEOUT_S)
     try:
@@ -53,10 +60,17 @@ def dir_lock(directory: Path) -> Iterator[None]:
             "stuck: stop it or delete the lock file"
         ) from exc
     except OSError as exc:
+        remove_created(directory, created, (".lock",))
         raise DataError(f"cannot lock {directory / '.lock'}: {exc.strerror or exc}") from exc
     try:
         yield
-    finally:
+    except BaseException as exc:
+        lock.release()
+        if remove_created(directory, created, (".lock",)) and isinstance(exc, DataError):
+            # The folder did not exist: most often a mistyped path, which the message names.
+            raise DataError(f"{directory} did not exist (check --data-dir; nothing was left there): {exc}") from exc
+        raise
+    else:
         lock.release()
 
 

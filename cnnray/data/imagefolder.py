@@ -1,4 +1,9 @@
-"""Image-folder datasets: `<root>/{train,test}/<class>/*.{png,jpg,jpeg,bmp}`, a dir or a tarball.
+"""Image-folder datasets: `<root>/{train,test}/<class>/<image files>`, a dir or a tarball.
+
+Every file in a class folder is read (whatever its name ends with) by the one decoder; a
+file it cannot read (not an image of an accepted format, truncated, over the limits) is
+named before training and stops the load, unless the caller chose `skip_unreadable`, which
+trains without them and says how many and which (`check_unreadable`).
 
 Archives are read member by member with tarfile, never extracted. Every image is decoded
 once by cnnray's one image decoder (decode.py, which serving uses too) into one
@@ -10,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import tarfile
 import zlib
 from collections.abc import Iterator, Sequence
@@ -23,12 +29,17 @@ from cnnray.data.base import DataError, Dataset, dataset_from_arrays
 from cnnray.data.decode import DECODER_ID, TRAINING_LIMITS, DecodeError, decode_image
 from cnnray.paths import PathError, check_printable
 
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp"})
+# What image files are usually called (the layout's help text); every file is read, whatever its name.
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".pbm"})
+# File managers' own files in image folders: never images, never named as unreadable.
+_JUNK = frozenset({"thumbs.db", "desktop.ini", "icon\r"})
+READ_TEXT = "PNG, JPEG, BMP, WebP, TIFF, GIF or PPM"  # decode.ACCEPTED_FORMATS, as users name them
+UNREADABLE_SHOWN = 3  # unreadable files named in a message (the count says how many in all)
 SPLITS = ("train", "test")
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 _STATS_CHUNK = 4096  # images squared at a time for the std: 25 MB of uint16 for CIFAR
 
-LAYOUT = "<root>/train/<class>/*.png|jpg|jpeg|bmp and <root>/test/<class>/..."
+LAYOUT = "<root>/train/<class>/<images: png, jpg, bmp, webp, tif, gif, ppm> and <root>/test/<class>/..."
 
 
 @dataclass(frozen=True)
@@ -49,7 +60,7 @@ def is_archive(path: Path) -> bool:
 def hidden(name: str) -> bool:
     """Whether a file or folder name is not data (hidden files, macOS metadata)."""
     # ".DS_Store", macOS "._x.jpg" resource forks and "__MACOSX" trees are not images.
-    return name.startswith(".") or name == "__MACOSX"
+    return name.startswith(".") or name == "__MACOSX" or name.lower() in _JUNK
 
 
 def find_root(data_dir: Path) -> Path | None:
@@ -68,7 +79,7 @@ def find_root(data_dir: Path) -> Path | None:
 
 
 def list_dir(root: Path) -> list[ImageItem]:
-    """Every image under root/<split>/<class>/, in a deterministic order."""
+    """Every file under root/<split>/<class>/ (but hidden ones), in a deterministic order."""
     items = []
     for split in SPLITS:
         split_dir = root / split
@@ -79,7 +90,7 @@ def list_dir(root: Path) -> list[ImageItem]:
                 continue
             for entry in sorted(os.scandir(cls_entry.path), key=lambda e: e.name):
                 name = entry.name
-                if hidden(name) or os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
+                if hidden(name):
                     continue
                 if entry.is_file():
                     path = Path(entry.path)
@@ -94,12 +105,9 @@ def member_parts(name: str) -> tuple[str, ...]:
 
 
 def is_image_member(parts: tuple[str, ...]) -> bool:
-    """Whether a member (`member_parts`) is an image at .../<split>/<class>/<file>."""
-    return (
-        len(parts) >= 3
-        and parts[-3] in SPLITS
-        and os.path.splitext(parts[-1])[1].lower() in IMAGE_EXTENSIONS
-    )
+    """Whether a member (`member_parts`) is a file at .../<split>/<class>/<file>: an image
+    to read (or to name as unreadable)."""
+    return len(parts) >= 3 and parts[-3] in SPLITS
 
 
 def split_classes(items: Sequence, source: str) -> tuple[list, list, list[str]]:
@@ -211,35 +219,50 @@ def decode_images(items: Sequence[ImageItem], source: str) -> dict[str, np.ndarr
 
     Classes are the sorted class folders of train. Each image is decoded by
     `cnnray.data.decode.decode_image` (as a viewer shows it); images are grayscale (C=1) if
-    every image is, else RGB; all are resized (bilinear) to the first train image's size.
-    Raises DataError naming the file for an unreadable image or one over TRAINING_LIMITS.
+    every image is, else RGB; all are resized (bilinear) to the first readable train
+    image's size. A file that cannot be read (not an accepted image, truncated, over
+    TRAINING_LIMITS) is left out and listed in "unreadable_names"/"unreadable_reasons";
+    `check_unreadable` decides what that means. DataError when a split has no readable image.
     """
     train, test, classes = split_classes(items, source)
     index = {c: i for i, c in enumerate(classes)}
     ordered = train + test
     out: np.ndarray | None = None
-    size = (0, 0)  # (height, width) of the first train image
+    size = (0, 0)  # (height, width) of the first readable train image
     all_gray = True
-    for i, item in enumerate(ordered):
+    kept: list[ImageItem] = []
+    bad_names: list[str] = []
+    bad_reasons: list[str] = []
+    for item in ordered:
         try:
             data = item.data if item.data is not None else item.path.read_bytes()
             # The image's own channels (1 if a viewer shows it gray), at the first image's size.
             pixels = decode_image(data, None, size if out is not None else None, TRAINING_LIMITS)
         except DecodeError as exc:
-            raise DataError(f"cannot read image {item.name}: {exc.message}") from None
+            bad_names.append(item.name)
+            bad_reasons.append(exc.message)
+            continue
         except OSError as exc:
-            raise DataError(f"cannot read image {item.name}: {exc.strerror or exc}") from None
+            bad_names.append(item.name)
+            bad_reasons.append(str(exc.strerror or exc))
+            continue
         if out is None:
             size = (pixels.shape[1], pixels.shape[2])
             # Three channels until every image is known to be gray; see below.
             out = np.empty((len(ordered), 3, *size), dtype=np.uint8)
-        out[i] = pixels  # a gray 1 x H x W broadcasts onto the three channels, as L -> RGB does
+        out[len(kept)] = pixels  # a gray 1 x H x W broadcasts onto the three channels, as L -> RGB does
+        kept.append(item)
         all_gray = all_gray and pixels.shape[0] == 1
-    assert out is not None
+    n = sum(1 for it in kept if it.split == "train")
+    if out is None or n == 0 or n == len(kept):
+        split = "train" if n == 0 else "test"
+        raise DataError(
+            f"no readable {split} image in {source}: " + unreadable_text(bad_names, bad_reasons, len(ordered))
+        )
+    out = out[: len(kept)]  # a view: files left out only leave the end of the buffer unused
     if all_gray:
         out = np.ascontiguousarray(out[:, :1])
-    labels = np.array([index[it.cls] for it in ordered], dtype=np.int64)
-    n = len(train)
+    labels = np.array([index[it.cls] for it in kept], dtype=np.int64)
     mean, std = _mean_std(out[:n])
     return {
         "train_x": out[:n],
@@ -249,7 +272,44 @@ def decode_images(items: Sequence[ImageItem], source: str) -> dict[str, np.ndarr
         "classes": np.array(classes, dtype=str),  # a unicode array: no pickle needed
         "mean": mean,
         "std": std,
+        "unreadable_names": np.array(bad_names, dtype=str),
+        "unreadable_reasons": np.array(bad_reasons, dtype=str),
     }
+
+
+def unreadable_text(names: Sequence[str], reasons: Sequence[str], total: int) -> str:
+    """"N of M files cannot be read as images: a (why), b (why), c (why) and K more"."""
+    # The reason's head ("not an image", "cannot decode the PNG image"): the line stays short.
+    shown = ", ".join(f"{n if n.isprintable() else ascii(n)} ({r.split(':')[0]})"
+                      for n, r in zip(names[:UNREADABLE_SHOWN], reasons[:UNREADABLE_SHOWN]))
+    more = f" and {len(names) - UNREADABLE_SHOWN} more" if len(names) > UNREADABLE_SHOWN else ""
+    return f"{len(names)} of {total} files cannot be read as images: {shown}{more}"
+
+
+def check_unreadable(names: Sequence[str], reasons: Sequence[str], total: int, source: str, skip: bool) -> None:
+    """Never train on less than the user gave without saying so: with unreadable files,
+    DataError (one line naming the count and the first few) unless `skip`, which prints
+    the same on stderr and goes on without them. `total`: files found, readable or not."""
+    if not len(names):
+        return
+    # Shown relative to the source ("train/cat/x.heic"), which the line names once.
+    shown = [n[len(source) + 1:] if n.startswith((f"{source}/", f"{source}:")) else n for n in names]
+    text = unreadable_text(shown, list(reasons), total)
+    if not skip:
+        raise DataError(
+            f"{source}: {text}; convert them (to {READ_TEXT}) or remove them, "
+            "or pass --skip-unreadable to train without them"
+        )
+    print(f"[cnnray] {source}: {text}; training without them (--skip-unreadable)", file=sys.stderr, flush=True)
+
+
+def check_arrays_unreadable(arrays: dict[str, np.ndarray], source: str, skip: bool) -> None:
+    """`check_unreadable` of `decode_images`' arrays (cached ones too: the choice is made
+    at every load, not only the first)."""
+    names = [str(n) for n in arrays.get("unreadable_names", ())]
+    reasons = [str(r) for r in arrays.get("unreadable_reasons", ())]
+    total = len(arrays["train_y"]) + len(arrays["test_y"]) + len(names)
+    check_unreadable(names, reasons, total, source, skip)
 
 
 def load_arrays(source: Path, cache_dir: Path, kind: str) -> dict[str, np.ndarray]:
@@ -272,8 +332,10 @@ def load_arrays(source: Path, cache_dir: Path, kind: str) -> dict[str, np.ndarra
     )
 
 
-def load_imagefolder(data_dir: Path, *, cache_dir: Path) -> Dataset:
-    """Load an image-folder dataset; mean and std are computed from its train images."""
+def load_imagefolder(data_dir: Path, *, cache_dir: Path, skip_unreadable: bool = False) -> Dataset:
+    """Load an image-folder dataset; mean and std are computed from its train images.
+    Files that cannot be read: DataError, or with `skip_unreadable` left out with a
+    message (`check_unreadable`)."""
     source = find_root(data_dir)
     if source is None:
         what = "does not exist" if not data_dir.exists() else "holds no image folder"
@@ -282,5 +344,6 @@ def load_imagefolder(data_dir: Path, *, cache_dir: Path) -> Dataset:
             "or to a .tar.gz of it"
         )
     arrays = load_arrays(source, cache_dir, "imagefolder")
+    check_arrays_unreadable(arrays, str(source), skip_unreadable)
     classes = [str(c) for c in arrays["classes"]]
     return dataset_from_arrays("imagefolder", arrays, classes, arrays["mean"], arrays["std"])

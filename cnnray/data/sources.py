@@ -20,7 +20,7 @@ from typing import Any
 from cnnray.data.base import DataError, default_cache_dir, default_data_dir
 from cnnray.data.decode import DECODER_ID
 from cnnray.data.imagefolder import (
-    IMAGE_EXTENSIONS, LAYOUT, SPLITS, check_one_root, hidden, is_archive, is_image_member, member_parts, split_classes,
+    LAYOUT, SPLITS, check_one_root, hidden, is_archive, is_image_member, member_parts, split_classes,
     tar_errors,
 )
 from cnnray.errors import first_line
@@ -116,7 +116,7 @@ def _list_tree(fs: Any, root: str) -> tuple[list[Item], dict[str, tuple[int, int
             if e.type != pafs.FileType.File or len(rel) != 2:
                 continue
             cls, name = rel
-            if hidden(cls) or hidden(name) or os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
+            if hidden(cls) or hidden(name):  # every other file is read (or named as unreadable)
                 continue
             items.append(Item(split, cls, e.path))
             stats[e.path] = (int(e.size or 0), int(e.mtime_ns or 0))

@@ -26,10 +26,11 @@ every file's path, size and mtime and the decoder's id. Every problem raises `Da
 
 from __future__ import annotations
 
+import json
 import os
 import tarfile
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -38,8 +39,8 @@ import torch
 
 from cnnray.data.base import DataError, split_train_val, take_subset
 from cnnray.data.decode import TRAINING_LIMITS, DecodeError, decode_image
-from cnnray.data.imagefolder import pixel_sums, stats_from_sums
-from cnnray.data.loader import augment_offsets, crop_flip, normalization, normalize
+from cnnray.data.imagefolder import check_unreadable, pixel_sums, stats_from_sums, unreadable_text
+from cnnray.data.loader import augment_offsets, crop_flip, normalize
 from cnnray.data.sources import (
     Item,
     Listing,
@@ -50,6 +51,7 @@ from cnnray.data.sources import (
     filesystem,
     list_source,
     open_tar,
+    read_bytes,
     source_uri,
 )
 from cnnray.errors import first_line
@@ -61,11 +63,6 @@ DECODE_BATCH = 64
 # flight between decode tasks and trainers are capped here, so streaming stays bounded
 # however large the dataset (Ray Data applies back-pressure to the reads beyond it).
 OBJECT_STORE_LIMIT = 512 * 2**20
-# Bytes of decoded samples in each trainer's local shuffle buffer, which mixes the blocks
-# of files Ray Data delivers: 2,730 CIFAR images (float32), 170 of 128 x 128 RGB; at most
-# SHUFFLE_MAX_ROWS, at least one batch.
-SHUFFLE_BYTES = 32 * 2**20
-SHUFFLE_MAX_ROWS = 4096
 
 
 @dataclass(frozen=True)
@@ -79,6 +76,7 @@ class StreamInfo:
     std: tuple[float, ...]
     n_train: int  # images in the source's train split (before --subset and validation)
     n_test: int
+    skipped: tuple[str, ...] = ()  # files left out as unreadable (--skip-unreadable), not in n_train/n_test
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -88,6 +86,7 @@ class StreamInfo:
         return cls(
             dataset=str(d["dataset"]), classes=tuple(d["classes"]), input_shape=tuple(d["input_shape"]),
             mean=tuple(d["mean"]), std=tuple(d["std"]), n_train=int(d["n_train"]), n_test=int(d["n_test"]),
+            skipped=tuple(d.get("skipped", ())),
         )
 
     def data_info(self) -> dict[str, Any]:
@@ -99,13 +98,22 @@ class StreamInfo:
 # --- the one decode pass: check every image, pixel statistics ---------------------------
 
 
-def first_size(listing: Listing) -> tuple[int, int]:
-    """(height, width) of the first train image, as decoded: every image's training size."""
-    try:
-        pixels = decode_image(listing.first_train, None, None, TRAINING_LIMITS)
-    except DecodeError as exc:
-        raise DataError(f"cannot read image {listing.train[0].name}: {exc.message}") from None
-    return int(pixels.shape[1]), int(pixels.shape[2])
+def first_size(listing: Listing, fs: Any = None) -> tuple[int, int]:
+    """(height, width) of the first readable train image, as decoded: every image's
+    training size (the in-memory loader's rule). A tree's later images are tried when the
+    first cannot be read; a tarball's first must be readable (its others are not at hand)."""
+    candidates = [(listing.train[0].name, lambda: listing.first_train)]
+    if not listing.archive and fs is not None:
+        candidates += [(i.name, lambda i=i: read_bytes(fs, i.name)) for i in listing.train[1:]]
+    error = ""
+    for name, data in candidates:
+        try:
+            pixels = decode_image(data(), None, None, TRAINING_LIMITS)
+        except DecodeError as exc:
+            error = error or f"cannot read image {name}: {exc.message}"
+            continue
+        return int(pixels.shape[1]), int(pixels.shape[2])
+    raise DataError(error)
 
 
 def _label_of(name: str) -> str:
@@ -125,23 +133,24 @@ def _decode_all(names: np.ndarray, blobs: np.ndarray, channels: int | None, size
 
 
 def _scan_batch(batch: dict[str, np.ndarray], size: tuple[int, int], train: frozenset[str]) -> dict[str, Any]:
-    """One row per batch: exact pixel sums of its train images (3 channels, a gray image
-    on all three), whether all were gray, or the first unreadable file's message."""
+    """One row per batch: exact pixel sums of its readable train images (3 channels, a gray
+    image on all three), whether all were gray, and its unreadable files (a JSON list of
+    [name, reason])."""
     total, total_sq, n, gray = np.zeros(3, np.uint64), np.zeros(3, np.uint64), 0, True
-    pixels_all = []
+    pixels_all, bad = [], []
     for name, blob in zip(batch["path"], batch["bytes"]):
         try:
             px = decode_image(bytes(blob), None, size, TRAINING_LIMITS)
         except DecodeError as exc:
-            return {"error": [f"cannot read image {name}: {exc.message}"], "n": [0], "gray": [True],
-                    "sum": [total], "sumsq": [total_sq]}
+            bad.append([str(name), exc.message])
+            continue
         gray = gray and px.shape[0] == 1
         if name in train:
             pixels_all.append(np.broadcast_to(px, (3, *px.shape[1:])))
     if pixels_all:
         total, total_sq = pixel_sums(np.stack(pixels_all))
         n = len(pixels_all)
-    return {"error": [""], "n": [n], "gray": [gray], "sum": [total], "sumsq": [total_sq]}
+    return {"error": [json.dumps(bad)], "n": [n], "gray": [gray], "sum": [total], "sumsq": [total_sq]}
 
 
 def quiet_console() -> None:
@@ -158,10 +167,12 @@ def quiet_console() -> None:
             handler.setLevel(max(handler.level, logging.WARNING))
 
 
-def scan(dataset: str, data_dir: str | None, cache_dir: Path | None = None) -> StreamInfo:
+def scan(dataset: str, data_dir: str | None, cache_dir: Path | None = None, *,
+         skip_unreadable: bool = False) -> StreamInfo:
     """Classes, image shape and train mean/std of `dataset`'s source in `data_dir`, exactly
     as the in-memory loader computes them; every image is decoded once (Ray Data tasks) and
-    the result cached. Needs a running Ray. DataError for any unreadable file."""
+    the result cached. Needs a running Ray. Unreadable files: DataError naming them, unless
+    `skip_unreadable` (then left out, in `StreamInfo.skipped`, with a message)."""
     quiet_console()
     listing = list_source(source_uri(dataset, data_dir), cache_dir)
     fs = listing.filesystem
@@ -169,23 +180,34 @@ def scan(dataset: str, data_dir: str | None, cache_dir: Path | None = None) -> S
     key = cache_key("scan", listing.uri, sources)
     cached = cache_read(cache_dir, key)
     if cached is None:
-        size = first_size(listing)
+        size = first_size(listing, fs)
         train_names = frozenset(i.name for i in listing.train)
         ds = read_items(listing, [*listing.train, *listing.test], shuffle=False)
         rows = ds.map_batches(_scan_batch, fn_kwargs={"size": size, "train": train_names},
                               batch_size=DECODE_BATCH, batch_format="numpy", **_task_args()).take_all()
-        errors = sorted(r["error"] for r in rows if r["error"])
-        if errors:
-            raise DataError(errors[0] + (f" (and {len(errors) - 1} more batches with unreadable images)" if len(errors) > 1 else ""))
+        unreadable = sorted(pair for r in rows for pair in json.loads(r["error"]))
+        bad = {name for name, _ in unreadable}
+        n_train = sum(1 for i in listing.train if i.name not in bad)
         total = sum((np.asarray(r["sum"], np.uint64) for r in rows), np.zeros(3, np.uint64))
         total_sq = sum((np.asarray(r["sumsq"], np.uint64) for r in rows), np.zeros(3, np.uint64))
         gray = all(bool(r["gray"]) for r in rows)
-        mean, std = stats_from_sums(total, total_sq, len(listing.train) * size[0] * size[1])
+        mean, std = stats_from_sums(total, total_sq, n_train * size[0] * size[1])
         c = 1 if gray else 3
         cached = {"size": list(size), "channels": c, "mean": [float(m) for m in mean[:c]],
-                  "std": [float(s) for s in std[:c]]}
+                  "std": [float(s) for s in std[:c]], "unreadable": unreadable}
         cache_write(cache_dir, key, cached)
-    classes = tuple(sorted({i.cls for i in listing.train}))
+    # Checked at every scan, cached or not: the user's choice applies to every run.
+    unreadable = cached.get("unreadable", [])
+    skipped = frozenset(name for name, _ in unreadable)
+    total = len(listing.train) + len(listing.test)
+    n_train = sum(1 for i in listing.train if i.name not in skipped)
+    n_test = sum(1 for i in listing.test if i.name not in skipped)
+    if not n_train or not n_test:
+        raise DataError(f"no readable {'train' if not n_train else 'test'} image in {listing.uri}: "
+                        + unreadable_text([n for n, _ in unreadable], [r for _, r in unreadable], total))
+    check_unreadable([n for n, _ in unreadable], [r for _, r in unreadable], total, listing.uri,
+                     skip_unreadable)
+    classes = tuple(sorted({i.cls for i in listing.train}))  # the class folders, as in memory
     mean, std = tuple(cached["mean"]), tuple(cached["std"])
     if dataset == "cifar10":  # CIFAR-10's own classes and published statistics
         from cnnray.data.cifar import CLASSES, MEAN, STD
@@ -196,7 +218,7 @@ def scan(dataset: str, data_dir: str | None, cache_dir: Path | None = None) -> S
         mean, std = MEAN, STD
     h, w = cached["size"]
     return StreamInfo(dataset, classes, (int(cached["channels"]), int(h), int(w)), mean, std,
-                      len(listing.train), len(listing.test))
+                      n_train, n_test, tuple(sorted(skipped)))
 
 
 # --- Ray Datasets -------------------------------------------------------------------------
@@ -292,6 +314,15 @@ def decode_batch(batch: dict[str, np.ndarray], *, classes: list[str], shape: lis
     return {"image": t.numpy(), "label": labels}
 
 
+def without(listing: Listing, skipped: tuple[str, ...]) -> Listing:
+    """`listing` less the files a scan found unreadable (left out with --skip-unreadable)."""
+    if not skipped:
+        return listing
+    gone = frozenset(skipped)
+    return replace(listing, train=tuple(i for i in listing.train if i.name not in gone),
+                   test=tuple(i for i in listing.test if i.name not in gone))
+
+
 def split_items(listing: Listing, *, subset: int | None, seed: int, val_fraction: float) -> dict[str, list[Item]]:
     """train / val / test items by the in-memory loader's rule: take_subset, then
     split_train_val (round(N * val_fraction) held out), on the sorted order; test: take_subset."""
@@ -315,7 +346,7 @@ def build_datasets(info: StreamInfo, data_dir: str | None, *, augment: str, pad:
     from ray.data import ExecutionResources
 
     quiet_console()
-    listing = list_source(source_uri(info.dataset, data_dir), cache_dir)
+    listing = without(list_source(source_uri(info.dataset, data_dir), cache_dir), info.skipped)
     items = split_items(listing, subset=subset, seed=seed, val_fraction=val_fraction)
     out = {}
     for name in splits:
@@ -329,51 +360,3 @@ def build_datasets(info: StreamInfo, data_dir: str | None, *, augment: str, pad:
         ds.context.execution_options.resource_limits = ExecutionResources(object_store_memory=OBJECT_STORE_LIMIT)
         out[name] = ds
     return out
-
-
-class StreamBatches:
-    """A worker's batches of (normalised float32 images, int64 labels) from a Ray Data
-    shard (a DataIterator, or a Dataset in local mode), with ShardedBatches' interface:
-    `len()` batches per epoch (`rows` is this rank's row count), `set_epoch`. Memory: the
-    shuffle buffer (SHUFFLE_BYTES) and one prefetched batch."""
-
-    def __init__(self, shard: Any, *, rows: int, batch_size: int, drop_last: bool, shuffle: bool,
-                 device: torch.device, mean: Any, std: Any, sample_shape: Any, channels_last: bool = False) -> None:
-        self.shard, self.rows, self.batch_size = shard, rows, batch_size
-        self.sample_shape = tuple(sample_shape)  # C, H, W
-        self.drop_last, self.shuffle, self.device, self.channels_last = drop_last, shuffle, device, channels_last
-        self._scale, self._shift = normalization(mean, std, device)
-        self.epoch = 0
-
-    @property
-    def num_samples(self) -> int:
-        return self.rows
-
-    def __len__(self) -> int:
-        n, b = self.rows, self.batch_size
-        return n // b if self.drop_last else -(-n // b)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Kept for ShardedBatches' interface: each epoch re-executes the stream, which
-        reshuffles the files and draws new augmentations by itself."""
-        self.epoch = epoch
-
-    def _shuffle_rows(self) -> int:
-        per_sample = 4 * int(np.prod(self.sample_shape))  # float32 after augmentation
-        return max(self.batch_size, min(SHUFFLE_MAX_ROWS, SHUFFLE_BYTES // max(per_sample, 1)))
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        batches = self.shard.iter_torch_batches(
-            batch_size=self.batch_size, drop_last=self.drop_last, device=self.device,
-            local_shuffle_buffer_size=self._shuffle_rows() if self.shuffle else None,
-        )
-        for batch in batches:
-            x, y = batch["image"], batch["label"]
-            if x.dtype == torch.uint8:  # not augmented: normalised here, as ShardedBatches does
-                x = torch.addcmul(self._shift, x, self._scale)
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            yield x, y
-
-
-

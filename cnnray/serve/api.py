@@ -6,7 +6,7 @@
     GET  /v1/models                     every served model: version, input shape, classes, metrics
     GET  /v1/models/{name}              {"name", "version", "ready"}: 200 when ready, else 503
     POST /v1/models/{name}:predict      KServe v1: {"instances": [{"b64": ...} | C x H x W array]}
-    POST /predictions/{name}            TorchServe: the raw bytes of one PNG, JPEG or BMP (PUT works too),
+    POST /predictions/{name}            TorchServe: the raw bytes of one image file (PUT works too),
                                         or a multipart form (field "data", else the first file: multipart.py)
     GET|POST /v2/...                    OIP v2 (KServe v2, Triton): health, metadata, infer (oip.py)
     POST /v1/models/{name}:explain      KServe v1: heat maps and response maps of one image (explain.py)
@@ -195,7 +195,8 @@ def build_http_app(backend: Backend, lean: bool = True) -> FastAPI:
         with backend.metrics.track(_label(backend, name), "torchserve") as t:
             entry = _served(backend, name)
             _require_type(request, IMAGE_TYPES + ("multipart/form-data",),
-                          "image/png, image/jpeg or image/bmp (or a multipart form)", missing_ok=True)
+                          "image/png, image/jpeg or image/bmp (or image/webp, image/tiff, image/gif, "
+                          "or a multipart form)", missing_ok=True)
             limits = backend.limits
             async with buffered.hold(request, limits) as body:
                 kind = request.headers.get("content-type")

@@ -20,6 +20,7 @@ import torch
 
 from cnnray.checkpoint import CheckpointError, checkpoint_tta, load_model, verify_checkpoint
 from cnnray.config import ConfigError
+from cnnray.serve.checkpoint_arg import checkpoint_in
 from cnnray.serve.defaults import DECODE_THREADS
 from cnnray.serve.metrics import MetricsReporter, ServeMetrics
 from cnnray.serve.preprocess import Payload, RequestError, batch_inputs
@@ -221,7 +222,8 @@ def resolve(
         check_name(name)
         if name in found:
             raise ConfigError(f"model name {name!r} is both in the model store and given as a checkpoint")
-        found[name] = ModelRef(path=path, version=1)  # absolute (ServeArgs)
+        # A run folder serves its best checkpoint (result.json); absolute (ServeArgs).
+        found[name] = ModelRef(path=checkpoint_in(path), version=1)
         if current.get(name) != found[name]:
             verify_checkpoint(found[name].path)  # CheckpointError names the folder and the problem
     return Resolution(found, problems)

@@ -19,7 +19,8 @@ from cnnray.serve.preprocess import Payload, RequestError, instance_payloads, js
 from cnnray.serve.schemas import ErrorBody, Limits, PredictRequest
 
 JSON_TYPES = ("application/json",)
-IMAGE_TYPES = ("image/png", "image/jpeg", "image/jpg", "image/bmp", "application/octet-stream")
+IMAGE_TYPES = ("image/png", "image/jpeg", "image/jpg", "image/bmp", "image/webp", "image/tiff", "image/gif",
+               "image/x-portable-anymap", "application/octet-stream")
 # {"instances": [ [C [H [W values]]] ]} nests 5 deep ({"b64": ...} instances 3): deeper is malformed.
 MAX_JSON_DEPTH = 5
 

@@ -100,7 +100,7 @@ def check_decode_cost(data: bytes, spent: tuple[int, int] = (0, 0)) -> tuple[int
 
 
 def decode_image(data: bytes, input_shape: Sequence[int], max_pixels: int) -> torch.Tensor:
-    """PNG, JPEG or BMP bytes -> uint8 C x H x W pixels, by training's own decoder
+    """Image bytes (decode.ACCEPTED_FORMATS) -> uint8 C x H x W pixels, by training's own decoder
     (`cnnray.data.decode.decode_image`: as a viewer shows the image, in the model's mode and
     size). Raises RequestError: 413 for an image over the decode budget (pixels, frames,
     progressive scans, all checked from the header; PNG chunks and RLE BMP bytes,
@@ -168,7 +168,7 @@ def array_instance(value: list[Any], input_shape: Sequence[int], where: str) -> 
 
 @dataclass(frozen=True, slots=True)
 class EncodedImage:
-    """An image file (PNG, JPEG or BMP bytes) still to be decoded, within `max_pixels`
+    """An image file (decode.ACCEPTED_FORMATS) still to be decoded, within `max_pixels`
     (width x height, checked from its header before decoding)."""
 
     data: bytes

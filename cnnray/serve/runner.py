@@ -145,7 +145,8 @@ class ServeRunner:
             if status == "RUNNING":
                 return
             if status in ("DEPLOY_FAILED", "UNHEALTHY"):
-                raise ServeError(f"the serving app failed to deploy: {app.message.strip().splitlines()[-1:]}")
+                last = (app.message or "").strip().splitlines()[-1:] or ["no message"]
+                raise ServeError(f"the serving app failed to deploy: {last[0].strip()}")
             time.sleep(0.5)
         raise ServeError(f"the serving app is not running after {timeout_s:.0f} s (status {status})")
 

@@ -80,7 +80,7 @@ class ServeArgs(_Strict):
         default_factory=dict, description="name -> checkpoint folder, served as version 1"
     )
     replicas: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
-        "auto", description="replicas of the deployment, or 'auto': what the cluster's free CPUs or GPUs fit"
+        "auto", description="replicas of the deployment, or 'auto': the cluster's total CPUs / cpus_per_replica (GPUs with gpu), at least 1"
     )
     gpu: bool = Field(False, description="one GPU per replica")
     cpus_per_replica: float = Field(1.0, ge=0, description="CPUs reserved per replica (and torch threads)")

@@ -17,7 +17,8 @@ from typing import Any, Callable, Sequence
 from cnnray.checkpoint import read_meta
 from cnnray.config import ConfigError, TrainConfig
 from cnnray.errors import TrainingError, root_cause
-from cnnray.files import RESULT_FILE, atomic_write_json
+from cnnray.files import CLAIM_FILE, RESULT_FILE, atomic_write_json
+from cnnray.leftovers import removed_on_failure
 from cnnray.ray_start import init_ray, joining_cluster, local_cpu_count
 from cnnray.train.best_checkpoint import evaluate_on_test, pick_best
 from cnnray.train.run_dir import check_resume, claim_run_folder, last_checkpoint_meta, local_run_dir, run_paths
@@ -172,6 +173,11 @@ def run_training(cfg: TrainConfig, echo: Callable[[str], None] = print) -> dict[
     cfg = resolve_run(cfg.validate())
     out, storage, name = run_paths(cfg)
     cfg = cfg.replace(out=str(out))
+    with removed_on_failure(out, own=(CLAIM_FILE,)):  # a run that fails before writing leaves no folder
+        return _run_claimed(cfg, out, storage, name, echo)
+
+
+def _run_claimed(cfg: TrainConfig, out: Path, storage: str, name: str, echo: Callable[[str], None]) -> dict[str, Any]:
     claim, exists = claim_run_folder(out, storage, name, cfg.resume)
     try:
         if cfg.resume and not exists:

@@ -11,7 +11,8 @@ import torch
 from cnnray.config import ConfigError, TrainConfig
 from cnnray.data import DataError, Dataset, ShardedBatches, load_dataset, split_train_val, take_subset
 from cnnray.data.loader import eval_batch_size, test_batches
-from cnnray.data.stream import StreamBatches, StreamInfo
+from cnnray.data.stream import StreamInfo
+from cnnray.data.stream_batches import StreamBatches
 from cnnray.train.device import use_channels_last
 
 def eval_batch(cfg: TrainConfig, input_shape: tuple[int, ...]) -> int:
@@ -97,7 +98,7 @@ def data_info(ds: Dataset) -> dict[str, Any]:
 
 
 def load_for(cfg: TrainConfig) -> Dataset:
-    return load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download)
+    return load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download, skip_unreadable=cfg.skip_unreadable)
 
 
 def check_data(cfg: TrainConfig) -> Dataset | None:
@@ -222,7 +223,7 @@ def stream_datasets(cfg: TrainConfig) -> tuple[StreamInfo, dict[str, Any]]:
     for the trainer's datasets= (test only when the workers test at the end)."""
     from cnnray.data.stream import scan
 
-    info = scan(cfg.dataset, cfg.data_dir)
+    info = scan(cfg.dataset, cfg.data_dir, skip_unreadable=cfg.skip_unreadable)
     splits = ("train", "val", "test") if cfg.test_at_end else ("train", "val")
     return info, _build_datasets(cfg, info, resolve_augment(cfg, info), splits)
 
@@ -273,7 +274,7 @@ def held_out_batches(
     if cfg.data_loader == "ray-data" and ds is None and world == 1:
         from cnnray.data.stream import scan
 
-        info = scan(cfg.dataset, cfg.data_dir)
+        info = scan(cfg.dataset, cfg.data_dir, skip_unreadable=cfg.skip_unreadable)
         test = _build_datasets(cfg, info, "none", ("test",))["test"]
         return StreamBatches(test, rows=split_counts(cfg, info.n_train, info.n_test)[2],
                              batch_size=eval_batch(cfg, info.input_shape),

@@ -35,7 +35,7 @@ MAX_CHECKED_CONFIGS = 256
 # Fields a sweep sets itself (--epochs is ASHA's horizon, --workers-per-trial the trial
 # size) or that do not change what is learned: sweeping them is refused, not ignored.
 NOT_SWEEPABLE = frozenset(
-    {"model", "dataset", "data_dir", "download", "epochs", "workers", "gpu", "cpus_per_worker",
+    {"model", "dataset", "data_dir", "download", "skip_unreadable", "epochs", "workers", "gpu", "cpus_per_worker",
      "out", "storage_path", "address", "resume", "verbose", "max_failures", "keep_checkpoints"}
 )
 

@@ -127,11 +127,16 @@ def run_sweep(sweep: SweepConfig, echo: Callable[[str], None] = print) -> dict[s
     from cnnray.train.run_dir import lock_folder
 
     # Held until the sweep ends: a second sweep on the same --out is refused at once.
-    claim = lock_folder(Path(sweep.out), "cnnray tune")  # absolute: SweepConfig resolved it
-    try:
-        return _run_sweep(sweep, echo)
-    finally:
-        os.close(claim)
+    from cnnray.leftovers import removed_on_failure
+    from cnnray.train.driver import CLAIM_FILE
+
+    # A sweep that fails before any trial wrote anything leaves no folder behind.
+    with removed_on_failure(Path(sweep.out), own=(CLAIM_FILE, SWEEP_FILE)):
+        claim = lock_folder(Path(sweep.out), "cnnray tune")  # absolute: SweepConfig resolved it
+        try:
+            return _run_sweep(sweep, echo)
+        finally:
+            os.close(claim)
 
 
 def _run_sweep(sweep: SweepConfig, echo: Callable[[str], None]) -> dict[str, Any]:

@@ -180,7 +180,13 @@ def test_serve_cli_bad_store_path_is_one_line(home, capsys):
 def test_report_and_predict_expand_home(home, capsys):
     assert main(["report", "~/missing"]) == 2
     assert str(home / "missing") in capsys.readouterr().err
-    (home / "img.png").write_bytes(b"not really a png")
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("L", (28, 28)).save(buf, format="PNG")  # a real PNG: predict checks the format before sending
+    (home / "img.png").write_bytes(buf.getvalue())
     # The file is read (the server is unreachable: exit 1, not "cannot read ~/img.png").
     assert main(["predict", "--url", "http://127.0.0.1:9", "--model", "m", "--timeout", "2", "~/img.png"]) == 1
     assert "cannot read" not in capsys.readouterr().err

@@ -135,8 +135,8 @@ BAD = [
     # (id, method, path, body, content type, status, fragment)
     ("not-an-image", "POST", "/predictions/digits", b"GIF? no: plain text", "image/png", 400, "not an image"),
     ("truncated-png", "POST", "/predictions/digits", png(API_NOISE)[:300], "image/png", 400, "cannot decode the PNG"),
-    ("gif", "POST", "/predictions/digits", encode(Image.new("L", (28, 28)), "GIF"), "image/png", 400,
-     "GIF images are not accepted"),
+    ("pcx", "POST", "/predictions/digits", encode(Image.new("L", (28, 28)), "PCX"), "image/png", 400,
+     "PCX images are not accepted"),
     ("empty-body", "POST", "/predictions/digits", b"", "image/png", 400, "empty body"),
     ("image-too-large", "POST", "/predictions/digits", encode(Image.new("L", (600, 600)), "PNG"), "image/png", 413,
      "larger than the limit"),

@@ -27,6 +27,8 @@ TRIALS_CSV = "trials.csv"
 TRIALS_PARQUET = "trials.parquet"
 HISTORIES_FILE = "histories.json"
 BEST_FILE = "best.json"
+PBT_DIR = "pbt"  # PBT only: each exploited trial's next Train run and donor checkpoint
+EXPLOITS_FILE = "exploits.json"  # PBT only: every exploit (cnnray.tune.pbt), read by the report
 
 
 def current_umask() -> int:
@@ -73,6 +75,15 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
 def atomic_write_bytes(data: bytes, path: Path) -> None:
     """`data` into `path` with `atomic_write` (the folder must exist)."""
     atomic_write(path, lambda f: f.write(data))
+
+
+def read_exploits(sweep_dir: str | Path) -> list[dict[str, Any]]:
+    """The exploits a PBT sweep in `sweep_dir` recorded (EXPLOITS_FILE: from, to, epoch,
+    old/donor/new values); [] without PBT, or before its first exploit."""
+    try:
+        return json.loads((Path(sweep_dir) / EXPLOITS_FILE).read_text())
+    except (OSError, ValueError):
+        return []
 
 
 def atomic_write_json(obj: Any, path: str | Path) -> None:

@@ -3,6 +3,8 @@
     cnnray tune --model cnn --dataset mnist --data-dir ../shared/datasets/mnist --samples 8 --epochs 3 --out sweeps/x
     cnnray tune --model cnn --dataset mnist --space space.yaml --workers-per-trial 2 --out sweeps/y
     cnnray tune ... --out sweeps/x --resume      # continue an interrupted sweep
+    cnnray tune ... --search optuna --scheduler asha --budget 40
+    cnnray tune ... --scheduler pbt --perturbation-interval 2 --samples 4
 
 Every `cnnray train` flag sets the config all trials start from; the search space (the
 default, or --space FILE.yaml) then varies some TrainConfig fields per trial.
@@ -32,7 +34,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--samples", type=POSITIVE_INT.argtype(int), default=8, help="configs drawn from the space; default 8")
     p.add_argument("--workers-per-trial", dest="workers", type=FIELD_RANGES["workers"].argtype(int), help="Ray Train workers (DDP ranks) per trial; default 1")
     p.add_argument("--max-concurrent", type=POSITIVE_INT.argtype(int), help="trials at once; default: as many as the cluster's CPUs (GPUs) fit")
-    p.add_argument("--scheduler", choices=("asha", "none"), default="asha", help="early stopping; default asha")
+    from cnnray.tune.schedulers import SCHEDULERS
+    from cnnray.tune.search import SEARCHERS
+
+    p.add_argument("--search", choices=SEARCHERS, default="random",
+                   help="random: draw (grid entries enumerated); grid: every choice enumerated; "
+                   "optuna: Optuna's TPE, seeded by --seed; default random")
+    p.add_argument("--scheduler", choices=SCHEDULERS, default="asha",
+                   help="asha | hyperband (stop bad trials early) | pbt (exploit the best trials' checkpoints, "
+                   "perturb lr/momentum/weight_decay) | none; default asha")
+    p.add_argument("--perturbation-interval", type=POSITIVE_INT.argtype(int), default=1,
+                   help="pbt: epochs between exploit/explore steps; default 1")
+    p.add_argument("--budget", type=POSITIVE_INT.argtype(int), metavar="TRIAL_EPOCHS",
+                   help="end the sweep once its trials have trained this many epochs in all; default: no limit")
+    p.add_argument("--gpus-per-trial", type=Range(0, 4096, lo_open=True).argtype(float),
+                   help="with --gpu: GPUs a trial's workers share, e.g. 0.25 packs 4 trials on a GPU; default 1 per worker")
     p.add_argument("--grace-period", type=POSITIVE_INT.argtype(int), default=1, help="epochs before ASHA may stop a trial; default 1")
     p.add_argument("--reduction-factor", type=Range(1, 1000, lo_open=True).argtype(float), default=2.0, help="ASHA keeps the best 1/N at each rung; default 2")
     p.add_argument("--space", metavar="FILE.yaml", help="search space over TrainConfig fields; default: lr, momentum, norm")
@@ -57,6 +73,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
     base = config_from_args(args).validate()
     space, fixed = load_space(args.space, base) if args.space else (default_space(), {})
+    if args.scheduler == "pbt" and not args.space:  # PBT evolves only what it can change mid-run
+        from cnnray.tune.pbt import PBT_FIELDS
+
+        space = {k: d for k, d in space.items() if k in PBT_FIELDS}
     given = {key: flag for flag, (key, _) in TRAIN_FLAGS.items() if getattr(args, key, None) is not None}
     clash = [given[k] for k in space if k in given]
     if clash:
@@ -75,6 +95,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
         model_store=args.model_store,
         name=args.name,
         resume=args.resume,
+        search=args.search,
+        perturbation_interval=args.perturbation_interval,
+        budget=args.budget,
+        gpus_per_trial=args.gpus_per_trial,
     )
     run_sweep(sweep)
     return 0

@@ -27,7 +27,7 @@ GRID_COLUMNS = 8  # response maps shown per conv layer (the strongest channels)
 # labels, tick labels) and give legends to `as_typed`. Our own text uses no mathtext.
 AS_TYPED = {"parse_math": False}
 REPORT_PNGS = ("curves.png", "lr_speed.png", "confusion.png", "mistakes.png", "filters.png", "responses.png",
-               "trials.png", "hyperparams.png")
+               "trials.png", "hyperparams.png", "pbt.png")
 
 
 def remove_old_pngs(out_dir: Path) -> None:

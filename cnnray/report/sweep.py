@@ -211,8 +211,16 @@ def write_sweep_report(sweep_dir: str | Path, out_dir: str | Path | None = None,
                             "normalisation (left), and where the trials sat in the lr-momentum plane (right).")
                 if hp else html.note("No numeric setting varied between trials: nothing to plot against."))
     sections.append(html.Section("Trials", "".join(body)))
-    columns = ["trial_id", *keys, "epochs_run", "best_val_accuracy", "stopped_early", "status", "error"]
+    columns = ["trial_id", *keys, "epochs_run", "best_val_accuracy", "stopped_early", "status", "exploits", "error"]
     columns = [c for c in columns if any(t.get(c) not in (None, "") for t in trials)]
+    from cnnray.files import read_exploits
+
+    exploits = read_exploits(sweep_dir)
+    if exploits:  # a PBT sweep: the schedules it evolved, and who took whose checkpoint
+        from cnnray.report.pbt import pbt_section
+
+        sections.append(pbt_section(histories, exploits, best_id, out))
+        findings.append(f"PBT: {len(exploits)} exploits, into {len({e['to'] for e in exploits})} trials.")
     sections.append(html.Section("Trial table", html.table(
         columns, [[_fmt(t.get(c)) for c in columns] for t in trials],
         numeric=[i for i, c in enumerate(columns) if c in ("epochs_run", "best_val_accuracy")])))

@@ -110,26 +110,29 @@ def _local_resource(name: str) -> float:
 
 
 def make_trainer(
-    cfg: TrainConfig, *, name: str, storage_path: str, callbacks: Sequence[Any] = ()
+    cfg: TrainConfig, *, name: str, storage_path: str, callbacks: Sequence[Any] = (),
+    init_checkpoint: str | None = None, gpus_per_worker: float = 1.0,
 ):
     """The TorchTrainer for one run of `cfg` on Ray Train workers (also what each Tune
     trial builds). Local mode uses no trainer: the driver runs the loop (`_fit_local`).
     data_loader ray-data (Ray running): the Ray Datasets go in datasets= (DataError from
-    the scan of every image)."""
+    the scan of every image). `init_checkpoint`: a checkpoint folder of another run to
+    start from when this run has none (a PBT exploit); `gpus_per_worker`: a fraction
+    packs several runs' workers on one GPU (Tune's --gpus-per-trial)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from cnnray.train.session import train_loop_per_worker
+    from cnnray.train.session import INIT_CHECKPOINT, train_loop_per_worker
     from cnnray.train.worker_data import data_config, loop_config, resolve_loader, stream_datasets
 
     cfg = cfg.replace(data_loader=resolve_loader(cfg))  # auto is resolved once, here or in resolve_run
     info, datasets = stream_datasets(cfg) if cfg.data_loader == "ray-data" else (None, None)
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_config(cfg, info),
+        train_loop_config={**loop_config(cfg, info), **({INIT_CHECKPOINT: init_checkpoint} if init_checkpoint else {})},
         datasets=datasets,
         dataset_config=data_config() if datasets else None,
-        scaling_config=_scaling_config(cfg, storage_path),
+        scaling_config=_scaling_config(cfg, storage_path, gpus_per_worker),
         run_config=ray.train.RunConfig(
             name=name,
             storage_path=storage_path,
@@ -146,7 +149,7 @@ def make_trainer(
     )
 
 
-def _scaling_config(cfg: TrainConfig, storage_path: str):
+def _scaling_config(cfg: TrainConfig, storage_path: str, gpus_per_worker: float = 1.0):
     """Ray Train's ScalingConfig for `cfg`: local mode, a fixed count, or an elastic
     (min, max) range. Workers on other machines need `storage_path` there too, so unless
     local mode, this first refuses (ConfigError) storage that they could not reach."""
@@ -160,7 +163,7 @@ def _scaling_config(cfg: TrainConfig, storage_path: str):
     return ray.train.ScalingConfig(
         num_workers=workers,
         use_gpu=cfg.gpu,
-        resources_per_worker={"CPU": cfg.cpus_per_worker or 1, **({"GPU": 1} if cfg.gpu else {})},
+        resources_per_worker={"CPU": cfg.cpus_per_worker or 1, **({"GPU": gpus_per_worker} if cfg.gpu else {})},
         elastic_resize_monitor_interval_s=cfg.elastic_resize_s,
     )
 

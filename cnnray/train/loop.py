@@ -126,7 +126,9 @@ def resume(cfg: TrainConfig, session: Any, run: Training, device: torch.device) 
             state = load_train_state(ckpt_dir, map_location=device)
     if state is None:
         return Progress()
-    run.optimizer.load_state_dict(state["optimizer"])
+    from cnnray.train.optim import load_optimizer_state
+
+    load_optimizer_state(run.optimizer, state["optimizer"])  # the config's lr/momentum/decay stay
     progress = Progress(start_epoch=int(state["epoch"]), best_val=float(state["best_val_accuracy"]),
                         best_epoch=int(state.get("best_epoch", 0)), history=list(state.get("history", [])))
     if session.rank == 0 and cfg.verbose:

@@ -55,6 +55,18 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module, device: torch.device) ->
     return torch.optim.AdamW(groups, lr=cfg.effective_lr, betas=(cfg.momentum, 0.999), **fused)
 
 
+def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict) -> None:
+    """Load a checkpoint's optimizer state (moment buffers, step counts) but keep the
+    hyperparameters `optimizer` was built with from the config (momentum or AdamW's betas,
+    nesterov, weight decay, lr): torch's load_state_dict would restore the saved ones, so a
+    run resumed with a new momentum (a PBT exploit, or --resume --momentum) would silently
+    keep the old. The lr is then set by build_scheduler(done_steps=...)."""
+    wanted = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    optimizer.load_state_dict(saved)
+    for group, keep in zip(optimizer.param_groups, wanted):
+        group.update(keep)
+
+
 def build_scheduler(
     cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int, done_steps: int = 0
 ) -> torch.optim.lr_scheduler.LRScheduler:

@@ -104,13 +104,20 @@ class LocalSession:
             print(format_progress(metrics, self.cfg.epochs), flush=True)
 
 
+# train_loop_config key of a checkpoint folder to start from when the run has none of its
+# own (a PBT exploit: the donor trial's checkpoint; cnnray.tune.pbt).
+INIT_CHECKPOINT = "_init_checkpoint"
+
+
 class RaySession:
     """The loop's seams on a Ray Train worker (any world size)."""
 
     uses_ray = True
 
-    def __init__(self) -> None:
+    def __init__(self, init_checkpoint: str | None = None) -> None:
         import ray.train
+
+        self.init_checkpoint = init_checkpoint
 
         _quiet_report_log()
         ctx = ray.train.get_context()
@@ -147,8 +154,8 @@ class RaySession:
         import ray.train
 
         checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
-            yield None
+        if checkpoint is None:  # the run's own checkpoint wins over the one it started from
+            yield Path(self.init_checkpoint) if self.init_checkpoint else None
             return
         with checkpoint.as_directory() as d:
             yield Path(d)
@@ -174,8 +181,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> str | None:
     from cnnray.train.loop import run_worker
     from cnnray.train.worker_data import from_loop_config
 
-    cfg, stream_info = from_loop_config(config)  # stream_info: the driver's scan (ray-data)
-    return run_worker(cfg, RaySession(), stream_info=stream_info)
+    init = config.get(INIT_CHECKPOINT)  # a checkpoint of another run to start from (PBT)
+    cfg, stream_info = from_loop_config({k: v for k, v in config.items() if k != INIT_CHECKPOINT})
+    return run_worker(cfg, RaySession(init_checkpoint=init), stream_info=stream_info)
 
 
 def _quiet_report_log() -> None:

@@ -26,35 +26,13 @@ from cnnray.files import (  # noqa: F401  (the sweep folder's names, also read f
     atomic_write_bytes,
     atomic_write_json,
 )
+from cnnray.tune.history import read_history  # noqa: F401  (also read from here)
 from cnnray.tune.sweep_config import SweepConfig
 
 PLOT_FILE = "sweep.png"
-# Keys Tune adds to every reported result, and the checkpoint path TuneReportCallback
-# adds: dropped so that a history holds the metrics exactly as the training loop reports them.
-_TUNE_KEYS = frozenset(
-    {"training_iteration", "time_total_s", "time_this_iter_s", "time_since_restore", "timestamp", "date",
-     "timesteps_total", "episodes_total", "timesteps_since_restore", "iterations_since_restore", "pid",
-     "hostname", "node_ip", "done", "trial_id", "experiment_tag", "config", "checkpoint_dir_name",
-     "checkpoint_path", "should_checkpoint", "episodes_this_iter", "timesteps_this_iter"}
-)
-
-
+EXPLOITS_CSV = "exploits.csv"  # PBT only: one row per exploit
 class SweepError(TrainingError):
     """The sweep ran but left nothing to choose from (every trial failed): the CLI exits 1."""
-
-
-def read_history(trial_dir: str | Path) -> list[dict[str, Any]]:
-    """Per-epoch metrics of one trial from Tune's result.json (one JSON object a line).
-    An epoch reported twice (rerun after a resume) keeps its latest report."""
-    path = Path(trial_dir) / "result.json"
-    by_epoch: dict[int, dict[str, Any]] = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            if line.strip():
-                row = json.loads(line)
-                if "epoch" in row:
-                    by_epoch[int(row["epoch"])] = {k: v for k, v in row.items() if k not in _TUNE_KEYS}
-    return [by_epoch[e] for e in sorted(by_epoch)]
 
 
 def collect(sweep: SweepConfig, out: Path) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, Any]]]]:
@@ -84,9 +62,11 @@ def collect(sweep: SweepConfig, out: Path) -> tuple[list[dict[str, Any]], dict[s
 
 def best_checkpoint(run_path: str | Path) -> tuple[Path, dict[str, Any]]:
     """The complete checkpoint of a Ray Train run with the highest validation accuracy
-    (the later epoch on a tie), and its meta.json."""
+    (the later epoch on a tie), and its meta.json. A PBT trial's later runs (one per
+    exploit, `<run>-x<n>`: cnnray.tune.pbt) count as the same trial's."""
     candidates = []
-    for d in Path(run_path).glob("epoch-*"):
+    run_path = Path(run_path)
+    for d in [*run_path.glob("epoch-*"), *run_path.parent.glob(f"{run_path.name}-x*/epoch-*")]:
         try:
             meta = read_meta(d)
         except CheckpointError:
@@ -130,8 +110,10 @@ def format_table(rows: list[dict[str, Any]], swept: list[str]) -> str:
     return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip() for line in [head, *body])
 
 
-def finish_sweep(sweep: SweepConfig, out: Path, *, seconds: float, echo: Callable[[str], None] = print) -> dict[str, Any]:
-    """Table, histories, best.json (with test accuracy), plot and model export."""
+def finish_sweep(sweep: SweepConfig, out: Path, *, seconds: float, echo: Callable[[str], None] = print,
+                 budget_spent: bool = False) -> dict[str, Any]:
+    """Table, histories, best.json (with test accuracy), plot and model export.
+    `budget_spent`: the budget ended the sweep, so trials left unstarted are expected."""
     from ray.train import Checkpoint
 
     from cnnray.store import export
@@ -140,10 +122,13 @@ def finish_sweep(sweep: SweepConfig, out: Path, *, seconds: float, echo: Callabl
 
     rows, histories = collect(sweep, out)
     done = sum(r["status"] in ("TERMINATED", "ERROR") for r in rows)
-    if done < sweep.num_trials:  # Tune stopped early (Ctrl-C): its state is saved for --resume
+    if done < sweep.num_trials and not budget_spent:  # Ctrl-C: Tune's state is saved for --resume
         echo(f"[cnnray] sweep interrupted with {done} of {sweep.num_trials} trials done: "
              "rerun the same command with --resume")
         raise KeyboardInterrupt
+    exploits = write_exploits(out)
+    for row in rows if exploits else []:  # PBT: each trial's exploits in its own row too
+        row["exploits"] = "; ".join(f"epoch {e['epoch']} from {e['from']}" for e in exploits if e["to"] == row["trial_id"])
     write_table(rows, out)
     atomic_write_json(histories, out / HISTORIES_FILE)
     ran = [r for r in rows if r["epochs_run"] > 0]
@@ -181,6 +166,8 @@ def finish_sweep(sweep: SweepConfig, out: Path, *, seconds: float, echo: Callabl
     plot_sweep(rows, sweep.train, out / PLOT_FILE, best_trial=best_row["trial_id"])
 
     echo(format_table(rows, list(sweep.space)))
+    if exploits:
+        echo(format_exploits(exploits))
     echo(
         f"[cnnray] best trial {best['trial_id']}: val_accuracy {best['val_accuracy']:.4f} (epoch {best['epoch']})  "
         f"test_accuracy {best['test_accuracy']:.4f}  ({best['stopped_early']} of {best['trials']} trials stopped early, "
@@ -189,6 +176,35 @@ def finish_sweep(sweep: SweepConfig, out: Path, *, seconds: float, echo: Callabl
         f"[cnnray] wrote {out / TRIALS_CSV}, {TRIALS_PARQUET}, {HISTORIES_FILE}, {BEST_FILE}, {PLOT_FILE}"
     )
     return best
+
+
+def write_exploits(out: Path) -> list[dict[str, Any]]:
+    """exploits.csv from PBT's exploits.json (one row per exploit: from, to, epoch, and
+    old/donor/new value of each perturbed field); the list, empty without PBT."""
+    import pandas as pd
+
+    from cnnray.files import read_exploits
+
+    exploits = read_exploits(out)
+    if exploits:
+        frame = pd.DataFrame([exploit_row(e) for e in exploits])
+        atomic_write_bytes(frame.to_csv(index=False).encode(), out / EXPLOITS_CSV)
+    return exploits
+
+
+def exploit_row(e: dict[str, Any]) -> dict[str, Any]:
+    row = {"from": e["from"], "to": e["to"], "epoch": e["epoch"]}
+    for key in e["new"]:
+        row.update({f"{key}_old": e["old"].get(key), f"{key}_donor": e["donor"].get(key), f"{key}_new": e["new"][key]})
+    return row
+
+
+def format_exploits(exploits: list[dict[str, Any]]) -> str:
+    lines = [f"[cnnray] {len(exploits)} PBT exploit(s):"]
+    for e in exploits:
+        values = "  ".join(f"{k} {format_value(e['old'].get(k))} -> {format_value(v)}" for k, v in e["new"].items())
+        lines.append(f"  epoch {e['epoch']}: {e['to']} took {e['from']}'s checkpoint  {values}")
+    return "\n".join(lines)
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -12,7 +12,8 @@ fixes the field for every trial:
 Every bound and value is checked against TrainConfig before any trial starts, so an
 unknown field, an unknown distribution or a value a trial would reject is a ConfigError;
 `check_space` then builds every combination's config and model (see there), so a field
-the model does not take (hidden_sizes for a cnn) fails here, not in every trial.
+the model does not take (hidden_sizes for a cnn) fails here, not in every trial, and a
+field no trial's config reads (nesterov under AdamW: cnnray.tune.space_effects) too.
 """
 
 from __future__ import annotations
@@ -162,8 +163,10 @@ def check_space(space: Mapping[str, Dist], base: TrainConfig) -> None:
     else:
         combos = [{k: v} for k, vs in zip(keys, values) for v in vs]
     built: set[str] = set()
+    configs = []
     for combo in combos:
         cfg = _with(base, combo)
+        configs.append((combo, cfg))
         model_kw = {"norm": cfg.norm, "hidden_sizes": list(cfg.hidden_sizes) if cfg.hidden_sizes else None}
         if repr(model_kw) in built:
             continue
@@ -173,6 +176,9 @@ def check_space(space: Mapping[str, Dist], base: TrainConfig) -> None:
         except (ValueError, TypeError, RuntimeError) as e:
             shown = ", ".join(f"{k}={v!r}" for k, v in combo.items() if k in model_kw) or ", ".join(combo)
             raise ConfigError(f"{shown}: model {cfg.model!r} cannot be built: {e}") from None
+    from cnnray.tune.space_effects import check_effects
+
+    check_effects(space, configs)  # a field no trial's config reads would waste the budget
 
 
 def _strip_optional(hint: Any) -> Any:

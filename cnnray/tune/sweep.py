@@ -26,9 +26,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from cnnray.config import ConfigError, TrainConfig
-from cnnray.files import RUNS_DIR, TUNE_DIR, atomic_write_json
-from cnnray.tune.results import finish_sweep, format_value, read_history
-from cnnray.tune.space import space_to_tune
+from cnnray.files import PBT_DIR, RUNS_DIR, TUNE_DIR, atomic_write_json
+from cnnray.tune.results import finish_sweep, format_value
 from cnnray.tune.sweep_config import SWEEP_FILE, SweepConfig
 from cnnray.tune.trial import train_trial
 
@@ -46,50 +45,22 @@ def trial_dirname(trial: Any) -> str:
     return trial.trial_id
 
 
-def concurrency(cfg: TrainConfig, requested: int | None) -> int:
-    """Trials that can run at once: the cluster's CPUs (GPUs) over what one trial's workers take."""
+def concurrency(cfg: TrainConfig, requested: int | None, gpus_per_worker: float = 1.0) -> int:
+    """Trials that can run at once: the cluster's CPUs (GPUs) over what one trial's workers
+    take (cnnray.tune.resources: Ray's fixed-point arithmetic, fractions of a GPU)."""
     import ray
+
+    from cnnray.tune.resources import trials_that_fit
 
     total = ray.cluster_resources()
     cpus_per_trial = cfg.workers * cfg.cpus_per_worker
-    fit = int(total.get("CPU", 0) // cpus_per_trial)
-    if cfg.gpu:
-        fit = min(fit, int(total.get("GPU", 0) // cfg.workers))
+    gpus = cfg.workers * gpus_per_worker if cfg.gpu else 0.0
+    fit = trials_that_fit(total, cpus_per_trial, gpus, cfg.workers)
     if fit < 1:
-        need = f"{cpus_per_trial} CPUs" + (f" and {cfg.workers} GPUs" if cfg.gpu else "")
+        need = f"{cpus_per_trial} CPUs" + (f" and {gpus:g} GPUs" if cfg.gpu else "")
         have = f"{total.get('CPU', 0):g} CPUs" + (f" and {total.get('GPU', 0):g} GPUs" if cfg.gpu else "")
         raise ConfigError(f"one trial needs {need} but the Ray cluster has {have}: lower --workers-per-trial")
     return fit if requested is None else min(requested, fit)
-
-
-def _scheduler(sweep: SweepConfig) -> Any:
-    if sweep.scheduler == "none":
-        return None
-    from ray.tune.schedulers import ASHAScheduler
-
-    class ResumableASHA(ASHAScheduler):
-        """Tune saves no scheduler state, so after --resume ASHA would judge new results
-        against empty rungs; replaying each restored trial's saved epochs refills them."""
-
-        def on_trial_add(self, tune_controller, trial):
-            super().on_trial_add(tune_controller, trial)
-            try:
-                path = trial.path
-            except RuntimeError:  # a new trial: no folder yet, nothing to replay
-                return
-            for result in read_history(path) if path else []:
-                super().on_trial_result(tune_controller, trial, result)
-
-    # The epoch (not Tune's iteration count) is the time axis, so a trial resumed from a
-    # checkpoint is judged at the right rung. stop_last_trials=False lets a trial that
-    # reaches the last epoch end on its own instead of being stopped at its final report.
-    return ResumableASHA(
-        time_attr="epoch",
-        max_t=sweep.train.epochs,
-        grace_period=sweep.grace_period,
-        reduction_factor=sweep.reduction_factor,
-        stop_last_trials=False,
-    )
 
 
 def _trial_progress(sweep: SweepConfig, echo: Callable[[str], None]) -> Any:
@@ -180,13 +151,15 @@ def _run_sweep(sweep: SweepConfig, echo: Callable[[str], None]) -> dict[str, Any
     preflight(cfg)  # decode the data once here, and fail fast on unreadable data
     init_ray(cfg.address, ray_train=True)
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", EXPERIMENT_SAVE_PERIOD_S)
-    limit = concurrency(cfg, sweep.max_concurrent)
+    limit = concurrency(cfg, sweep.max_concurrent, sweep.worker_gpus or 1.0)
     if sweep.max_concurrent and limit < sweep.max_concurrent:
         echo(f"[cnnray] running {limit} trials at once, not {sweep.max_concurrent}: that is what the cluster fits")
 
     runs_dir = str(out / RUNS_DIR)
     trainable = tune.with_resources(
-        tune.with_parameters(train_trial, base=cfg.to_dict(), runs_dir=runs_dir),  # keeps its mixins
+        tune.with_parameters(train_trial, base=cfg.to_dict(), runs_dir=runs_dir,  # keeps its mixins
+                             pbt_dir=str(out / PBT_DIR) if sweep.scheduler == "pbt" else None,
+                             gpus_per_worker=sweep.worker_gpus or 1.0),
         tune.PlacementGroupFactory([{"memory": TRIAL_DRIVER_MEMORY}]),
     )
     if restore:
@@ -195,18 +168,22 @@ def _run_sweep(sweep: SweepConfig, echo: Callable[[str], None]) -> dict[str, Any
         # the experiment; only the trainable is given again.
         tuner = tune.Tuner.restore(str(out / TUNE_DIR), trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
-        from ray.tune.search import BasicVariantGenerator
+        from cnnray.tune.schedulers import budget_stopper, make_scheduler
+        from cnnray.tune.search import make_searcher, tune_space
 
+        if sweep.scheduler == "pbt":
+            import random
+
+            random.seed(cfg.seed)  # PBT picks donors and perturbations with Python's random
         tuner = tune.Tuner(
             trainable,
-            param_space=space_to_tune(sweep.space),
+            param_space=tune_space(sweep.search, sweep.space),
             tune_config=tune.TuneConfig(
                 metric="val_accuracy",
                 mode="max",
-                scheduler=_scheduler(sweep),
-                # Seeded, so the same command draws the same configs. The concurrency limit
-                # goes here: Tune ignores TuneConfig.max_concurrent_trials with this searcher.
-                search_alg=BasicVariantGenerator(random_state=cfg.seed, max_concurrent=limit),
+                scheduler=make_scheduler(sweep, out),
+                # Seeded (cfg.seed), so the same command proposes the same configs.
+                search_alg=make_searcher(sweep.search, cfg.seed, limit),
                 num_samples=sweep.samples,
                 trial_dirname_creator=trial_dirname,
             ),
@@ -217,6 +194,7 @@ def _run_sweep(sweep: SweepConfig, echo: Callable[[str], None]) -> dict[str, Any
                 # reported, not rerun from scratch.
                 failure_config=tune.FailureConfig(max_failures=0),
                 callbacks=[_trial_progress(sweep, echo)],
+                stop=budget_stopper(sweep.budget, out / TUNE_DIR) if sweep.budget else None,
                 verbose=0,  # our progress lines and summary table replace Tune's tables
             ),
         )
@@ -224,7 +202,14 @@ def _run_sweep(sweep: SweepConfig, echo: Callable[[str], None]) -> dict[str, Any
         f"[cnnray] sweeping {cfg.model} on {cfg.dataset}: {sweep.num_trials} trials of "
         f"{', '.join(f'{k} {d.describe()}' for k, d in sweep.space.items())}; {cfg.epochs} epochs, "
         f"{cfg.workers} {'GPU' if cfg.gpu else 'CPU'} worker(s) per trial, up to {limit} at once, "
-        f"scheduler {sweep.scheduler}"
+        f"search {sweep.search}, scheduler {sweep.scheduler}"
+        + (f", budget {sweep.budget} trial-epochs" if sweep.budget else "")
     )
     tuner.fit()
-    return finish_sweep(sweep, out, seconds=time.perf_counter() - started, echo=echo)
+    from cnnray.tune.schedulers import spent_trial_epochs
+
+    spent = spent_trial_epochs(out / TUNE_DIR)
+    if sweep.budget:
+        echo(f"[cnnray] spent {spent} of a budget of {sweep.budget} trial-epochs")
+    return finish_sweep(sweep, out, seconds=time.perf_counter() - started, echo=echo,
+                        budget_spent=bool(sweep.budget and spent >= sweep.budget))

@@ -51,13 +51,18 @@ class TrialDiverged(RuntimeError):
 
 
 
-def train_trial(config: dict[str, Any], *, base: dict[str, Any], runs_dir: str) -> None:
-    """One Tune trial: a Ray Train run of `base` with the sampled `config` values."""
+def train_trial(config: dict[str, Any], *, base: dict[str, Any], runs_dir: str, pbt_dir: str | None = None,
+                gpus_per_worker: float = 1.0) -> None:
+    """One Tune trial: a Ray Train run of `base` with the sampled `config` values.
+
+    Under PBT (`pbt_dir`), a trial that exploited another continues in the Train run its
+    segment file names, starting from the donor's checkpoint (cnnray.tune.pbt)."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
     from ray.util.queue import Queue
 
     from cnnray.train.driver import make_trainer
+    from cnnray.tune.pbt import read_segment
 
     trial_id = ray.tune.get_context().get_trial_id()
     # No test pass per trial: the sweep tests its winner once (results.finish_sweep).
@@ -65,11 +70,14 @@ def train_trial(config: dict[str, Any], *, base: dict[str, Any], runs_dir: str) 
     handle_queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
     # Same name and storage on a rerun (Tuner.restore): Ray Train continues the run from
     # its last checkpoint instead of epoch 0.
+    segment = read_segment(pbt_dir, trial_id)  # None unless PBT made this trial exploit another
     trainer = make_trainer(
         cfg,
-        name=trial_id,
+        name=segment["run"] if segment else trial_id,
         storage_path=runs_dir,
         callbacks=[_controller_handle_callback(handle_queue), TuneReportCallback()],
+        init_checkpoint=segment["init_checkpoint"] if segment else None,
+        gpus_per_worker=gpus_per_worker,
     )
     _RUNNING[trial_id] = handle_queue
     try:

@@ -98,7 +98,7 @@ def test_cli_bad_space_exits_2_with_one_line(tmp_path, space_text, extra, fragme
     "changes, fragment",
     [
         (dict(samples=0), "samples=0 must be at least 1"),
-        (dict(scheduler="hyperband"), "unknown scheduler 'hyperband'"),
+        (dict(scheduler="median"), "unknown scheduler 'median'"),  # hyperband is one now
         (dict(grace_period=4), "grace_period=4 must be between 1 and epochs=3"),
         (dict(reduction_factor=1.0), "reduction_factor=1.0 must be greater than 1"),
         (dict(max_concurrent=0), "max_concurrent=0 must be at least 1"),

@@ -42,7 +42,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     elif args.report:
         from cnnray.report import report_after_training
 
-        report_after_training(summary["config"]["out"])
+        page = report_after_training(summary["config"]["out"])
+        from cnnray.tracking.train import log_report
+
+        log_report(summary, page)
     return 0
 
 

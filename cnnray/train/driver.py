@@ -219,7 +219,8 @@ def check_resume(cfg: TrainConfig, meta: dict[str, Any] | None, out: Path) -> No
 
 
 def make_trainer(
-    cfg: TrainConfig, *, name: str, storage_path: str, callbacks: Sequence[Any] = ()
+    cfg: TrainConfig, *, name: str, storage_path: str, callbacks: Sequence[Any] = (),
+    tracking: dict[str, Any] | None = None,
 ):
     """The TorchTrainer for one run of `cfg` on Ray Train workers (also what each Tune
     trial builds). Local mode uses no trainer: the driver runs the loop (`_fit_local`).
@@ -229,6 +230,7 @@ def make_trainer(
     from ray.train.torch import TorchTrainer
 
     from cnnray.data.stream import data_config
+    from cnnray.tracking.train import with_tracking
     from cnnray.train.loop import train_loop_per_worker
     from cnnray.train.worker_data import loop_config, resolve_loader, stream_datasets
 
@@ -236,7 +238,7 @@ def make_trainer(
     info, datasets = stream_datasets(cfg) if cfg.data_loader == "ray-data" else (None, None)
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_config(cfg, info),
+        train_loop_config=with_tracking(loop_config(cfg, info), tracking),  # cnnray.tracking.train
         datasets=datasets,
         dataset_config=data_config() if datasets else None,
         scaling_config=_scaling_config(cfg, storage_path),
@@ -309,6 +311,9 @@ def run_training(cfg: TrainConfig, echo: Callable[[str], None] = print) -> dict[
             echo(f"[cnnray] no earlier run under {out}: starting a new one")
         if cfg.resume:
             check_resume(cfg, last_checkpoint_meta(storage, name), out)
+        from cnnray.tracking.train import end_training_run, start_training_run
+
+        tracking = start_training_run(cfg, out, echo)  # an unreachable tracker: exit 2 before any work
         dataset = preflight(cfg)
         if not cfg.local_mode:  # workers load their own (the cache is warm now): free it here
             dataset = None
@@ -318,7 +323,10 @@ def run_training(cfg: TrainConfig, echo: Callable[[str], None] = print) -> dict[
         # unless Ray Data streams the images (its decode tasks need one).
         own_ray = False if cfg.local_mode and cfg.data_loader == "memory" else init_ray(cfg.address, ray_train=True)
         try:
-            return _fit(cfg, out, storage, name, started, echo, dataset)
+            return _fit(cfg, out, storage, name, started, echo, dataset, tracking)
+        except BaseException as e:
+            end_training_run(tracking, e)
+            raise
         finally:
             if own_ray:  # now rather than at exit: ~1 s sooner, and the CPUs are free for the report
                 import ray
@@ -330,7 +338,7 @@ def run_training(cfg: TrainConfig, echo: Callable[[str], None] = print) -> dict[
 
 def _fit(
     cfg: TrainConfig, out: Path, storage: str, name: str, started: float, echo: Callable[[str], None],
-    dataset: Any = None,
+    dataset: Any = None, tracking: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The training (in this process in local mode, else trainer.fit() on a running Ray),
     the test accuracy of the best checkpoint, result.json. `dataset`: the pre-flight's."""
@@ -340,9 +348,9 @@ def _fit(
              else f"{cfg.workers_text} Ray Train worker(s) with {device} each")
     echo(f"[cnnray] training {cfg.model} on {cfg.dataset}: {cfg.epochs} epochs, {where}, global batch {cfg.batch_size}")
     if cfg.local_mode:
-        result = _fit_local(cfg, dataset)
+        result = _fit_local(cfg, dataset, tracking)
     else:
-        trainer = make_trainer(cfg, name=name, storage_path=storage)
+        trainer = make_trainer(cfg, name=name, storage_path=storage, tracking=tracking)
         try:
             result = trainer.fit()
         except Exception as e:  # Ray wraps the worker's exception; show its root cause
@@ -389,6 +397,9 @@ def _fit(
         "config": cfg.to_dict(),
     }
     atomic_write_json(summary, out / RESULT_FILE)
+    from cnnray.tracking.train import finish_training_run
+
+    finish_training_run(tracking, summary, out, echo)
     echo(
         f"[cnnray] done: test_accuracy {summary['test_accuracy']:.4f}  best_val_accuracy "
         f"{summary['best_val_accuracy']:.4f} (epoch {summary['best_epoch']})  train {summary['train_seconds']:.1f}s  "
@@ -410,7 +421,7 @@ class _FolderCheckpoint:
         yield self.path
 
 
-def _fit_local(cfg: TrainConfig, dataset: Any) -> Any:
+def _fit_local(cfg: TrainConfig, dataset: Any, tracking: dict[str, Any] | None = None) -> Any:
     """Local mode: the loop in this process (no Ray imported), then what Ray Train's
     Result gives on workers (error, return_value, best_checkpoints, checkpoint, metrics,
     path), from the checkpoints the run kept in its run folder. An exception in the loop
@@ -427,7 +438,7 @@ def _fit_local(cfg: TrainConfig, dataset: Any) -> Any:
         info, datasets = stream_datasets(cfg)
     session = LocalSession(cfg, datasets)
     try:
-        value = run_worker(cfg, session, dataset=dataset, stream_info=info)
+        value = run_worker(cfg, session, dataset=dataset, stream_info=info, tracking=tracking)
     except Exception as e:
         raise TrainingError(f"training failed: {_root_cause(e)}") from e
     kept = session.checkpoints

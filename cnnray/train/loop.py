@@ -272,18 +272,22 @@ def train_loop_per_worker(config: dict[str, Any]) -> str | None:
     in the same epoch; rank 0's value reaches the driver as the Result's `return_value`).
     A divergence is returned, not raised: Ray Train would retry an error from the last
     checkpoint, and the same run would diverge again."""
+    from cnnray.tracking.train import split_tracking
     from cnnray.train.session import RaySession
     from cnnray.train.worker_data import from_loop_config
 
+    config, tracking = split_tracking(config)  # the MLflow run rank 0 logs to, or None
     cfg, stream_info = from_loop_config(config)  # stream_info: the driver's scan (ray-data)
-    return run_worker(cfg, RaySession(), stream_info=stream_info)
+    return run_worker(cfg, RaySession(), stream_info=stream_info, tracking=tracking)
 
 
-def run_worker(cfg: TrainConfig, session: Any, dataset: Any = None, stream_info: Any = None) -> str | None:
+def run_worker(cfg: TrainConfig, session: Any, dataset: Any = None, stream_info: Any = None,
+               tracking: dict[str, Any] | None = None) -> str | None:
     """The loop of one rank under `session` (a `cnnray.train.session` LocalSession or
     RaySession); `dataset` is the loaded `cnnray.data.Dataset` when the caller has it
     already (local mode: the driver's pre-flight loaded it), else it is loaded here;
-    `stream_info` the driver's scan of a ray-data run (`worker_data.StreamInfo`).
+    `stream_info` the driver's scan of a ray-data run (`worker_data.StreamInfo`);
+    `tracking` the MLflow run rank 0 logs each epoch to (cnnray.tracking.train), or None.
     Returns what train_loop_per_worker returns."""
     from cnnray.models import build_model, resolve_model_args
     from cnnray.train.allocator import keep_freed_memory
@@ -292,6 +296,9 @@ def run_worker(cfg: TrainConfig, session: Any, dataset: Any = None, stream_info:
 
     keep_freed_memory()  # every step's activations from reused memory, not fresh pages
     rank, world = session.rank, session.world_size
+    from cnnray.tracking.train import WorkerTracker
+
+    tracker = WorkerTracker(tracking, rank)  # rank 0 only: one MLflow run whatever the workers
     if cfg.elastic:  # this attempt's size: the same global batch, split over `world` ranks
         cfg = cfg.replace(workers=world)
     device = session.device()
@@ -398,6 +405,7 @@ def run_worker(cfg: TrainConfig, session: Any, dataset: Any = None, stream_info:
             metrics.update(test_accuracy=test.accuracy, test_loss=test.loss, test_samples=test.count,
                            test_epoch=best_epoch)
         history.append(metrics)
+        tracker.log_epoch(metrics)
         # Every rank reports (report is a barrier); only rank 0 writes the checkpoint.
         if rank == 0:
             with tempfile.TemporaryDirectory(prefix="cnnray-ckpt-") as tmp:

@@ -63,7 +63,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-PLUGINS = ("cnnray.tune.cli", "cnnray.serve.cli", "cnnray.report.cli")
+PLUGINS = ("cnnray.tune.cli", "cnnray.serve.cli", "cnnray.report.cli", "cnnray.tracking.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:

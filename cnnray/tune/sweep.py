@@ -56,6 +56,7 @@ class SweepConfig:
     model_store: str | None = None  # None: <out>/models
     name: str | None = None  # exported model name; None: <model>-<dataset>
     resume: bool = False  # continue the sweep stored in <out> (Tuner.restore)
+    register: str | None = None  # MLflow registered model that gets the winner (cnnray.tracking)
 
     def __post_init__(self) -> None:
         from cnnray.paths import PathError, resolve_path
@@ -83,6 +84,8 @@ class SweepConfig:
         if not self.space:
             raise ConfigError("the search space is empty")
         check_name(self.model_name)
+        if self.register is not None:
+            check_name(self.register)
         check_space(self.space, self.train)  # every trial's config and model, before any starts
 
     @property
@@ -106,6 +109,7 @@ class SweepConfig:
             "out": self.out,
             "model_store": self.model_store,
             "name": self.name,
+            "register": self.register,
         }
 
     @classmethod
@@ -246,6 +250,9 @@ def _run_sweep(sweep: SweepConfig, echo: Callable[[str], None]) -> dict[str, Any
     sweep, out, restore = _prepare(sweep, echo)
     cfg = sweep.train
     preflight(cfg)  # decode the data once here, and fail fast on unreadable data
+    from cnnray.tracking.sweep import finish_sweep_run, start_sweep_run, sweep_callbacks
+
+    tracking = start_sweep_run(sweep, out, echo)  # an unreachable tracker: exit 2 before Ray starts
     init_ray(cfg.address, ray_train=True)
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", EXPERIMENT_SAVE_PERIOD_S)
     limit = concurrency(cfg, sweep.max_concurrent)
@@ -284,7 +291,7 @@ def _run_sweep(sweep: SweepConfig, echo: Callable[[str], None]) -> dict[str, Any
                 # Train retries failed workers inside a trial; a trial that still fails is
                 # reported, not rerun from scratch.
                 failure_config=tune.FailureConfig(max_failures=0),
-                callbacks=[_trial_progress(sweep, echo)],
+                callbacks=[_trial_progress(sweep, echo), *sweep_callbacks(tracking, sweep)],
                 verbose=0,  # our progress lines and summary table replace Tune's tables
             ),
         )
@@ -295,4 +302,6 @@ def _run_sweep(sweep: SweepConfig, echo: Callable[[str], None]) -> dict[str, Any
         f"scheduler {sweep.scheduler}"
     )
     tuner.fit()
-    return finish_sweep(sweep, out, seconds=time.perf_counter() - started, echo=echo)
+    best = finish_sweep(sweep, out, seconds=time.perf_counter() - started, echo=echo)
+    finish_sweep_run(tracking, sweep, out, best, echo)
+    return best

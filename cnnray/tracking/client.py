@@ -24,8 +24,8 @@ LOCAL_ARTIFACTS = "mlartifacts"
 # while training: a request that does not answer in REQUEST_TIMEOUT_S seconds is retried
 # RETRIES times, then tracking is given up for the run (MLflow's defaults: 120 s and 7
 # retries with exponential back-off, minutes of a stalled epoch for a tracker that is gone).
-CHECK_TIMEOUT_S = 5
-REQUEST_TIMEOUT_S = 10
+CHECK_TIMEOUT_S = 15
+REQUEST_TIMEOUT_S = 20
 RETRIES = 1
 
 

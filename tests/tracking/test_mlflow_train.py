@@ -114,6 +114,10 @@ class Proxy:
                     pass
 
     def cut(self) -> None:
+        try:  # on Linux only shutdown wakes the blocked accept(); close alone leaves it accepting
+            self.listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         self.listener.close()
         for s in self.conns:
             try:

@@ -19,7 +19,7 @@ SMALL = ["--subset", "300", "--model", "lenet5", "--schedule", "constant"]
 MODEL = "digits"
 
 
-def run_cnnray(args, data_cache, timeout=600, env=None):
+def run_cnnray(args, data_cache, timeout=1500, env=None):
     old = {k: os.environ.get(k) for k in (env or {})}
     os.environ.update(env or {})
     try:
@@ -51,12 +51,11 @@ def test_sweep_is_a_parent_with_a_child_per_trial(sweep, mlflow_client):
     assert len(parents) == 1 and len(children) == 3, [(r.info.run_name, r.data.tags) for r in runs]
     assert parents[0].info.status == "FINISHED" and "best_val_accuracy" in parents[0].data.metrics
     assert {"best.json", "trials.csv", "checkpoint"} <= {a.path for a in mlflow_client.list_artifacts(parent_id)}
-    trials = {json.loads(line)["trial_id"] for line in []} or None  # noqa: F841 (trial ids come from the tags)
     for child in children:
         reason = child.data.tags["stop_reason"]
         assert reason in ("finished", "stopped early"), reason
         steps = [m.step for m in mlflow_client.get_metric_history(child.info.run_id, "val_accuracy")]
-        assert steps == ([1, 2] if reason == "finished" else steps[:1] and [1]), (reason, steps)
+        assert steps == ([1, 2] if reason == "finished" else [1]), (reason, steps)  # ASHA's only rung: epoch 1
         assert "lr" in child.data.params  # the swept values
     assert len({c.data.tags["trial_id"] for c in children}) == 3
 
@@ -64,7 +63,7 @@ def test_sweep_is_a_parent_with_a_child_per_trial(sweep, mlflow_client):
 def test_registering_a_worse_model_leaves_the_champion(sweep, mlflow_server, mlflow_client, mnist_dir, data_cache, tmp_path):
     out, log = sweep
     first = mlflow_client.get_model_version_by_alias(MODEL, "champion")
-    assert first.version == "1" and "champion moved" in log or "no champion yet" in log, log
+    assert first.version == "1" and "no champion yet" in log, log
     assert float(first.tags["val_accuracy"]) == json.loads((out / "best.json").read_text())["val_accuracy"]
     assert first.tags["dataset"] == "mnist"
 
@@ -127,7 +126,7 @@ def test_serve_follows_the_champion_alias(sweep, mlflow_server, mlflow_client, d
         mlflow_client.set_registered_model_alias(MODEL, "champion", "1")
 
 
-@pytest.mark.parametrize("store", [f"models:/no-such-model@champion", f"models:/{MODEL}@no-such-alias"])
+@pytest.mark.parametrize("store", ["models:/no-such-model@champion", f"models:/{MODEL}@no-such-alias"])
 def test_unknown_registry_model_or_alias_exits_2(sweep, mlflow_server, data_cache, tmp_path, store):
     code, log = run_cnnray(["serve", "--model-store", store, "--port", str(free_port())], data_cache, timeout=120,
                            env={"MLFLOW_TRACKING_URI": mlflow_server, "XDG_CACHE_HOME": str(tmp_path)})

@@ -94,3 +94,24 @@ def test_registry_uris():
     assert parse_registry_uri("models:/digits/3").version == 3
     assert follows_alias("models:/digits@champion") and not follows_alias("models:/digits/3")
     assert not follows_alias("/srv/store")
+
+
+def test_register_refuses_a_folder_without_a_finished_run(tmp_path, capsys):
+    from cnnray.cli import main
+
+    assert main(["register", str(tmp_path), "--name", "digits"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not a finished `cnnray train` run" in err[0]
+
+
+def test_register_with_an_unreachable_registry_exits_2(tmp_path, capsys):
+    import json
+
+    from cnnray.cli import main
+    from tests.conftest import free_port
+
+    pytest.importorskip("mlflow")
+    (tmp_path / "result.json").write_text(json.dumps({"checkpoint": str(tmp_path), "best_val_accuracy": 0.5}))
+    code = main(["register", str(tmp_path), "--name", "digits", "--tracking-uri", f"http://127.0.0.1:{free_port()}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("cnnray: error: MLflow tracking URI"), err

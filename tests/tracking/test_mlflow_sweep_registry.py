@@ -16,7 +16,8 @@ from tests.tracking.conftest import runs_of
 
 pytestmark = pytest.mark.slow
 SMALL = ["--subset", "300", "--model", "lenet5", "--schedule", "constant"]
-MODEL = "digits"
+MODEL = "digits"  # registered by hand (cnnray register); the sweep registers SWEEP_MODEL
+SWEEP_MODEL = "digits-sweep"
 
 
 def run_cnnray(args, data_cache, timeout=1500, env=None):
@@ -33,40 +34,33 @@ def run_cnnray(args, data_cache, timeout=1500, env=None):
 
 @pytest.fixture(scope="module")
 def sweep(mlflow_server, mnist_dir, data_cache, tmp_path_factory):
-    """One 3-trial sweep, tracked, its winner registered as MODEL version 1. No ASHA: on the
+    """One 3-trial sweep, tracked, its winner registered as SWEEP_MODEL version 1. No ASHA: on the
     loaded CI machine a trial left running beside one that ASHA stopped hung in Tune for
     over 10 minutes (twice); the "stopped early" reason is checked by test_stop_reasons."""
     out = tmp_path_factory.mktemp("sweep") / "s"
     code, log = run_cnnray(["tune", "--data-dir", str(mnist_dir), *SMALL, "--epochs", "2", "--samples", "3", "--scheduler", "none",
                             "--out", str(out), "--tracking", "mlflow", "--tracking-uri", mlflow_server,
-                            "--experiment", "sweep", "--register", MODEL], data_cache)
+                            "--experiment", "sweep", "--register", SWEEP_MODEL], data_cache)
     assert code == 0, log
     return out, log
 
 
-def test_sweep_is_a_parent_with_a_child_per_trial(sweep, mlflow_client):
-    out, log = sweep
-    runs = runs_of(mlflow_client, "sweep")
-    parent_id = json.loads((out / "mlflow.json").read_text())["run_id"]
-    parents = [r for r in runs if r.info.run_id == parent_id]
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent_id]
-    assert len(parents) == 1 and len(children) == 3, [(r.info.run_name, r.data.tags) for r in runs]
-    assert parents[0].info.status == "FINISHED" and "best_val_accuracy" in parents[0].data.metrics
-    assert {"best.json", "trials.csv", "checkpoint"} <= {a.path for a in mlflow_client.list_artifacts(parent_id)}
-    for child in children:
-        reason = child.data.tags["stop_reason"]
-        assert reason == "finished", reason
-        assert [m.step for m in mlflow_client.get_metric_history(child.info.run_id, "val_accuracy")] == [1, 2]
-        assert "lr" in child.data.params  # the swept values
-    assert len({c.data.tags["trial_id"] for c in children}) == 3
+@pytest.fixture(scope="module")
+def registered(mlflow_server, mnist_dir, data_cache, tmp_path_factory):
+    """A trained run registered by `cnnray register` as MODEL version 1 (the champion)."""
+    run = tmp_path_factory.mktemp("good") / "good"
+    code, log = run_cnnray(["train", "--data-dir", str(mnist_dir), *SMALL, "--lr", "0.05", "--epochs", "2",
+                            "--out", str(run), "--no-report"], data_cache)
+    assert code == 0, log
+    code, log = run_cnnray(["register", str(run), "--name", MODEL, "--tracking-uri", mlflow_server], data_cache)
+    assert code == 0 and f"registered {MODEL} version 1" in log and "no champion yet" in log, log
+    return run
 
 
-def test_registering_a_worse_model_leaves_the_champion(sweep, mlflow_server, mlflow_client, mnist_dir, data_cache, tmp_path):
-    out, log = sweep
+def test_registering_a_worse_model_leaves_the_champion(registered, mlflow_server, mlflow_client, mnist_dir, data_cache, tmp_path):
     first = mlflow_client.get_model_version_by_alias(MODEL, "champion")
-    assert first.version == "1" and "no champion yet" in log, log
-    assert float(first.tags["val_accuracy"]) == json.loads((out / "best.json").read_text())["val_accuracy"]
-    assert first.tags["dataset"] == "mnist"
+    assert first.version == "1" and first.tags["dataset"] == "mnist"
+    assert float(first.tags["val_accuracy"]) == json.loads((registered / "result.json").read_text())["best_val_accuracy"]
 
     # A worse model: a learning rate too small to learn anything in two epochs.
     run = tmp_path / "worse"
@@ -87,7 +81,7 @@ def served_version(url):
     return requests.get(f"{url}/v1/models/{MODEL}", timeout=10).json()["version"]
 
 
-def test_serve_follows_the_champion_alias(sweep, mlflow_server, mlflow_client, data_cache, tmp_path):
+def test_serve_follows_the_champion_alias(registered, mlflow_server, mlflow_client, data_cache, tmp_path):
     import numpy as np
     import requests
     from PIL import Image
@@ -128,8 +122,29 @@ def test_serve_follows_the_champion_alias(sweep, mlflow_server, mlflow_client, d
 
 
 @pytest.mark.parametrize("store", ["models:/no-such-model@champion", f"models:/{MODEL}@no-such-alias"])
-def test_unknown_registry_model_or_alias_exits_2(sweep, mlflow_server, data_cache, tmp_path, store):
+def test_unknown_registry_model_or_alias_exits_2(registered, mlflow_server, data_cache, tmp_path, store):
     code, log = run_cnnray(["serve", "--model-store", store, "--port", str(free_port())], data_cache, timeout=120,
                            env={"MLFLOW_TRACKING_URI": mlflow_server, "XDG_CACHE_HOME": str(tmp_path)})
     lines = [line for line in log.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1 and lines[0].startswith("cnnray: error: model registry at"), log
+
+
+def test_sweep_is_a_parent_with_a_child_per_trial(sweep, mlflow_client):
+    out, log = sweep
+    runs = runs_of(mlflow_client, "sweep")
+    parent_id = json.loads((out / "mlflow.json").read_text())["run_id"]
+    parents = [r for r in runs if r.info.run_id == parent_id]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent_id]
+    assert len(parents) == 1 and len(children) == 3, [(r.info.run_name, r.data.tags) for r in runs]
+    assert parents[0].info.status == "FINISHED" and "best_val_accuracy" in parents[0].data.metrics
+    assert {"best.json", "trials.csv", "checkpoint"} <= {a.path for a in mlflow_client.list_artifacts(parent_id)}
+    for child in children:
+        reason = child.data.tags["stop_reason"]
+        assert reason == "finished", reason
+        assert [m.step for m in mlflow_client.get_metric_history(child.info.run_id, "val_accuracy")] == [1, 2]
+        assert "lr" in child.data.params  # the swept values
+    assert len({c.data.tags["trial_id"] for c in children}) == 3
+    first = mlflow_client.get_model_version_by_alias(SWEEP_MODEL, "champion")
+    assert first.version == "1" and "no champion yet" in log, log
+    assert float(first.tags["val_accuracy"]) == json.loads((out / "best.json").read_text())["val_accuracy"]
+    assert first.tags["dataset"] == "mnist" and "swept.lr" in first.tags

@@ -13,7 +13,7 @@ def machine_info() -> dict[str, Any]:
     import ray
     import torch
 
-    from cnnray.train.loop import native_bf16
+    from cnnray.train.device import native_bf16
 
     cpu = platform.processor()
     try:

@@ -7,8 +7,9 @@ Both servers run the same model with the same routes and preprocessing (cnnray/s
 one after the other on loopback: the plain one is a single uvicorn process without Ray and
 without batching (one forward pass per request); `cnnray serve` is the real command in a
 subprocess, with its defaults (fast ingress, `--replicas auto`) unless --ingress/--replicas
-say otherwise. On each server, for each route (`--api both`: raw PNG bodies to
-POST /predictions/{name}, then one base64 PNG per JSON body to POST /v1/models/{name}:predict),
+say otherwise. On each server, for each route (raw PNG bodies to
+POST /predictions/{name}, then one base64 PNG per JSON body to POST /v1/models/{name}:predict,
+then one PNG per OIP v2 infer in the binary tensor data extension, `--api all`),
 `--warmup` untimed requests, then N requests of real MNIST test images from C concurrent
 clients. The table gives requests/s, p50 and p99 latency (client side), errors and the
 accuracy of the answers, the CPU time of all the server's processes per request (steadier
@@ -22,6 +23,7 @@ import argparse
 import asyncio
 import base64
 import io
+import itertools
 import json
 import math
 import os
@@ -43,7 +45,7 @@ REPO = Path(__file__).resolve().parents[1]
 @dataclass
 class LoadResult:
     server: str
-    api: str  # "torchserve" (raw PNG, POST /predictions/{name}) or "kserve" (JSON, :predict)
+    api: str  # "torchserve" (raw PNG, POST /predictions/{name}), "kserve" (JSON, :predict) or "oip" (OIP v2 binary)
     requests: int
     concurrency: int
     seconds: float
@@ -57,6 +59,7 @@ class LoadResult:
     # started: for cnnray serve, Ray's daemons, HAProxy and the replicas) per request, in
     # ms; steadier than requests/s when other jobs share the machine. None off Linux.
     server_cpu_ms_per_request: float | None = None
+    runtime: str = "torch"  # what ran the forward passes (cnnray serve --runtime)
     predictions: list[int] = field(default_factory=list, repr=False)  # class index per request, -1 on error
 
 
@@ -78,6 +81,24 @@ def mnist_test_pngs(data_dir: str | None, count: int) -> tuple[list[bytes], list
 
 
 # --- load generator ---------------------------------------------------------------------------
+# OIP v2 infer (binary tensor data extension) of one PNG, asking for the probabilities as binary data.
+OIP_HEAD = (b'{"inputs":[{"name":"images","datatype":"BYTES","shape":[1],"parameters":{"binary_data_size":%d}}],'
+            b'"outputs":[{"name":"probabilities","parameters":{"binary_data":true}}]}')
+
+
+def _prefixed(data: bytes) -> bytes:
+    return len(data).to_bytes(4, "little") + data  # a BYTES element: its length, then its bytes
+
+
+def _oip_prediction(raw: bytes, headers: Any) -> dict[str, int]:
+    """{"class_index": ...} from an OIP binary answer: the first largest probability."""
+    import numpy as np
+
+    size = int(headers["Inference-Header-Content-Length"])
+    probs = np.frombuffer(raw[size:], dtype="<f4")
+    return {"class_index": int(np.argmax(probs))}
+
+
 async def _load(url: str, model: str, pngs: list[bytes], n: int, concurrency: int, api: str,
                 timeout_s: float) -> tuple[list[float], list[int], list[str], float]:
     import aiohttp
@@ -96,6 +117,15 @@ async def _load(url: str, model: str, pngs: list[bytes], n: int, concurrency: in
                 async with session.post(f"{url}/v1/models/{model}:predict", json=body) as r:
                     data = await r.json(content_type=None)
                     ok, pred = r.status == 200, data.get("predictions", [{}])[0] if r.status == 200 else data
+            elif api == "oip":  # as tritonclient.http sends it: the binary extension, one BYTES element
+                data = _prefixed(png)
+                head = OIP_HEAD % len(data)
+                async with session.post(f"{url}/v2/models/{model}/infer", data=head + data,
+                                        headers={"Inference-Header-Content-Length": str(len(head))}) as r:
+                    raw = await r.read()
+                    ok = r.status == 200
+                    data = _oip_prediction(raw, r.headers) if ok else json.loads(raw)
+                    pred = data
             else:
                 async with session.post(f"{url}/predictions/{model}", data=png,
                                         headers={"Content-Type": "image/png"}) as r:
@@ -218,9 +248,11 @@ def stop(proc: subprocess.Popen, timeout_s: float = 90.0) -> int:
     return proc.returncode
 
 
-def start_plain(checkpoint: str, name: str, port: int, log: Any, threads: int = 1, gpu: bool = False) -> subprocess.Popen:
+def start_plain(checkpoint: str, name: str, port: int, log: Any, threads: int = 1, gpu: bool = False,
+                runtime: str = "torch") -> subprocess.Popen:
     cmd = [sys.executable, "-m", "benchmarks.serve_load", "--plain-server", "--checkpoint", checkpoint,
-           "--name", name, "--port", str(port), "--threads", str(threads), *(["--gpu"] if gpu else [])]
+           "--name", name, "--port", str(port), "--threads", str(threads), "--runtime", runtime,
+           *(["--gpu"] if gpu else [])]
     return subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
 
 
@@ -231,7 +263,7 @@ def start_cnnray(checkpoint: str, name: str, port: int, log: Any, extra: list[st
     return subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
 
 
-def serve_plain(checkpoint: str, name: str, port: int, threads: int, gpu: bool = False) -> None:
+def serve_plain(checkpoint: str, name: str, port: int, threads: int, gpu: bool = False, runtime: str = "torch") -> None:
     """The baseline: one uvicorn process, the same FastAPI routes (through FastAPI's router: no lean
     path), no Ray, no batching."""
     import torch
@@ -246,7 +278,7 @@ def serve_plain(checkpoint: str, name: str, port: int, threads: int, gpu: bool =
     from cnnray.serve.schemas import ModelRef
 
     backend = LocalBackend({name: ModelRef(path=str(Path(checkpoint).resolve()), version=1)},
-                           device="cuda" if gpu else "cpu")
+                           device="cuda" if gpu else "cpu", runtime=runtime)
     uvicorn.run(build_http_app(backend, lean=False), host="127.0.0.1", port=port, log_level="warning", access_log=False)
 
 
@@ -269,17 +301,18 @@ def batch_stats(url: str) -> dict[str, float]:
     return {"forward_passes": count, "images": total, "mean_batch_size": round(total / count, 2) if count else 0.0}
 
 
-ROUTES = {"torchserve": "PNG /predictions", "kserve": "JSON :predict"}
+ROUTES = {"torchserve": "PNG /predictions", "kserve": "JSON :predict", "oip": "OIP v2 binary"}
 
 
 def format_table(results: list[LoadResult]) -> str:
     """A Markdown table, as the README shows it."""
     width = max([len("server")] + [len(r.server) for r in results])
-    head = (f"| {'server':<{width}} | route            | requests | concurrency | requests/s | p50 ms | p99 ms "
+    head = (f"| {'server':<{width}} | runtime     | route            | requests | concurrency | requests/s "
+            "| p50 ms | p99 ms "
             "| errors | accuracy | server CPU ms/request |")
     rule = "|" + "|".join("-" * len(c) for c in head.split("|")[1:-1]) + "|"
     rows = [
-        f"| {r.server:<{width}} | {ROUTES[r.api]:<16} | {r.requests:>8} | {r.concurrency:>11} "
+        f"| {r.server:<{width}} | {r.runtime:<11} | {ROUTES[r.api]:<16} | {r.requests:>8} | {r.concurrency:>11} "
         f"| {r.requests_per_s:>10.1f} | {r.p50_ms:>6.1f} | {r.p99_ms:>6.1f} | {r.errors:>6} | {r.accuracy:>8.4f} "
         f"| {_cpu(r):>21} |"
         for r in results
@@ -292,19 +325,20 @@ def _cpu(r: LoadResult) -> str:
 
 
 def compare(results: list[LoadResult]) -> dict[str, dict[str, float]]:
-    """Per route: cnnray serve's requests/s, p99 and server CPU per request as multiples of
-    the plain server's."""
+    """Per route (and runtime, when not torch): cnnray serve's requests/s, p99 and server CPU
+    per request as multiples of the plain server's with the same runtime."""
     out = {}
-    for api in ROUTES:
-        plain = [r for r in results if r.api == api and r.server.startswith("plain")]
-        ours = [r for r in results if r.api == api and r.server.startswith("cnnray")]
+    for api, runtime in itertools.product(ROUTES, ("torch", "onnxruntime")):
+        plain = [r for r in results if r.api == api and r.runtime == runtime and r.server.startswith("plain")]
+        ours = [r for r in results if r.api == api and r.runtime == runtime and r.server.startswith("cnnray")]
+        key = api if runtime == "torch" else f"{api}/{runtime}"
         if plain and ours:
-            out[api] = {
+            out[key] = {
                 "requests_per_s_ratio": round(ours[0].requests_per_s / plain[0].requests_per_s, 2),
                 "p99_ratio": round(ours[0].p99_ms / plain[0].p99_ms, 2),
             }
             if ours[0].server_cpu_ms_per_request and plain[0].server_cpu_ms_per_request:
-                out[api]["server_cpu_ratio"] = round(
+                out[key]["server_cpu_ratio"] = round(
                     ours[0].server_cpu_ms_per_request / plain[0].server_cpu_ms_per_request, 2)
     return out
 
@@ -345,9 +379,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=2000, help="timed requests per server; default 2000")
     p.add_argument("--concurrency", type=int, default=32, help="concurrent clients; default 32")
     p.add_argument("--warmup", type=int, default=64, help="untimed requests first; default 64")
-    p.add_argument("--api", choices=("torchserve", "kserve", "both"), default="both",
+    p.add_argument("--api", choices=("torchserve", "kserve", "oip", "both", "all"), default="all",
                    help="torchserve: raw PNG bodies to /predictions/{name}; kserve: one base64 PNG per JSON "
-                        ":predict body; default both, one after the other on the same servers")
+                        ":predict body; oip: one PNG per OIP v2 infer in the binary tensor data extension (as "
+                        "tritonclient sends it); both: torchserve and kserve; default all three, one after the "
+                        "other on the same servers")
     p.add_argument("--replicas", default="auto", help="cnnray serve --replicas (a number or auto); default auto")
     p.add_argument("--ingress", choices=("fast", "proxy"), default="fast",
                    help="cnnray serve --ingress; default fast (its default)")
@@ -357,6 +393,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="torch threads per server process (the replica's CPUs); default 1")
     p.add_argument("--gpu", action="store_true", help="both servers on the GPU (cnnray serve --gpu: one per replica)")
     p.add_argument("--skip-plain", action="store_true", help="only measure cnnray serve")
+    p.add_argument("--explain-clients", type=int, default=0,
+                   help="after each predict load, run it again with this many clients POSTing :explain beside "
+                        "it (benchmarks/explain_load.py); default 0: no explain load")
+    p.add_argument("--runtime", choices=("torch", "onnxruntime", "both"), default="torch",
+                   help="what runs the forward passes (cnnray serve --runtime); both: every server once with "
+                        "each, side by side in one table; default torch")
     p.add_argument("--out", default="runs/bench/serve_load.json", help="JSON record (a run output, not committed); default %(default)s")
     p.add_argument("--log", default=None, help="the servers' output; default a file in the temp folder")
     p.add_argument("--start-timeout", type=float, default=300.0, help="seconds for a server to come up")
@@ -364,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.plain_server:
-        serve_plain(args.checkpoint, args.name, args.port, args.threads, args.gpu)
+        serve_plain(args.checkpoint, args.name, args.port, args.threads, args.gpu, args.runtime)
         return 0
     if args.requests < 1 or args.concurrency < 1:
         p.error("--requests and --concurrency must be at least 1")
@@ -378,19 +420,21 @@ def main(argv: list[str] | None = None) -> int:
     results: list[LoadResult] = []
     extras: dict[str, Any] = {}
     with open(log_path, "w") as log:
-        servers = [] if args.skip_plain else ["plain"]
-        servers.append("cnnray")
-        apis = ["torchserve", "kserve"] if args.api == "both" else [args.api]
-        for kind in servers:
+        kinds = ([] if args.skip_plain else ["plain"]) + ["cnnray"]
+        runtimes = ["torch", "onnxruntime"] if args.runtime == "both" else [args.runtime]
+        servers = [(kind, runtime) for kind in kinds for runtime in runtimes]
+        apis = {"both": ["torchserve", "kserve"], "all": list(ROUTES)}.get(args.api, [args.api])
+        for kind, runtime in servers:
             port = free_port()
             url = f"http://127.0.0.1:{port}"
             started = time.perf_counter()
             if kind == "plain":
-                proc = start_plain(checkpoint, args.name, port, log, args.threads, args.gpu)
+                proc = start_plain(checkpoint, args.name, port, log, args.threads, args.gpu, runtime)
                 label = "plain FastAPI (1 process, no batching)"
             else:
                 flags = ["--replicas", str(args.replicas), "--ingress", args.ingress,
-                         "--cpus-per-replica", str(args.threads), *(["--gpu"] if args.gpu else [])]
+                         "--cpus-per-replica", str(args.threads), "--runtime", runtime,
+                         *(["--gpu"] if args.gpu else [])]
                 if args.max_batch_size is not None:
                     flags += ["--max-batch-size", str(args.max_batch_size)]
                 if args.batch_wait_ms is not None:
@@ -411,24 +455,40 @@ def main(argv: list[str] | None = None) -> int:
                     cpu_before = tree_cpu_s(proc.pid)
                     result = run_load(url, args.name, pngs, labels, requests=args.requests,
                                       concurrency=args.concurrency, server=label, api=api)
+                    result.runtime = runtime
                     cpu_after = tree_cpu_s(proc.pid)
                     if cpu_before is not None and cpu_after is not None:
                         result.server_cpu_ms_per_request = round((cpu_after - cpu_before) * 1000 / args.requests, 3)
                     results.append(result)
-                    print(f"[bench] {label}, {ROUTES[api]}: {result.requests_per_s} requests/s, "
+                    print(f"[bench] {label}, {runtime}, {ROUTES[api]}: {result.requests_per_s} requests/s, "
                           f"p50 {result.p50_ms} ms, p99 {result.p99_ms} ms, {result.errors} errors, "
                           f"server CPU {result.server_cpu_ms_per_request} ms per request", flush=True)
-                extras[kind] = {**info, **batch_stats(url)}
+                    if args.explain_clients > 0:
+                        from benchmarks.explain_load import run_load_beside_explain
+
+                        cpu_before = tree_cpu_s(proc.pid)
+                        beside, stats = run_load_beside_explain(
+                            url, args.name, pngs, labels, requests=args.requests, concurrency=args.concurrency,
+                            server=label, api=api, clients=args.explain_clients)
+                        cpu_after = tree_cpu_s(proc.pid)
+                        if cpu_before is not None and cpu_after is not None:  # explanations' CPU included
+                            beside.server_cpu_ms_per_request = round((cpu_after - cpu_before) * 1000 / args.requests, 3)
+                        results.append(beside)
+                        extras.setdefault(f"{kind}/{runtime} explain beside {api}", stats)
+                        print(f"[bench] {beside.server}, {ROUTES[api]}: {beside.requests_per_s} requests/s, "
+                              f"p50 {beside.p50_ms} ms, p99 {beside.p99_ms} ms, {beside.errors} errors; "
+                              f"explain: {stats['explains_per_s']}/s, statuses {stats['statuses']}", flush=True)
+                extras[f"{kind}/{runtime}"] = {**extras.get(f"{kind}/{runtime}", {}), **info, **batch_stats(url)}
             finally:
                 code = stop(proc)
-                extras.setdefault(kind, {})["exit_code"] = code
+                extras.setdefault(f"{kind}/{runtime}", {})["exit_code"] = code
 
     print()
     print(format_table(results))
     comparison = compare(results)
     for api, c in comparison.items():
         cpu = f", {c['server_cpu_ratio']}x its CPU per request" if "server_cpu_ratio" in c else ""
-        print(f"[bench] {ROUTES[api]}: cnnray serve does {c['requests_per_s_ratio']}x the plain server's "
+        print(f"[bench] {api}: cnnray serve does {c['requests_per_s_ratio']}x the plain server's "
               f"requests/s at {c['p99_ratio']}x its p99{cpu}")
     record = {
         "benchmark": "serve_load",

@@ -337,7 +337,7 @@ def throughput(a: argparse.Namespace) -> dict[str, Any]:
     worker, plain, plain on a Ray Train worker) per precision, medians reported."""
     from statistics import median
 
-    from cnnray.train.loop import native_bf16
+    from cnnray.train.device import native_bf16
 
     threads = a.threads or (os.cpu_count() or 1)
     bf16 = native_bf16(torch.device("cpu"))

@@ -1,4 +1,5 @@
-"""Numeric ranges shared by the typed config and every command-line flag.
+"""Value types shared by the typed config and every command-line flag: numeric ranges, and
+the coercion of a config value to its field's type.
 
 A `Range` is the one statement of what values a number may take: `TrainConfig` checks its
 fields with it (YAML files and dicts) and argparse uses `Range.argtype(...)` as the `type=`
@@ -13,7 +14,11 @@ from __future__ import annotations
 import argparse
 import math
 from dataclasses import dataclass
-from typing import Callable
+import types
+import typing
+from typing import Any, Callable
+
+from cnnray.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -78,3 +83,46 @@ POSITIVE_INT = Range(1)  # counts: replicas, samples, ...
 NON_NEGATIVE = Range(0)  # durations that may be 0 (off)
 POSITIVE = Range(0, lo_open=True)  # sizes and timeouts
 TCP_PORT = Range(1, 65535)
+
+
+def coerce(key: str, value: Any, hint: Any) -> Any:
+    """A config value (YAML, JSON, a dict) checked against its field's type annotation `hint`,
+    converting only lossless cases; ConfigError naming `key` otherwise."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return coerce(key, value, inner[0])
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be true or false, not {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key} must be an integer, not {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = float(value)
+            if value != value or value in (float("inf"), float("-inf")):
+                raise ConfigError(f"{key} must be a finite number, not {value!r}")
+            return value
+        if isinstance(value, str):
+            try:  # YAML 1.1 reads "1e-3" as a string
+                return coerce(key, float(value), float)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key} must be a number, not {value!r}")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key} must be a string, not {value!r}")
+    if origin is tuple:
+        if isinstance(value, (list, tuple)):
+            return tuple(coerce(key, v, args[0]) for v in value)
+        raise ConfigError(f"{key} must be a list, not {value!r}")
+    raise TypeError(f"no coercion for {key}: {hint}")  # a programming error, not user input

@@ -17,23 +17,23 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import tempfile
+from contextlib import ExitStack
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any
 
 import torch
+
+from cnnray.errors import CheckpointError, first_line
+# Re-exported: the store and the tests read these from here as well.
+from cnnray.files import atomic_write, atomic_write_bytes, atomic_write_json, dir_mode, file_mode  # noqa: F401
 
 FORMAT = "cnnray-checkpoint"
 FORMAT_VERSION = 1
 MODEL_FILE = "model.pt"
 STATE_FILE = "train_state.pt"
 META_FILE = "meta.json"
-
-
-class CheckpointError(Exception):
-    """A checkpoint is missing, incomplete, corrupt or of an unknown format."""
 
 
 def save_checkpoint(
@@ -175,7 +175,7 @@ def load_model(directory: str | Path, map_location: str | torch.device = "cpu") 
         with torch.device("meta"):
             skeleton = build_model(name, **args)
     except Exception as e:  # unknown name or argument, or values the constructor refuses
-        raise CheckpointError(f"checkpoint {d}: cannot rebuild the model: {_first_line(e)}") from None
+        raise CheckpointError(f"checkpoint {d}: cannot rebuild the model: {first_line(e, 300)}") from None
     state = _safe_torch_load(d / MODEL_FILE, map_location)
     mismatch = _shape_mismatch(skeleton.state_dict(), state)
     if mismatch:
@@ -184,7 +184,7 @@ def load_model(directory: str | Path, map_location: str | torch.device = "cpu") 
         model = build_model(name, **args)  # now known to be the size of the weights
         model.load_state_dict(state, strict=True)
     except Exception as e:
-        raise CheckpointError(f"checkpoint {d}: weights do not fit the model: {_first_line(e)}") from None
+        raise CheckpointError(f"checkpoint {d}: weights do not fit the model: {first_line(e, 300)}") from None
     from cnnray.models.tta import inference_layout
 
     return inference_layout(model.to(map_location), map_location).eval(), meta
@@ -202,11 +202,6 @@ def _shape_mismatch(expected: dict[str, torch.Tensor], state: Any) -> str | None
         if tuple(state[key].shape) != tuple(tensor.shape):
             return f"{key} is {list(state[key].shape)} in the weights, {list(tensor.shape)} in the model"
     return None
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0][:300] if text else type(e).__name__
 
 
 def load_train_state(directory: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -233,62 +228,9 @@ def _safe_torch_load(path: Path, map_location: str | torch.device) -> Any:
         raise CheckpointError(f"cannot load {path}: {str(e).splitlines()[0]}") from None
 
 
-def current_umask() -> int:
-    """The process's umask (Linux reads it without changing it; elsewhere set and restore)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def file_mode() -> int:
-    """The mode `open()` gives a new file: 0666 less the umask (mkstemp would give 0600)."""
-    return 0o666 & ~current_umask()
-
-
-def dir_mode() -> int:
-    """The mode `mkdir` gives a new folder: 0777 less the umask (mkdtemp would give 0700)."""
-    return 0o777 & ~current_umask()
-
-
-def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Write through a temporary file in the same folder, fsync, then rename into place:
-    readers see the old file or the new one, never a torn one. The file gets the mode a
-    plain `open()` would give it (the umask decides who may read it), not mkstemp's 0600."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, file_mode())
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _atomic_torch_save(obj: Any, path: Path) -> str:
     atomic_write(path, lambda f: torch.save(obj, f))
     return _sha256(path)
-
-
-def atomic_write_bytes(data: bytes, path: Path) -> None:
-    """`data` into `path` with `atomic_write` (the folder must exist)."""
-    atomic_write(path, lambda f: f.write(data))
-
-
-def atomic_write_json(obj: Any, path: str | Path) -> None:
-    """Write JSON so that readers see the old file or the new one, never half of one."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes((json.dumps(obj, indent=2, sort_keys=True) + "\n").encode(), p)
 
 
 def _sha256(path: Path) -> str:
@@ -303,3 +245,31 @@ def _cnnray_version() -> str:
     from cnnray import __version__
 
     return __version__
+
+
+def resolve_checkpoint(path: str, run_dir: Path, stack: ExitStack) -> Path:
+    """A local directory for the checkpoint recorded as `path`.
+
+    Tries the path itself, then its last three and two components under `run_dir` (the
+    folder was moved or copied from a cluster: `ray/<run>/epoch-N` of a run,
+    `runs/<trial>/epoch-N` of a sweep), then a `scheme://` URI copied into a temporary
+    directory that lives as long as `stack`.
+    """
+    p = Path(path).expanduser()
+    if "://" not in path and p.is_dir():
+        return p
+    parts = Path(path.split("://", 1)[-1].rstrip("/")).parts
+    for k in (3, 2):
+        moved = run_dir.joinpath(*parts[-k:])
+        if len(parts) >= k and moved.is_dir():
+            return moved
+    if "://" in path:
+        import pyarrow.fs
+
+        local = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="cnnray-report-")))
+        try:
+            pyarrow.fs.copy_files(path, str(local))
+        except Exception as e:  # pyarrow raises OSError/ArrowInvalid/... per filesystem
+            raise CheckpointError(f"cannot copy checkpoint {path}: {e}") from None
+        return local
+    raise CheckpointError(f"checkpoint {path} not found (nor at the same place under {run_dir})")

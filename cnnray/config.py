@@ -3,7 +3,8 @@
 A `TrainConfig` is built from CLI flags and/or a YAML file, travels to every Ray Train
 worker as `train_loop_config` (a plain dict, see `to_dict`) and is rebuilt there with
 `TrainConfig.from_dict`. Unknown keys and out-of-range values raise `ConfigError`, so a
-typo never silently becomes a default. Path fields (PATH_FIELDS) are made absolute at
+typo never silently becomes a default; `validate()` adds the checks against the model and
+dataset registries (they import torch, this module does not). Path fields (PATH_FIELDS) are made absolute at
 construction by `cnnray.paths.resolve_path`, so the value a worker rebuilds is the one
 the driver checked.
 """
@@ -13,13 +14,13 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
-import types
 import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
 
-from cnnray.argtypes import Range
+from cnnray.argtypes import Range, coerce
+from cnnray.errors import ConfigError
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("onecycle", "cosine", "constant", "triangle")
@@ -61,10 +62,6 @@ FIELD_RANGES: dict[str, Range] = {
     "lookahead_every": Range(0, 100_000),
     "lookahead_decay": Range(0, 1, hi_open=True),
 }
-
-
-class ConfigError(ValueError):
-    """A configuration value or key is not acceptable; the message says which and why."""
 
 
 @dataclass(frozen=True)
@@ -136,7 +133,7 @@ class TrainConfig:
     # --- run bookkeeping
     out: str = "runs/latest"  # result.json, checkpoints and Ray's run folder go here
     storage_path: str | None = None  # None: <out>/ray; a shared path or URI on clusters
-    address: str | None = None  # Ray cluster address; None: $RAY_ADDRESS or a local Ray
+    address: str | None = None  # Ray cluster address; None: $RAY_ADDRESS, else a new private local Ray
     resume: bool = False  # continue the run stored under <out> from its last checkpoint
     max_failures: int = 2  # worker failures tolerated, each resumed from the last checkpoint
     keep_checkpoints: int = 2  # best by validation accuracy (the latest is kept as well)
@@ -194,18 +191,23 @@ class TrainConfig:
                 self.hidden_sizes,
                 "must be a non-empty list of positive sizes",
             )
-        # Model, norm and dataset names are checked against the registries, imported here
-        # (not at module import) so that reading a config stays cheap.
+        # Model, norm, dataset and test-time augmentation are checked by `validate()`.
+
+    def validate(self) -> "TrainConfig":
+        """The checks against the registries (model, norm, dataset, test-time augmentation,
+        the model's own fields), ConfigError for the first that fails. They import torch,
+        so building a config leaves them to this one call, which training (run_training)
+        and Tune (SweepConfig) make before anything starts. Returns the config."""
         from cnnray.data import DATASETS
         from cnnray.models import NORMS, list_models
+        from cnnray.models.tta import TTA_MODES
 
         _check_choice("model", self.model, tuple(list_models()))
         _check_choice("norm", self.norm, NORMS)
         _check_choice("dataset", self.dataset, DATASETS)
-        from cnnray.models.tta import TTA_MODES
-
         _check_choice("tta", self.tta, TTA_MODES)
         _check_model_fields(self)
+        return self
 
     # --- conversions -------------------------------------------------------------------
     @classmethod
@@ -223,7 +225,7 @@ class TrainConfig:
             raise ConfigError(f"unknown config key {', '.join(hints)}; valid keys: {', '.join(known)}")
         data = _expand_worker_range(data)
         hints = typing.get_type_hints(cls)
-        values = {k: _coerce(k, v, hints[k]) for k, v in data.items()}
+        values = {k: coerce(k, v, hints[k]) for k, v in data.items()}
         return cls(**values)
 
     @classmethod
@@ -315,9 +317,7 @@ def _resolve_paths(cfg: TrainConfig) -> None:
 def _check_model_fields(cfg: TrainConfig) -> None:
     """A model-specific field (hidden_sizes) given for a model that does not take it would
     fail in every worker: refuse it here. Only the signature is read (no model is built)."""
-    from cnnray.models import list_models, model_extra_args
-
-    from cnnray.models import check_model_norm, get_model_spec, resolve_model_args
+    from cnnray.models import check_model_norm, get_model_spec, list_models, model_extra_args, resolve_model_args
 
     try:
         check_model_norm(cfg.model, cfg.norm)
@@ -376,45 +376,3 @@ def _nearest_multiples(n: int, k: int) -> str:
 def _check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ConfigError(f"unknown {key} {value!r}; choose one of: {', '.join(choices)}")
-
-
-def _coerce(key: str, value: Any, hint: Any) -> Any:
-    """Check `value` against the field's annotation, converting only lossless cases."""
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(key, value, inner[0])
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key} must be true or false, not {value!r}")
-    if hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ConfigError(f"{key} must be an integer, not {value!r}")
-    if hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            value = float(value)
-            if value != value or value in (float("inf"), float("-inf")):
-                raise ConfigError(f"{key} must be a finite number, not {value!r}")
-            return value
-        if isinstance(value, str):
-            try:  # YAML 1.1 reads "1e-3" as a string
-                return _coerce(key, float(value), float)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key} must be a number, not {value!r}")
-    if hint is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{key} must be a string, not {value!r}")
-    if origin is tuple:
-        if isinstance(value, (list, tuple)):
-            return tuple(_coerce(key, v, args[0]) for v in value)
-        raise ConfigError(f"{key} must be a list, not {value!r}")
-    raise TypeError(f"no coercion for {key}: {hint}")  # a programming error, not user input

@@ -1,7 +1,7 @@
 """Starting or joining Ray: the one place train, tune and serve get their Ray from.
 
     from cnnray.ray_start import init_ray
-    own = init_ray(address)      # join `address` / $RAY_ADDRESS, else start a local Ray
+    own = init_ray(address)      # join `address` / $RAY_ADDRESS, else start a private local Ray
     ...
     if own: ray.shutdown()
 
@@ -44,7 +44,7 @@ REPEATED_WARNINGS = {
         "Failed to query Ray Train Controller actor state",
     "ray._private.services": "Found multiple active Ray instances",
 }
-WORKER_SETUP_HOOK = "cnnray.ray_start.quiet_repeated_warnings"
+WORKER_SETUP_HOOK = "cnnray.ray_start.setup_worker"
 
 
 class _OncePerProcess(logging.Filter):
@@ -72,6 +72,23 @@ def quiet_repeated_warnings() -> None:
             logger.addFilter(_OncePerProcess(prefix))
 
 
+def setup_worker() -> None:
+    """Ray's worker_process_setup_hook for cnnray's Ray Train jobs: the repeated warnings
+    once (REPEATED_WARNINGS), and this worker's own cluster as $RAY_ADDRESS. Ray's state
+    API (Ray Train's placement-group cleaner asks it every second whether the run's
+    controller lives) finds its cluster from $RAY_ADDRESS, else from the temp dir's
+    `ray_current_cluster` (a `ray start` head: maybe someone else's Ray), else fails when
+    several Rays run on the machine: it must ask the Ray it runs in."""
+    import ray
+
+    quiet_repeated_warnings()
+    try:
+        own = ray.get_runtime_context().gcs_address
+    except Exception:  # noqa: BLE001 (a failing hook would end the worker: leave the variable unset)
+        return
+    os.environ.setdefault("RAY_ADDRESS", own)
+
+
 def joining_cluster(address: str | None = None) -> bool:
     """Whether init_ray(address) joins an existing cluster (`address` or $RAY_ADDRESS)
     rather than starting a Ray on this machine."""
@@ -94,7 +111,7 @@ def local_cpu_count() -> int:
 
 def init_ray(address: str | None = None, ray_train: bool = False) -> bool:
     """Join `address` (or $RAY_ADDRESS) if given, else start a private local single-node
-    Ray. Returns True when this call started the Ray (the caller shuts it down when done),
+    Ray, even when another Ray (`ray start`) runs on this machine. Returns True when this call started the Ray (the caller shuts it down when done),
     False when Ray was already initialised in this process or a cluster was joined.
     `ray_train`: the job runs Ray Train (train, tune), whose repeated cleaner warning every
     worker process of the job then shows once (REPEATED_WARNINGS)."""
@@ -115,7 +132,10 @@ def init_ray(address: str | None = None, ray_train: bool = False) -> bool:
     # The dashboard (if installed) listens on loopback only. Ray may create the auth token
     # here, readable by every local user: keep it (and its folder) to this user.
     secure_auth_token()
-    ray.init(dashboard_host="127.0.0.1", log_to_driver=True, runtime_env=runtime_env,
+    # address="local": always a new Ray of our own. With no address, ray.init() would join
+    # the newest `ray start` head recorded in <temp dir>/ray/ray_current_cluster (another
+    # user's, or an earlier experiment's): a cluster is joined only on purpose (--address).
+    ray.init(address="local", dashboard_host="127.0.0.1", log_to_driver=True, runtime_env=runtime_env,
              _system_config=dict(LOCAL_SYSTEM_CONFIG))
     secure_auth_token()
     return True

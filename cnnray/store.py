@@ -25,23 +25,13 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cnnray.checkpoint import (
-    META_FILE,
-    STATE_FILE,
-    CheckpointError,
-    atomic_write_json,
-    dir_mode,
-    file_mode,
-    verify_checkpoint,
-)
+from cnnray.checkpoint import META_FILE, STATE_FILE, verify_checkpoint
+from cnnray.errors import CheckpointError, StoreError
+from cnnray.files import atomic_write_json, dir_mode, file_mode
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _VERSION = re.compile(r"^[1-9][0-9]{0,8}$", re.ASCII)  # 1 .. 999,999,999: ASCII digits only
 _EXPORT_TRIES = 100  # version numbers tried when other exporters keep taking the next one
-
-
-class StoreError(ValueError):
-    """A model store, model name or version that cannot be used."""
 
 
 @dataclass
@@ -109,28 +99,6 @@ def _versions_in(model_dir: Path, label: str, problems: list[str]) -> list[int]:
         else:
             found.append(version)
     return sorted(found)
-
-
-def versions(store: str | Path, name: str) -> list[int]:
-    """The version numbers of model `name` (ascending; [] if it has none)."""
-    d = Path(store) / check_name(name)
-    return _versions_in(d, f"{name}/", []) if d.is_dir() else []
-
-
-def list_models(store: str | Path) -> dict[str, list[int]]:
-    """{name: [versions]} of every model with at least one version."""
-    return scan(store).models
-
-
-def version_path(store: str | Path, name: str, version: int | None = None) -> Path:
-    """The folder of `version` (default: the newest) of model `name`."""
-    have = versions(store, name)
-    if not have:
-        raise StoreError(f"model {name!r} has no version in store {store}")
-    v = have[-1] if version is None else version
-    if v not in have:
-        raise StoreError(f"model {name!r} has no version {v} in store {store} (has {have})")
-    return Path(store) / name / str(v)
 
 
 def export(checkpoint_dir: str | Path, store: str | Path, name: str) -> Path:

@@ -59,7 +59,7 @@ def test_loaded_model_evaluates_as_the_training_loop_does(tmp_path, name):
     """A rebuilt checkpoint runs in the inference layout (channels-last 4-D weights on the
     CPU), and the loop's own test evaluation of the trained net (evaluate_weights) gives
     the served/report model's logits exactly, for every model, with and without TTA."""
-    from cnnray.train.loop import evaluate, evaluate_weights
+    from cnnray.train.epoch import evaluate, evaluate_weights
 
     d, model = _save(tmp_path, name, norm="batch" if name != "mlp" else "none")
     loaded, meta = load_model(d)

@@ -48,8 +48,10 @@ def test_unknown_key_is_rejected_with_a_suggestion():
     ],
 )
 def test_bad_values_raise_clear_errors(changes, message):
+    """Building the config, or its validate() (the checks against the registries, which
+    training and Tune call before anything starts)."""
     with pytest.raises(ConfigError, match=message):
-        TrainConfig.from_dict(changes)
+        TrainConfig.from_dict(changes).validate()
 
 
 def test_yaml_file_and_overrides(tmp_path):

@@ -32,7 +32,7 @@ from cnnray.data.base import (
 from cnnray.data.cifar import load_cifar10
 from cnnray.data.idx import load_idx_dataset
 from cnnray.data.imagefolder import load_imagefolder
-from cnnray.data.loader import AUGMENTS, ShardedBatches, normalize
+from cnnray.data.loader import AUGMENTS, ShardedBatches, eval_batch_size, normalize, test_batches
 
 __all__ = [
     "AUGMENTS",
@@ -42,10 +42,12 @@ __all__ = [
     "ShardedBatches",
     "default_cache_dir",
     "default_data_dir",
+    "eval_batch_size",
     "load_dataset",
     "normalize",
     "split_train_val",
     "take_subset",
+    "test_batches",
 ]
 
 

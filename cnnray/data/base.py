@@ -14,16 +14,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cnnray.errors import DataError  # noqa: F401  (cnnray.data.DataError)
+
 # Every name `load_dataset` accepts, in the order the CLI lists them.
 DATASETS = ("mnist", "fashion_mnist", "cifar10", "imagefolder")
-
-
-class DataError(Exception):
-    """A dataset is missing, corrupt or malformed.
-
-    The message is one line that names the file and says what to do, so the CLI can print
-    it as it is instead of a traceback.
-    """
 
 
 def data_home() -> Path:

@@ -35,6 +35,8 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image, ImageOps
 
+from cnnray.errors import first_line
+
 # Bump whenever any decoded pixel changes: it is part of the decoded-dataset cache key,
 # so arrays made by an older decoder are never reused (cnnray/data/cache.py).
 DECODER_VERSION = 2
@@ -49,7 +51,7 @@ _GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I
 _SIXTEEN_BIT_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N"})
 # Any JPEG marker: 0xFF then a byte that is not a stuffed zero or a restart marker (those
 # two occur inside entropy-coded data, ITU-T T.81 B.1.1.5 / F.1.2.3).
-_JPEG_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7]")
+JPEG_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7]")
 _SOS, _EOI = 0xDA, 0xD9
 
 
@@ -106,7 +108,7 @@ def count_jpeg_scans(data: bytes, stop_after: int | None = None) -> int:
     pos, scans, n = 2, 0, len(data)  # after SOI
     while pos + 1 < n:
         if data[pos] != 0xFF:  # garbage between segments: skip to the next marker, as libjpeg does
-            m = _JPEG_MARKER.search(data, pos)
+            m = JPEG_MARKER.search(data, pos)
             if m is None:
                 break
             pos = m.start()
@@ -128,7 +130,7 @@ def count_jpeg_scans(data: bytes, stop_after: int | None = None) -> int:
             scans += 1
             if stop_after is not None and scans > stop_after:
                 break
-            m = _JPEG_MARKER.search(data, pos)
+            m = JPEG_MARKER.search(data, pos)
             if m is None:
                 break
             pos = m.start()
@@ -209,7 +211,7 @@ def decode_image(
         except DecodeError:
             raise
         except Exception as e:  # OSError (truncated), SyntaxError, ValueError, zlib.error...
-            raise DecodeError(f"cannot decode the {fmt} image: {_first_line(e)}") from None
+            raise DecodeError(f"cannot decode the {fmt} image: {first_line(e)}") from None
     want = channels or (1 if rgb_or_l.mode == "L" else 3)
     if want == 1 and rgb_or_l.mode != "L":
         rgb_or_l = rgb_or_l.convert("L")  # ITU-R 601-2 luma, Pillow's fixed-point weights
@@ -312,8 +314,3 @@ def _icc_to_srgb(img: Image.Image, icc: bytes, in_mode: str) -> Image.Image:
     if alpha is not None:
         out.putalpha(alpha)
     return out
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__

@@ -37,14 +37,6 @@ class DownloadFailed(Exception):
         self.reasons = reasons
 
 
-def md5sum(path: Path) -> str:
-    h = hashlib.md5(usedforsecurity=False)  # integrity check only; allowed on FIPS hosts
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK_BYTES):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 @contextmanager
 def dir_lock(directory: Path) -> Iterator[None]:
     """Create `directory` and hold `<directory>/.lock` (an OS lock, freed if the holder dies)."""

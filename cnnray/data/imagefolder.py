@@ -46,7 +46,8 @@ def is_archive(path: Path) -> bool:
     return path.name.lower().endswith(ARCHIVE_SUFFIXES)
 
 
-def _hidden(name: str) -> bool:
+def hidden(name: str) -> bool:
+    """Whether a file or folder name is not data (hidden files, macOS metadata)."""
     # ".DS_Store", macOS "._x.jpg" resource forks and "__MACOSX" trees are not images.
     return name.startswith(".") or name == "__MACOSX"
 
@@ -74,11 +75,11 @@ def list_dir(root: Path) -> list[ImageItem]:
         if not split_dir.is_dir():
             continue
         for cls_entry in sorted(os.scandir(split_dir), key=lambda e: e.name):
-            if not cls_entry.is_dir() or _hidden(cls_entry.name):
+            if not cls_entry.is_dir() or hidden(cls_entry.name):
                 continue
             for entry in sorted(os.scandir(cls_entry.path), key=lambda e: e.name):
                 name = entry.name
-                if _hidden(name) or os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
+                if hidden(name) or os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
                     continue
                 if entry.is_file():
                     path = Path(entry.path)
@@ -89,7 +90,7 @@ def list_dir(root: Path) -> list[ImageItem]:
 def member_parts(name: str) -> tuple[str, ...]:
     """A tar member's path parts; () for a hidden one (never an image nor a wanted file)."""
     parts = tuple(p for p in name.split("/") if p not in ("", "."))
-    return () if any(_hidden(p) for p in parts) else parts
+    return () if any(hidden(p) for p in parts) else parts
 
 
 def is_image_member(parts: tuple[str, ...]) -> bool:

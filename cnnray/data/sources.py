@@ -20,9 +20,10 @@ from typing import Any
 from cnnray.data.base import DataError, default_cache_dir, default_data_dir
 from cnnray.data.decode import DECODER_ID
 from cnnray.data.imagefolder import (
-    IMAGE_EXTENSIONS, LAYOUT, SPLITS, check_one_root, is_archive, is_image_member, member_parts, split_classes,
+    IMAGE_EXTENSIONS, LAYOUT, SPLITS, check_one_root, hidden, is_archive, is_image_member, member_parts, split_classes,
     tar_errors,
 )
+from cnnray.errors import first_line
 
 SCAN_VERSION = 1  # bump when what the cache stores changes
 
@@ -115,15 +116,11 @@ def _list_tree(fs: Any, root: str) -> tuple[list[Item], dict[str, tuple[int, int
             if e.type != pafs.FileType.File or len(rel) != 2:
                 continue
             cls, name = rel
-            if _hidden(cls) or _hidden(name) or os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
+            if hidden(cls) or hidden(name) or os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
                 continue
             items.append(Item(split, cls, e.path))
             stats[e.path] = (int(e.size or 0), int(e.mtime_ns or 0))
     return items, stats
-
-
-def _hidden(name: str) -> bool:
-    return member_parts(name) == ()
 
 
 def open_tar(fs: Any, path: str) -> tarfile.TarFile:
@@ -252,8 +249,3 @@ def cache_write(cache_dir: Path | None, key: str, value: dict[str, Any]) -> None
         os.replace(tmp, directory / key)
     except OSError:
         pass
-
-
-def first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__

@@ -1,7 +1,8 @@
 """Image folders streamed with Ray Data (`--data-loader ray-data`): never all in memory.
 
-    info = scan(cfg)                       # listing + one decode pass: classes, size, mean/std
-    datasets = build_datasets(cfg, info)   # {"train", "val"[, "test"]}: Ray Datasets of batches
+    info = scan("imagefolder", data_dir)   # listing + one decode pass: classes, size, mean/std
+    datasets = build_datasets(info, data_dir, augment="crop_flip", pad=4, subset=None, seed=0,
+                              val_fraction=0.1)  # {"train", "val", "test"}: Ray Datasets of batches
     # in each Ray Train worker: StreamBatches(ray.train.get_dataset_shard("train"), ...)
 
 Sources: an image-folder tree `<root>/{train,test}/<class>/*` or a tarball of one, on a
@@ -47,11 +48,11 @@ from cnnray.data.sources import (
     cache_write,
     file_stat,
     filesystem,
-    first_line,
     list_source,
     open_tar,
     source_uri,
 )
+from cnnray.errors import first_line
 
 # Images per decode task call: ~3 MB of decoded CIFAR, ~19 MB of 224 x 224 RGB; small enough
 # that a decode task's memory stays far below a worker's, big enough to amortise the call.
@@ -157,12 +158,12 @@ def quiet_console() -> None:
             handler.setLevel(max(handler.level, logging.WARNING))
 
 
-def scan(cfg: Any, cache_dir: Path | None = None) -> StreamInfo:
-    """Classes, image shape and train mean/std of cfg's source (TrainConfig), exactly as the
-    in-memory loader computes them; every image is decoded once (Ray Data tasks) and the
-    result cached. Needs a running Ray. DataError for any unreadable file."""
+def scan(dataset: str, data_dir: str | None, cache_dir: Path | None = None) -> StreamInfo:
+    """Classes, image shape and train mean/std of `dataset`'s source in `data_dir`, exactly
+    as the in-memory loader computes them; every image is decoded once (Ray Data tasks) and
+    the result cached. Needs a running Ray. DataError for any unreadable file."""
     quiet_console()
-    listing = list_source(source_uri(cfg.dataset, cfg.data_dir), cache_dir)
+    listing = list_source(source_uri(dataset, data_dir), cache_dir)
     fs = listing.filesystem
     sources = [file_stat(fs, listing.path)] if listing.archive else [file_stat(fs, i.name) for i in (*listing.train, *listing.test)]
     key = cache_key("scan", listing.uri, sources)
@@ -186,7 +187,7 @@ def scan(cfg: Any, cache_dir: Path | None = None) -> StreamInfo:
         cache_write(cache_dir, key, cached)
     classes = tuple(sorted({i.cls for i in listing.train}))
     mean, std = tuple(cached["mean"]), tuple(cached["std"])
-    if cfg.dataset == "cifar10":  # CIFAR-10's own classes and published statistics
+    if dataset == "cifar10":  # CIFAR-10's own classes and published statistics
         from cnnray.data.cifar import CLASSES, MEAN, STD
 
         if classes != CLASSES:
@@ -194,7 +195,7 @@ def scan(cfg: Any, cache_dir: Path | None = None) -> StreamInfo:
                             "load it as 'imagefolder' instead")
         mean, std = MEAN, STD
     h, w = cached["size"]
-    return StreamInfo(cfg.dataset, classes, (int(cached["channels"]), int(h), int(w)), mean, std,
+    return StreamInfo(dataset, classes, (int(cached["channels"]), int(h), int(w)), mean, std,
                       len(listing.train), len(listing.test))
 
 
@@ -291,67 +292,43 @@ def decode_batch(batch: dict[str, np.ndarray], *, classes: list[str], shape: lis
     return {"image": t.numpy(), "label": labels}
 
 
-def split_items(cfg: Any, listing: Listing) -> dict[str, list[Item]]:
+def split_items(listing: Listing, *, subset: int | None, seed: int, val_fraction: float) -> dict[str, list[Item]]:
     """train / val / test items by the in-memory loader's rule: take_subset, then
     split_train_val (round(N * val_fraction) held out), on the sorted order; test: take_subset."""
     n = len(listing.train)
     idx = torch.arange(n)
-    sx, _ = take_subset(idx, idx, cfg.subset, cfg.seed)
-    tx, _, vx, _ = split_train_val(sx, sx, cfg.val_fraction, cfg.seed)
+    sx, _ = take_subset(idx, idx, subset, seed)
+    tx, _, vx, _ = split_train_val(sx, sx, val_fraction, seed)
     m = len(listing.test)
-    ex, _ = take_subset(torch.arange(m), torch.arange(m), cfg.subset, cfg.seed)
+    ex, _ = take_subset(torch.arange(m), torch.arange(m), subset, seed)
     return {"train": [listing.train[i] for i in tx.tolist()], "val": [listing.train[i] for i in vx.tolist()],
             "test": [listing.test[i] for i in ex.tolist()]}
 
 
-def build_datasets(cfg: Any, info: StreamInfo, augment: str, splits: tuple[str, ...] = ("train", "val", "test"),
-                   cache_dir: Path | None = None) -> dict[str, Any]:
-    """Ray Datasets of decoded batches for `splits` of cfg's source ("train" shuffled and
-    augmented by `augment`; the others in order, uint8), each with OBJECT_STORE_LIMIT."""
+def build_datasets(info: StreamInfo, data_dir: str | None, *, augment: str, pad: int, subset: int | None,
+                   seed: int, val_fraction: float, reserved: float = 0.0,
+                   splits: tuple[str, ...] = ("train", "val", "test"), cache_dir: Path | None = None) -> dict[str, Any]:
+    """Ray Datasets of decoded batches for `splits` of the source `info` scanned ("train"
+    shuffled and augmented by `augment`, crops of up to `pad` pixels; the others in order,
+    uint8), split as `split_items` does, each with OBJECT_STORE_LIMIT. `reserved`: the CPUs
+    the training workers will hold (the decode tasks leave them free)."""
     from ray.data import ExecutionResources
 
     quiet_console()
-    listing = list_source(source_uri(cfg.dataset, cfg.data_dir), cache_dir)
-    items = split_items(cfg, listing)
-    # CPUs the training workers will hold (none in local mode: the loop runs in the driver).
-    reserved = 0.0 if cfg.local_mode else float(cfg.workers * (cfg.cpus_per_worker or 1))
+    listing = list_source(source_uri(info.dataset, data_dir), cache_dir)
+    items = split_items(listing, subset=subset, seed=seed, val_fraction=val_fraction)
     out = {}
     for name in splits:
         train = name == "train"
         ds = read_items(listing, items[name], shuffle=train, reserved=reserved).map_batches(
             decode_batch, batch_size=DECODE_BATCH, batch_format="numpy",
             fn_kwargs=dict(classes=list(info.classes), shape=list(info.input_shape),
-                           augment=augment if train else "none", pad=cfg.crop_padding, mean=list(info.mean), std=list(info.std)),
+                           augment=augment if train else "none", pad=pad, mean=list(info.mean), std=list(info.std)),
             **_task_args(reserved),
         )
         ds.context.execution_options.resource_limits = ExecutionResources(object_store_memory=OBJECT_STORE_LIMIT)
         out[name] = ds
     return out
-
-
-def data_config():  # noqa: ANN201 (ray.train.DataConfig)
-    """How Ray Train splits the datasets over its workers: "train" in equal shards (DDP
-    ranks must take the same number of steps), the others unevenly but each row exactly
-    once (evaluation counts every sample once, as the in-memory loader does), each with
-    OBJECT_STORE_LIMIT of Ray Data's object store."""
-    import copy
-
-    from ray.data import ExecutionOptions, ExecutionResources
-    from ray.train import DataConfig
-
-    class Split(DataConfig):
-        def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):  # noqa: ANN001, ANN201
-            output: list[dict[str, Any]] = [{} for _ in range(world_size)]
-            for name, ds in datasets.items():
-                ds = ds.copy(ds)
-                ds.context.execution_options = copy.deepcopy(self._resolve_execution_options(name))
-                for i, shard in enumerate(ds.streaming_split(world_size, equal=name == "train",
-                                                             locality_hints=worker_node_ids)):
-                    output[i][name] = shard
-            return output
-
-    limits = ExecutionResources(object_store_memory=OBJECT_STORE_LIMIT)
-    return Split(execution_options=ExecutionOptions(resource_limits=limits))
 
 
 class StreamBatches:

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from cnnray.errors import UnknownModelError
 from cnnray.models.layers import NORMS, check_norm
 
 # Arguments every constructor takes; anything else in its signature is model-specific.
@@ -39,10 +40,6 @@ class ModelSpec:
     description: str
     norms: tuple[str, ...] = NORMS  # the norms it can be built with (others are refused)
     default_norm: str = DEFAULT_NORM  # used when no norm is given
-
-
-class UnknownModelError(ValueError):
-    """Raised for a model name that is not registered."""
 
 
 class UnknownModelArgError(TypeError, ValueError):

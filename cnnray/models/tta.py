@@ -44,7 +44,7 @@ def check_tta(tta: str) -> str:
 def _flip_mean(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     # One forward pass over the image and its mirror together: one batch of 2N, not two of N.
     both = model(torch.cat([x, x.flip(-1)])).float()
-    n = len(x)
+    n = x.shape[0]  # not len(x): a Python int, which torch.export would fix the batch size to
     return 0.5 * (both[:n] + both[n:])
 
 

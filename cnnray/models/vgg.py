@@ -112,131 +112,63 @@ class VGG(nn.Module):
         return self.classifier(x)
 
 
-# --- CIFAR head: 32x32 inputs, 10 classes -------------------------------------------
+# --- the registered variants (timm's way: a table, and a thin constructor per name) --------
+# The CIFAR head takes 32x32 inputs and 10 classes; the ImageNet head 224x224 inputs, 1000
+# classes, fc 4096 -> 4096 with dropout.
+HEADS = {
+    "cifar": dict(in_channels=3, image_size=(32, 32)),
+    "imagenet": dict(in_channels=3, image_size=(224, 224), num_classes=1000),
+}
+_IMAGENET_HEAD = "ImageNet head (fc 4096, 4096, dropout)"
+# name: (layer table in `cfgs`, head, description)
+VARIANTS: dict[str, tuple[str, str, str]] = {
+    "vgg11": ("vgg11", "cifar", "VGG-11, CIFAR head"),
+    "vgg13": ("vgg13", "cifar", "VGG-13, CIFAR head"),
+    "vgg16": ("vgg16", "cifar", "VGG-16, CIFAR head"),
+    "vgg19": ("vgg19", "cifar", "VGG-19, CIFAR head"),
+    "vgg11_imagenet": ("vgg11", "imagenet", f"VGG-11, {_IMAGENET_HEAD}"),
+    "vgg13_imagenet": ("vgg13", "imagenet", f"VGG-13, {_IMAGENET_HEAD}"),
+    "vgg16_imagenet": ("vgg16", "imagenet", f"VGG-16, {_IMAGENET_HEAD}"),
+    "vgg19_imagenet": ("vgg19", "imagenet", "VGG-19, ImageNet head; the lecture's VGG19 table (143,667,240 params)"),
+}
 
 
-def _cifar(
-    depth: str, num_classes: int, in_channels: int, image_size: tuple[int, int], norm: str
-) -> VGG:
-    return VGG(
-        cfgs[depth],
-        num_classes=num_classes,
-        in_channels=in_channels,
-        image_size=image_size,
-        norm=norm,
-        head="cifar",
-    )
+def _cifar_constructor(depth: str):  # noqa: ANN202
+    def build(*, num_classes: int, in_channels: int, image_size: tuple[int, int], norm: str) -> VGG:
+        return VGG(cfgs[depth], num_classes=num_classes, in_channels=in_channels, image_size=image_size,
+                   norm=norm, head="cifar")
+
+    return build
 
 
-@register_model("vgg11", in_channels=3, image_size=(32, 32), description="VGG-11, CIFAR head")
-def vgg11(*, num_classes: int, in_channels: int, image_size: tuple[int, int], norm: str) -> VGG:
-    return _cifar("vgg11", num_classes, in_channels, image_size, norm)
+def _imagenet_constructor(depth: str):  # noqa: ANN202
+    def build(
+        *,
+        num_classes: int,
+        in_channels: int,
+        image_size: tuple[int, int],
+        norm: str,
+        dropout: float = 0.5,  # drop probability after each hidden fc
+    ) -> VGG:
+        return VGG(cfgs[depth], num_classes=num_classes, in_channels=in_channels, image_size=image_size,
+                   norm=norm, head="imagenet", dropout=dropout)
+
+    return build
 
 
-@register_model("vgg13", in_channels=3, image_size=(32, 32), description="VGG-13, CIFAR head")
-def vgg13(*, num_classes: int, in_channels: int, image_size: tuple[int, int], norm: str) -> VGG:
-    return _cifar("vgg13", num_classes, in_channels, image_size, norm)
+_CONSTRUCTORS = {"cifar": _cifar_constructor, "imagenet": _imagenet_constructor}
 
 
-@register_model("vgg16", in_channels=3, image_size=(32, 32), description="VGG-16, CIFAR head")
-def vgg16(*, num_classes: int, in_channels: int, image_size: tuple[int, int], norm: str) -> VGG:
-    return _cifar("vgg16", num_classes, in_channels, image_size, norm)
+def _register(name: str):  # noqa: ANN202
+    """Register VARIANTS[name]'s constructor under `name` (its keyword arguments are what
+    `resolve_model_args` accepts for it)."""
+    depth, head, description = VARIANTS[name]
+    build = _CONSTRUCTORS[head](depth)
+    build.__name__ = build.__qualname__ = name
+    return register_model(name, **HEADS[head], description=description)(build)
 
 
-@register_model("vgg19", in_channels=3, image_size=(32, 32), description="VGG-19, CIFAR head")
-def vgg19(*, num_classes: int, in_channels: int, image_size: tuple[int, int], norm: str) -> VGG:
-    return _cifar("vgg19", num_classes, in_channels, image_size, norm)
-
-
-# --- ImageNet head: 224x224 inputs, 1000 classes, fc 4096 -> 4096 with dropout ---------
-
-
-def _imagenet(
-    depth: str,
-    num_classes: int,
-    in_channels: int,
-    image_size: tuple[int, int],
-    norm: str,
-    dropout: float,
-) -> VGG:
-    return VGG(
-        cfgs[depth],
-        num_classes=num_classes,
-        in_channels=in_channels,
-        image_size=image_size,
-        norm=norm,
-        head="imagenet",
-        dropout=dropout,
-    )
-
-
-@register_model(
-    "vgg11_imagenet",
-    in_channels=3,
-    image_size=(224, 224),
-    num_classes=1000,
-    description="VGG-11, ImageNet head (fc 4096, 4096, dropout)",
+vgg11, vgg13, vgg16, vgg19 = (_register(n) for n in ("vgg11", "vgg13", "vgg16", "vgg19"))
+vgg11_imagenet, vgg13_imagenet, vgg16_imagenet, vgg19_imagenet = (
+    _register(n) for n in ("vgg11_imagenet", "vgg13_imagenet", "vgg16_imagenet", "vgg19_imagenet")
 )
-def vgg11_imagenet(
-    *,
-    num_classes: int,
-    in_channels: int,
-    image_size: tuple[int, int],
-    norm: str,
-    dropout: float = 0.5,  # drop probability after each hidden fc
-) -> VGG:
-    return _imagenet("vgg11", num_classes, in_channels, image_size, norm, dropout)
-
-
-@register_model(
-    "vgg13_imagenet",
-    in_channels=3,
-    image_size=(224, 224),
-    num_classes=1000,
-    description="VGG-13, ImageNet head (fc 4096, 4096, dropout)",
-)
-def vgg13_imagenet(
-    *,
-    num_classes: int,
-    in_channels: int,
-    image_size: tuple[int, int],
-    norm: str,
-    dropout: float = 0.5,  # drop probability after each hidden fc
-) -> VGG:
-    return _imagenet("vgg13", num_classes, in_channels, image_size, norm, dropout)
-
-
-@register_model(
-    "vgg16_imagenet",
-    in_channels=3,
-    image_size=(224, 224),
-    num_classes=1000,
-    description="VGG-16, ImageNet head (fc 4096, 4096, dropout)",
-)
-def vgg16_imagenet(
-    *,
-    num_classes: int,
-    in_channels: int,
-    image_size: tuple[int, int],
-    norm: str,
-    dropout: float = 0.5,  # drop probability after each hidden fc
-) -> VGG:
-    return _imagenet("vgg16", num_classes, in_channels, image_size, norm, dropout)
-
-
-@register_model(
-    "vgg19_imagenet",
-    in_channels=3,
-    image_size=(224, 224),
-    num_classes=1000,
-    description="VGG-19, ImageNet head; the lecture's VGG19 table (143,667,240 params)",
-)
-def vgg19_imagenet(
-    *,
-    num_classes: int,
-    in_channels: int,
-    image_size: tuple[int, int],
-    norm: str,
-    dropout: float = 0.5,  # drop probability after each hidden fc
-) -> VGG:
-    return _imagenet("vgg19", num_classes, in_channels, image_size, norm, dropout)

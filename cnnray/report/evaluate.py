@@ -10,10 +10,7 @@ Everything runs in-process on the CPU: a report needs no Ray and no GPU.
 
 from __future__ import annotations
 
-import tempfile
-from contextlib import ExitStack
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -60,23 +57,23 @@ class Predictions:
 def evaluate_test_set(model: nn.Module, cfg: TrainConfig, tta: str | None = None) -> Predictions:
     """Run `model` over the test split (cfg's subset and seed) on the CPU.
 
-    The batches come from `held_out_batches`, the same function the final test accuracy
-    of a run uses, and the logits average the same test-time augmentation views (`tta`,
+    The batches come from `cnnray.data.test_batches`, as the final test accuracy of a run
+    takes them, and the logits average the same test-time augmentation views (`tta`,
     default the run's cfg.tta, which its checkpoints record), so the numbers here match
     result.json's test_accuracy and Serve's predictions.
     """
+    from cnnray.data import eval_batch_size, load_dataset, take_subset, test_batches
     from cnnray.models.tta import tta_logits
 
-    from cnnray.data import take_subset
-    from cnnray.train.worker_data import held_out_batches, load_for
-
     cpu = torch.device("cpu")
-    ds = load_for(cfg)
+    ds = load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download)
     images, labels = take_subset(ds.test_images, ds.test_labels, cfg.subset, cfg.seed)
+    batch = eval_batch_size(ds.input_shape, gpu=cfg.gpu, train_batch=cfg.batch_size_per_worker)
     model = model.to(cpu).eval()
     probs, seen = [], []
     with torch.no_grad():
-        for x, y in held_out_batches(cfg, cpu, ds=ds):  # unshuffled, one rank: the subset's order
+        # Unshuffled, one rank: the subset's order.
+        for x, y in test_batches(ds, subset=cfg.subset, seed=cfg.seed, batch_size=batch, device=cpu):
             probs.append(torch.softmax(tta_logits(model, x, cfg.tta if tta is None else tta), dim=1))
             seen.append(y)
     got = torch.cat(seen) if seen else torch.zeros(0, dtype=torch.int64)
@@ -87,52 +84,16 @@ def evaluate_test_set(model: nn.Module, cfg: TrainConfig, tta: str | None = None
 
 
 def conv_layers(model: nn.Module) -> list[tuple[str, nn.Conv2d]]:
-    """Every Conv2d with its module path, in definition order."""
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    """Every Conv2d with its module path, in definition order (`cnnray.explain.conv_layers`)."""
+    from cnnray.explain import conv_layers as layers
+
+    return layers(model)
 
 
 def conv_responses(model: nn.Module, x: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
     """(module path, C x H x W output) of every Conv2d for the single image x, in the order
-    the layers run (forward hooks), before any norm or activation: the response maps."""
-    out: list[tuple[str, torch.Tensor]] = []
-    handles = [
-        m.register_forward_hook(lambda mod, inp, res, name=name: out.append((name, res.detach()[0].float())))
-        for name, m in conv_layers(model)
-    ]
-    try:
-        with torch.no_grad():
-            model.eval()(x)
-    finally:
-        for h in handles:
-            h.remove()
-    return out
+    the layers run, before any norm or activation: the response maps, computed by the code
+    that serves them (`cnnray.explain.conv_maps`, which also checks their shapes)."""
+    from cnnray.explain import conv_maps
 
-
-def resolve_checkpoint(path: str, run_dir: Path, stack: ExitStack) -> Path:
-    """A local directory for the checkpoint recorded as `path`.
-
-    Tries the path itself, then its last three and two components under `run_dir` (the
-    folder was moved or copied from a cluster: `ray/<run>/epoch-N` of a run,
-    `runs/<trial>/epoch-N` of a sweep), then a `scheme://` URI copied into a temporary
-    directory that lives as long as `stack`.
-    """
-    from cnnray.checkpoint import CheckpointError
-
-    p = Path(path).expanduser()
-    if "://" not in path and p.is_dir():
-        return p
-    parts = Path(path.split("://", 1)[-1].rstrip("/")).parts
-    for k in (3, 2):
-        moved = run_dir.joinpath(*parts[-k:])
-        if len(parts) >= k and moved.is_dir():
-            return moved
-    if "://" in path:
-        import pyarrow.fs
-
-        local = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="cnnray-report-")))
-        try:
-            pyarrow.fs.copy_files(path, str(local))
-        except Exception as e:  # pyarrow raises OSError/ArrowInvalid/... per filesystem
-            raise CheckpointError(f"cannot copy checkpoint {path}: {e}") from None
-        return local
-    raise CheckpointError(f"checkpoint {path} not found (nor at the same place under {run_dir})")
+    return [(shape.name, maps) for shape, maps in conv_maps(model, x)]

@@ -247,6 +247,8 @@ def plot_responses(
     """The input image, then one row per conv layer: the `columns` response maps with the
     most spatial contrast (standard deviation; flat maps say nothing), each scaled to its
     own range, so bright marks where the image matches that channel's filter best."""
+    from cnnray.explain import strongest_channels
+
     fig = new_figure(1.25 * (columns + 1) + 1.5, 1.35 * (len(responses) + 1) + 0.4)
     grid = fig.add_gridspec(len(responses) + 1, 1)
     ax = fig.add_subplot(grid[0])
@@ -256,7 +258,7 @@ def plot_responses(
     ax.axis("off")
     for row, (name, maps) in enumerate(responses, start=1):
         c, h, w = maps.shape
-        strongest = maps.flatten(1).std(1).argsort(descending=True)[:columns].tolist()
+        strongest = strongest_channels(maps, columns)  # the choice `cnnray serve`'s :explain makes
         tiles = [_unit(maps[j].cpu().numpy()) for j in strongest]
         ax = fig.add_subplot(grid[row])
         ax.imshow(mosaic(tiles, len(tiles)), cmap="magma", vmin=0, vmax=1, interpolation="nearest")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import warnings
 from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
@@ -22,7 +21,7 @@ import numpy as np
 
 from cnnray.config import ConfigError, TrainConfig
 from cnnray.report import html, plots
-from cnnray.train.driver import RESULT_FILE
+from cnnray.files import RESULT_FILE
 
 REPORT_DIR = "report"
 PAGE = "report.html"
@@ -39,33 +38,14 @@ def read_json(path: Path, what: str) -> Any:
         raise ConfigError(f"cannot read {path}: {e}") from None
 
 
-def lr_schedule(cfg: TrainConfig, history: Sequence[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray] | None:
-    """The configured per-step learning rate over the run, x in epochs.
-
-    Steps per epoch come from the history itself (samples per epoch = samples/s x seconds,
-    over the global batch), and the scheduler is the training code's own, stepped on a
-    one-parameter optimizer, so the curve is the schedule the run followed."""
-    import torch
-
-    from cnnray.train.optim import build_optimizer, build_scheduler
-
-    if not history or not all(k in history[0] for k in ("samples_per_second", "epoch_seconds")):
+def lr_schedule(history: Sequence[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray] | None:
+    """The per-step learning rate the run used, x in epochs: the rates the training loop
+    recorded for every step (each epoch's `step_lrs`), then the rate after the last step.
+    None for a history without them (a run from before cnnray recorded them)."""
+    if not history or not all(h.get("step_lrs") for h in history):
         return None
-    samples = history[0]["samples_per_second"] * history[0]["epoch_seconds"]
-    steps = int(round(samples / (cfg.batch_size_per_worker * cfg.workers)))
-    if steps < 1:
-        return None
-    optimizer = build_optimizer(cfg, torch.nn.Linear(1, 1), torch.device("cpu"))
-    scheduler = build_scheduler(cfg, optimizer, steps)
-    lrs = []
-    with warnings.catch_warnings():
-        # No optimizer.step(): its first call imports torch._dynamo (seconds), only to do
-        # nothing here; the scheduler's warning about that order is expected, not a bug.
-        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
-        for _ in range(cfg.epochs * steps):
-            lrs.append(optimizer.param_groups[0]["lr"])
-            scheduler.step()
-    lrs.append(optimizer.param_groups[0]["lr"])
+    steps = len(history[0]["step_lrs"])
+    lrs = [lr for h in history for lr in h["step_lrs"]] + [history[-1]["lr"]]
     return np.arange(len(lrs)) / steps, np.array(lrs)
 
 
@@ -155,7 +135,7 @@ def write_run_report(
 ) -> Path:
     """Write the report of the run in `run_dir`; return the HTML page's path."""
     from cnnray.report import tensorboard as tb
-    from cnnray.report.evaluate import resolve_checkpoint
+    from cnnray.checkpoint import resolve_checkpoint
     from cnnray.report.sections import checkpoint_report
 
     from cnnray.paths import resolve_path
@@ -173,7 +153,7 @@ def write_run_report(
     if history:
         curves = plots.plot_curves(history, out / "curves.png", test_accuracy=result.get("test_accuracy"),
                                    best_epoch=result.get("best_epoch"), label_smoothing=cfg.label_smoothing)
-        speed = plots.plot_schedule_and_speed(history, out / "lr_speed.png", lr_schedule(cfg, history))
+        speed = plots.plot_schedule_and_speed(history, out / "lr_speed.png", lr_schedule(history))
         caption = ("Loss and accuracy per epoch. Validation is measured after each epoch on the held-out "
                    f"{cfg.val_fraction:.0%} of the training set; the test line is the best checkpoint on the test set.")
         if cfg.label_smoothing:

@@ -25,9 +25,9 @@ import numpy as np
 from cnnray.config import ConfigError, TrainConfig
 from cnnray.report import html, plots
 from cnnray.report.run import PAGE, REPORT_DIR, config_table, read_json
-from cnnray.tune.results import BEST_FILE as BEST
-from cnnray.tune.results import HISTORIES_FILE as HISTORIES
-from cnnray.tune.results import TRIALS_CSV, TRIALS_PARQUET
+from cnnray.files import BEST_FILE as BEST
+from cnnray.files import HISTORIES_FILE as HISTORIES
+from cnnray.files import TRIALS_CSV, TRIALS_PARQUET
 
 LEGEND_MAX = 12  # trials named in a chart's legend; more would hide the curves
 NORM_MARKERS = {"none": "o", "batch": "s", "group": "^", "layer": "D"}
@@ -179,7 +179,7 @@ def write_sweep_report(sweep_dir: str | Path, out_dir: str | Path | None = None,
     """Write the report of the sweep in `sweep_dir`; return the HTML page's path."""
     from cnnray.checkpoint import CheckpointError, read_meta
     from cnnray.report import tensorboard as tb
-    from cnnray.report.evaluate import resolve_checkpoint
+    from cnnray.checkpoint import resolve_checkpoint
     from cnnray.report.sections import checkpoint_report
 
     from cnnray.paths import resolve_path

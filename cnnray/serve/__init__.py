@@ -9,6 +9,8 @@ Modules: schemas (pydantic), preprocess (payload -> model input, as in training)
 without FastAPI's middleware and router), metrics (Prometheus),
 app (the Serve deployment and its typed app builder), runner (deploy and hot-swap), ingress
 (Ray Serve's fast ingress settings, applied before Ray starts), haproxy_loopback (HAProxy's
-operator ports on loopback), cli.
+operator ports on loopback), cli; oip_core, oip (REST), oip_binary and oip_grpc (the Open
+Inference Protocol v2, with proto/ its gRPC messages), multipart (form uploads), autoscale
+(`--replicas MIN-MAX`).
 Importing this package does no work.
 """

@@ -6,7 +6,10 @@
     GET  /v1/models                     every served model: version, input shape, classes, metrics
     GET  /v1/models/{name}              {"name", "version", "ready"}: 200 when ready, else 503
     POST /v1/models/{name}:predict      KServe v1: {"instances": [{"b64": ...} | C x H x W array]}
-    POST /predictions/{name}            TorchServe: the raw bytes of one PNG, JPEG or BMP (PUT works too)
+    POST /predictions/{name}            TorchServe: the raw bytes of one PNG, JPEG or BMP (PUT works too),
+                                        or a multipart form (field "data", else the first file: multipart.py)
+    GET|POST /v2/...                    OIP v2 (KServe v2, Triton): health, metadata, infer (oip.py)
+    POST /v1/models/{name}:explain      KServe v1: heat maps and response maps of one image (explain.py)
 
 Every refused request answers 4xx with {"error": "..."}: unknown model 404, wrong content
 type 415, a body that does not arrive within `Limits.body_timeout_s` 408, body, JSON or
@@ -24,9 +27,7 @@ clients that send the whole body before reading the answer read the 413, not a r
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import math
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from functools import lru_cache
@@ -36,23 +37,33 @@ from typing import Any, Protocol
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cnnray.serve.body import BodyBudget, discard_body
 from cnnray.serve.defaults import DECODE_THREADS, INLINE_PARSE_BYTES
 from cnnray.serve.engine import LoadedModel
+from cnnray.serve.http_parts import (  # shared with the routes beside this app
+    ERRORS as _ERRORS,
+    IMAGE_TYPES,
+    JSON_TYPES,
+    label as _label,
+    one_line as _one_line,
+    predict_payloads as _predict_payloads,
+    predictions as _predictions,
+    raise_first_error as _raise_first_error,
+    require_type as _require_type,
+    served as _served,
+    unknown as _unknown,
+)
 from cnnray.serve.lean import LeanApp
-from cnnray.serve.metrics import UNKNOWN_MODEL, ServeMetrics
+from cnnray.serve.metrics import ServeMetrics
+from cnnray.serve.multipart import form_file, is_multipart
 from cnnray.serve.preprocess import (
     EncodedImage,
     Payload,
     RequestError,
-    instance_payloads,
-    json_depth,
 )
 from cnnray.serve.schemas import (
-    ErrorBody,
     Health,
     Limits,
     ModelList,
@@ -64,24 +75,11 @@ from cnnray.serve.schemas import (
 
 log = logging.getLogger("cnnray.serve")
 
-JSON_TYPES = ("application/json",)
-IMAGE_TYPES = ("image/png", "image/jpeg", "image/jpg", "image/bmp", "application/octet-stream")
-# {"instances": [ [C [H [W values]]] ]} nests 5 deep ({"b64": ...} instances 3): deeper is malformed.
-MAX_JSON_DEPTH = 5
-
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorBody, "description": why}
-    for code, why in [
-        (400, "malformed request"), (404, "unknown model"), (408, "body not received in time"),
-        (413, "body, JSON or pixels over the limit"), (415, "wrong content type"),
-        (422, "the model gives no finite output for this input"),
-    ]
-}
-
 
 class Backend(Protocol):
     limits: Limits
     metrics: ServeMetrics
+    explainer: Any  # cnnray.serve.explain.ExplainService, or None: explanations are off
 
     def replica_name(self) -> str: ...
     def model(self, name: str) -> LoadedModel | None: ...
@@ -196,9 +194,13 @@ def build_http_app(backend: Backend, lean: bool = True) -> FastAPI:
     async def torchserve(name: str, request: Request) -> Response:
         with backend.metrics.track(_label(backend, name), "torchserve") as t:
             entry = _served(backend, name)
-            _require_type(request, IMAGE_TYPES, "image/png, image/jpeg or image/bmp", missing_ok=True)
+            _require_type(request, IMAGE_TYPES + ("multipart/form-data",),
+                          "image/png, image/jpeg or image/bmp (or a multipart form)", missing_ok=True)
             limits = backend.limits
             async with buffered.hold(request, limits) as body:
+                kind = request.headers.get("content-type")
+                if is_multipart(kind):  # curl -F "data=@digit.png"; parsing 8 MiB takes ~0.2 s: off the loop
+                    body = form_file(body, kind) if len(body) <= INLINE_PARSE_BYTES else await off_loop(form_file, body, kind)
                 image = EncodedImage(body, min(limits.max_image_pixels, limits.max_request_pixels))
                 results = await backend.infer(entry, [image])
             _raise_first_error(results, "")
@@ -251,6 +253,14 @@ def build_http_app(backend: Backend, lean: bool = True) -> FastAPI:
     async def predictions(name: str, request: Request) -> Response:
         return await torchserve(name, request)
 
+    from cnnray.serve.explain import explain_router  # POST /v1/models/{name}:explain, off the batched path
+
+    app.include_router(explain_router(backend, buffered, off_loop))
+
+    from cnnray.serve.oip import add_oip_routes
+
+    add_oip_routes(app, backend, buffered, off_loop)  # OIP v2 (KServe v2, Triton) REST
+
     # --- pages and probes ---------------------------------------------------------------
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> HTMLResponse:
@@ -293,103 +303,3 @@ def build_http_app(backend: Backend, lean: bool = True) -> FastAPI:
     return app
 
 
-# --- helpers ------------------------------------------------------------------------------
-def parse_predict_request(body: bytes, max_values: int) -> PredictRequest:
-    """A :predict body -> PredictRequest, its size (JSON values) and depth checked before
-    `json.loads` builds any object: 8 MiB of `[[0],[0],...]` would be ~300 MB of lists."""
-    values = body.count(b",") + body.count(b"[") + body.count(b"{")  # >= JSON values - 1
-    if values > max_values:
-        raise RequestError(413, f"JSON body holds over {max_values} values, more than this model's "
-                                f"largest request can need")
-    depth = json_depth(body)
-    if depth > MAX_JSON_DEPTH:
-        raise RequestError(400, f"JSON nested {depth} deep; a :predict body nests at most {MAX_JSON_DEPTH} deep")
-    try:
-        obj = json.loads(body)  # accepts NaN and Infinity literals: refused later, by name
-    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
-        raise RequestError(400, f"body is not valid JSON: {str(e).splitlines()[0][:200]}") from None
-    if not isinstance(obj, dict) or "instances" not in obj:
-        raise RequestError(400, 'body must be a JSON object {"instances": [...]}')
-    try:
-        return PredictRequest.model_validate(obj)
-    except ValidationError as e:
-        raise RequestError(400, _one_line(e.errors())) from None
-
-
-def max_json_values(input_shape: tuple[int, int, int], max_instances: int) -> int:
-    """Upper bound on the JSON values of a valid :predict body: every instance a full
-    C x H x W array (its numbers and nested lists), plus the outer object and list."""
-    c, h, w = input_shape
-    return max_instances * (c * h * w + c * h + c + 2) + 16
-
-
-def _predict_payloads(body: bytes, entry: LoadedModel, limits: Limits) -> list[Payload]:
-    """A :predict body -> its instances, checked, for the batch (files are decoded there)."""
-    req = parse_predict_request(body, max_json_values(entry.input_shape, limits.max_instances))
-    n = len(req.instances)
-    if n == 0:
-        raise RequestError(400, "no instances: send at least one")
-    if n > limits.max_instances:
-        raise RequestError(400, f"too many instances: {n}, at most {limits.max_instances} per request")
-    return instance_payloads(req.instances, entry.input_shape, limits.max_image_pixels, limits.max_request_pixels)
-
-
-def _raise_first_error(results: list[Any], where: str) -> None:
-    """The first instance the backend refused (a file that does not decode), as the request's
-    answer; `where` prefixes its message ("instance {i}: ")."""
-    for i, r in enumerate(results):
-        if isinstance(r, RequestError):
-            raise RequestError(r.status, where.format(i=i) + r.message) from None
-
-
-def _require_type(request: Request, accepted: tuple[str, ...], say: str, missing_ok: bool = False) -> None:
-    raw = request.headers.get("content-type")
-    if raw is None and missing_ok:
-        return
-    kind = (raw or "").split(";")[0].strip().lower()
-    if kind not in accepted:
-        got = f"Content-Type {raw!r}" if raw else "no Content-Type"
-        raise RequestError(415, f"{got}: send {say}")
-
-
-def _served(backend: Backend, name: str) -> LoadedModel:
-    entry = backend.model(name)
-    if entry is None:
-        if name in backend.failures():
-            raise RequestError(404, f"model {name!r} is not ready: {backend.failures()[name][1]}")
-        raise RequestError(404, _unknown(backend, name))
-    return entry
-
-
-def _unknown(backend: Backend, name: str) -> str:
-    served = ", ".join(sorted(m.name for m in backend.models())) or "none"
-    return f"unknown model {name[:100]!r}; served models: {served}"
-
-
-def _label(backend: Backend, name: str) -> str:
-    return name if backend.model(name) is not None else UNKNOWN_MODEL
-
-
-def _predictions(entry: LoadedModel, rows: list[list[float]]) -> list[dict[str, Any]]:
-    """Class probabilities, one row per instance -> one prediction each (the first most
-    probable class, as torch.argmax picks). An output that is not finite (a model that
-    overflows on this input) is refused with 422, never sent as invalid JSON."""
-    out = []
-    for i, p in enumerate(rows):
-        if not all(map(math.isfinite, p)):
-            raise RequestError(
-                422, f"model {entry.name!r} gives NaN or infinity for instance {i}: it cannot classify this input"
-            )
-        index = max(range(len(p)), key=p.__getitem__)
-        out.append({"label": entry.classes[index], "class_index": index, "probabilities": p})
-    return out
-
-
-def _one_line(errors: list[dict[str, Any]]) -> str:
-    """Pydantic's error list as one line: where and what, for the first few."""
-    parts = []
-    for err in errors[:3]:
-        where = ".".join(str(p) for p in err.get("loc", ()) if p not in ("body",))
-        parts.append(f"{where}: {err.get('msg', 'invalid')}" if where else str(err.get("msg", "invalid")))
-    more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
-    return "; ".join(parts) + more

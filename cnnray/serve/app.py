@@ -28,6 +28,7 @@ from ray.serve import Application
 from cnnray.serve.defaults import BATCH_WAIT_S, DEPLOYMENT, MAX_BATCH_SIZE, MAX_ONGOING_REQUESTS
 from cnnray.serve.engine import LoadedModel, load_served_model, public_error, resolve, user_config_for
 from cnnray.serve.metrics import MetricsHub, MetricsReporter, ServeMetrics
+from cnnray.serve.oip_grpc import OipGrpcMethods
 from cnnray.serve.preprocess import Payload, RequestError
 from cnnray.serve.registry import follows_alias
 from cnnray.serve.schemas import Limits, ModelRef, ServeArgs, ServeUserConfig
@@ -51,7 +52,7 @@ log = logging.getLogger("ray.serve.cnnray")
     graceful_shutdown_timeout_s=30,
 )
 @serve.ingress()
-class ModelServer:
+class ModelServer(OipGrpcMethods):  # + OIP v2 gRPC methods (oip_grpc.py), when Serve has a gRPC port
     def __init__(
         self,
         user_config: dict[str, Any],
@@ -59,8 +60,14 @@ class ModelServer:
         device: str = "cpu",
         threads: int = 1,
         store: dict[str, Any] | None = None,
+        explain: bool = True,
+        runtime: str = "torch",
     ) -> None:
+        from cnnray.serve.explain import ExplainService
+
         _replica_grpc_on_loopback()
+        # :explain runs on its own threads with its own copy of each model, never in the batches.
+        self.explainer = ExplainService() if explain else None
         log.setLevel(logging.INFO)
         cfg = ServeUserConfig.model_validate(user_config)
         # {"args": ServeArgs as JSON, "watch_s": seconds}: this replica looks in the model
@@ -71,6 +78,8 @@ class ModelServer:
         self.metrics = ServeMetrics()
         self._device = torch.device(device)
         torch.set_num_threads(max(1, threads))
+        # The forward passes' runtime (serve/runtime.py); ONNX Runtime gets torch's thread count.
+        self._runtime, self._threads = runtime, max(1, threads)
         # One inference thread: batches are decoded and run one at a time, off the event
         # loop, so requests keep being read and batched while the model computes.
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cnnray-infer")
@@ -122,7 +131,7 @@ class ModelServer:
         and is reported by GET /v1/models; it never stops the replica (the bind arguments
         that a restarted replica starts from may name a version since deleted)."""
         try:
-            loaded = load_served_model(name, ref, self._device)
+            loaded = load_served_model(name, ref, self._device, self._runtime, self._threads)
         except Exception as e:  # reported without the server's paths: /v1/models needs no login
             self._failures[name] = (ref.version, public_error(e, ref.path, f"{name}/{ref.version}"))
             log.error("cnnray: cannot load %s version %s from %s: %s", name, ref.version, ref.path, e)
@@ -189,6 +198,8 @@ class ModelServer:
 
     async def stop(self) -> None:
         await self._reporter.stop()
+        if self.explainer is not None:
+            self.explainer.close()
         if self._watch_task is not None:
             self._watch_task.cancel()
             self._watch_task = None
@@ -287,8 +298,14 @@ def build_app(args: ServeArgs) -> Application:
     store = None
     if args.model_store and args.watch_s > 0:
         store = {"args": args.model_dump(mode="json"), "watch_s": args.watch_s}
+    from cnnray.serve.autoscale import autoscaling_config
+
+    if args.autoscaling is not None:  # --replicas MIN-MAX
+        scale: dict[str, Any] = {"autoscaling_config": autoscaling_config(args.autoscaling)}
+    else:
+        scale = {"num_replicas": auto_replicas(args)}
     return ModelServer.options(
-        num_replicas=auto_replicas(args),
+        **scale,
         max_ongoing_requests=max(args.max_ongoing_requests, args.max_batch_size),
         ray_actor_options={"num_cpus": args.cpus_per_replica, "num_gpus": 1 if args.gpu else 0},
         # No access-log line per request: formatting and writing it (with a rollover check
@@ -311,4 +328,6 @@ def build_app(args: ServeArgs) -> Application:
         device="cuda" if args.gpu else "cpu",
         threads=max(1, int(args.cpus_per_replica)),
         store=store,
+        explain=args.explain,
+        runtime=args.runtime,
     )

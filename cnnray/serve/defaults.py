@@ -28,3 +28,5 @@ INLINE_PARSE_BYTES = 16 * 1024
 MAX_ONGOING_REQUESTS = 512
 MAX_BUFFERED_BYTES = 256 * 1024 * 1024  # request bodies one replica holds at once; beyond: 429
 STORE_WATCH_S = 5.0  # seconds between a replica's looks at the model store (a directory listing)
+# What runs a replica's forward passes (serve/runtime.py): "torch" or "onnxruntime".
+DEFAULT_RUNTIME = "torch"  # measured against onnxruntime with benchmarks.serve_load: docs/export.md

@@ -19,12 +19,12 @@ from typing import Any
 import torch
 
 from cnnray.checkpoint import CheckpointError, checkpoint_tta, load_model, verify_checkpoint
-from cnnray.models.tta import tta_logits
 from cnnray.config import ConfigError
 from cnnray.serve.defaults import DECODE_THREADS
 from cnnray.serve.metrics import MetricsReporter, ServeMetrics
 from cnnray.serve.preprocess import Payload, RequestError, batch_inputs
-from cnnray.serve.registry import follows_alias, is_registry_uri, resolve_registry
+from cnnray.serve.registry import is_registry_uri, resolve_registry
+from cnnray.serve.runtime import Runtime, TorchRuntime, make_runtime
 from cnnray.serve.schemas import Limits, ModelRef, ServeArgs, ServeUserConfig
 from cnnray.store import check_name, scan
 
@@ -39,6 +39,9 @@ class LoadedModel:
     module: torch.nn.Module
     meta: dict[str, Any]
     device: torch.device
+    # What runs the forward pass (serve/runtime.py); None: the torch module itself, which
+    # `module` always holds (explanations need it, whichever runtime serves).
+    runtime: Runtime | None = None
     input_shape: tuple[int, int, int] = field(init=False)
     classes: list[str] = field(init=False)
     mean: tuple[float, ...] = field(init=False)
@@ -56,12 +59,14 @@ class LoadedModel:
             raise CheckpointError(f"checkpoint {self.path}: meta.json lacks the input description ({e})") from None
         if not len(self.mean) == len(self.std) == c:
             raise CheckpointError(f"checkpoint {self.path}: mean and std need {c} values")
+        if self.runtime is None:
+            self.runtime = TorchRuntime(self.module, checkpoint_tta(self.meta))
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """N x C x H x W normalised inputs -> N x classes probabilities (float32, CPU)."""
         with torch.inference_mode():
             # The checkpoint's test-time augmentation, as its test accuracy was measured.
-            logits = tta_logits(self.module, x.to(self.device, non_blocking=True), checkpoint_tta(self.meta))
+            logits = self.runtime.logits(x.to(self.device, non_blocking=True))
             return torch.softmax(logits, dim=1).cpu()
 
     def inputs(self, payloads: Sequence[Payload]) -> tuple[torch.Tensor | None, list[RequestError | None]]:
@@ -119,11 +124,14 @@ def _text_or_none(value: Any) -> str | None:
     return None if value is None else str(value)[:200]
 
 
-def load_served_model(name: str, ref: ModelRef, device: torch.device | str = "cpu") -> LoadedModel:
+def load_served_model(
+    name: str, ref: ModelRef, device: torch.device | str = "cpu", runtime: str = "torch", threads: int = 1
+) -> LoadedModel:
     """Load a verified checkpoint and run one forward pass, so a model that cannot answer
     requests of its declared input shape, or answers them with NaN or infinity (weights of
     a run that diverged), is refused here rather than answering every request with garbage.
-    Raises CheckpointError."""
+    `runtime` (serve/runtime.py) runs the forward passes, with `threads` intra-op threads
+    for onnxruntime (torch's are the process's). Raises CheckpointError."""
     device = torch.device(device)
     module, meta = load_model(ref.path, map_location=device)
     loaded = LoadedModel(name, ref.version, str(ref.path), module, meta, device)
@@ -132,6 +140,9 @@ def load_served_model(name: str, ref: ModelRef, device: torch.device | str = "cp
     if bad:
         more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
         raise CheckpointError(f"checkpoint {ref.path}: weights hold NaN or infinity ({bad[0]}{more})")
+    if runtime != "torch":  # after the weights' check: a NaN model is refused for what it is
+        loaded.runtime = make_runtime(runtime, module, meta, ref.path, device, threads)
+        _check_runtime_agrees(loaded)
     try:
         out = loaded.predict(torch.zeros(1, *loaded.input_shape))
     except Exception as e:
@@ -144,6 +155,22 @@ def load_served_model(name: str, ref: ModelRef, device: torch.device | str = "cp
     if not torch.isfinite(out).all():
         raise CheckpointError(f"checkpoint {ref.path}: the model's output on a blank image is NaN or infinite")
     return loaded
+
+
+def _check_runtime_agrees(loaded: LoadedModel) -> None:
+    """The runtime's logits against the torch module's on 8 seeded random inputs, within
+    export verification's tolerance (cnnray.export.verify), or CheckpointError: a graph that
+    would answer differently from the checkpoint is never served."""
+    from cnnray.export.verify import compare
+
+    x = torch.randn(8, *loaded.input_shape, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        want = TorchRuntime(loaded.module, checkpoint_tta(loaded.meta)).logits(x)
+        got = loaded.runtime.logits(x)
+    result = compare(want, got)
+    if not result.ok:
+        raise CheckpointError(f"checkpoint {loaded.path}: the {loaded.runtime.name} graph does not match the model: "
+                              f"{result.describe()}")
 
 
 def public_error(e: BaseException, path: str | Path, label: str) -> str:
@@ -180,9 +207,9 @@ def resolve(
     found: dict[str, ModelRef] = {}
     problems: list[str] = []
     if is_registry_uri(args.model_store):  # models:/NAME@ALIAS or models:/NAME/VERSION
-        res = resolve_registry(args, current)
-        found.update(res.models)
-        problems += res.problems
+        got, lines = resolve_registry(args.model_store, args.registry_uri, serving=bool(current))
+        found.update({got.name: ModelRef(path=got.path, version=got.version)} if got else current)
+        problems += lines
     elif args.model_store:
         store = Path(args.model_store)  # absolute: ServeArgs resolved it (cnnray.paths)
         if not store.is_dir() and not current:
@@ -269,10 +296,17 @@ class LocalBackend:
     It is the baseline of the load benchmark ("a plain FastAPI server of the same model
     without batching"), and serves the same routes, schemas and preprocessing."""
 
-    def __init__(self, models: dict[str, ModelRef], limits: Limits | None = None, device: str = "cpu") -> None:
+    def __init__(
+        self, models: dict[str, ModelRef], limits: Limits | None = None, device: str = "cpu",
+        explain: bool = True, runtime: str = "torch",
+    ) -> None:
+        from cnnray.serve.explain import ExplainService
+
         self.limits = limits or Limits()
+        self.explainer = ExplainService() if explain else None  # :explain, on its own threads
         self.metrics = ServeMetrics()
-        self._models = {name: load_served_model(name, ref, device) for name, ref in models.items()}
+        threads = torch.get_num_threads()  # the process's: ONNX Runtime gets as many as torch
+        self._models = {name: load_served_model(name, ref, device, runtime, threads) for name, ref in models.items()}
         self.metrics.set_versions({n: m.version for n, m in self._models.items()})
         self._reporter = MetricsReporter(self.metrics, self.replica_name(), None)
         # Decoding off the event loop, as any server must (a large image decodes for seconds).
@@ -309,4 +343,6 @@ class LocalBackend:
 
     async def stop(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        if self.explainer is not None:
+            self.explainer.close()
 

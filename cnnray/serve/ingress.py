@@ -3,7 +3,7 @@ answer HTTP themselves, with every port on loopback unless `--host` says otherwi
 
 Ray reads these settings from the environment of its processes when they start
 (ray/serve/_private/constants.py, Ray 2.60; every name below is checked there by
-tests/test_serve_ingress.py), so they must be in place before Ray starts: `cnnray serve` sets
+tests/serve/test_ingress.py), so they must be in place before Ray starts: `cnnray serve` sets
 them before it starts its local Ray; a cluster sets them in the head's and workers'
 environment (cluster/local.sh, cluster/kuberay/rayservice.yaml). For Ray's own tools:
 

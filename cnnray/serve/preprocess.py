@@ -18,7 +18,6 @@ from __future__ import annotations
 import base64
 import binascii
 import math
-import re
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ import numpy as np
 import torch
 
 from cnnray.data import decode, normalize
-from cnnray.data.decode import DecodeLimits
+from cnnray.data.decode import JPEG_MARKER, DecodeLimits
 
 
 class RequestError(Exception):
@@ -57,7 +56,6 @@ MAX_RLE_BMP_BYTES = 256 * 1024  # ~0.15 s of Pillow's Python RLE decoder
 # entropy-coded data carries none (ITU-T T.81 B.1.1.5). Each file may hold
 # `len // JPEG_BYTES_PER_FREE_MARKER` markers, and those beyond count as PNG chunks do.
 JPEG_BYTES_PER_FREE_MARKER = 128
-_JPEG_MARKER_OR_FILL = re.compile(rb"\xff[^\x00\xd0-\xd7]")
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -85,7 +83,7 @@ def check_decode_cost(data: bytes, spent: tuple[int, int] = (0, 0)) -> tuple[int
     elif data[:2] == b"\xff\xd8":  # JPEG SOI
         free = len(data) // JPEG_BYTES_PER_FREE_MARKER
         markers = 0
-        for _ in _JPEG_MARKER_OR_FILL.finditer(data):  # C-speed search; stops at the budget
+        for _ in JPEG_MARKER.finditer(data):  # C-speed search; stops at the budget
             markers += 1
             if markers > free and chunks + markers - free > MAX_PNG_CHUNKS:
                 what = "JPEG" if spent == (0, 0) else "JPEGs of one request"

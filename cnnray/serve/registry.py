@@ -23,15 +23,10 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from cnnray.checkpoint import CheckpointError, verify_checkpoint
 from cnnray.config import ConfigError
 from cnnray.store import check_name
-
-if TYPE_CHECKING:
-    from cnnray.serve.engine import Resolution
-    from cnnray.serve.schemas import ModelRef, ServeArgs
 
 SCHEME = "models:/"
 # models:/NAME@ALIAS or models:/NAME/VERSION (MLflow's own forms, without a sub-path).
@@ -68,27 +63,36 @@ def follows_alias(store: str | None) -> bool:
     return is_registry_uri(store) and "@" in str(store)
 
 
-def resolve_registry(args: "ServeArgs", current: "dict[str, ModelRef] | None") -> "Resolution":
-    """The version `args.model_store` names, downloaded and verified, as a Resolution of
-    one model. Before serving (`current` empty) a problem is a ConfigError: an unknown
-    model name or alias, an unreachable registry, a version that is no cnnray checkpoint.
-    While serving, the same problems keep the current model and are listed instead."""
-    from cnnray.serve.engine import Resolution
-    from cnnray.serve.schemas import ModelRef
+@dataclass(frozen=True)
+class RegistryVersion:
+    """A registry version ready to serve: the served model's name, its verified checkpoint
+    folder in the local cache, and the registry's version number."""
 
-    ref = parse_registry_uri(args.model_store)
-    uri = args.registry_uri or registry_uri_from_env()
+    name: str
+    path: str
+    version: int
+
+
+def resolve_registry(store: str, registry_uri: str | None, serving: bool) -> tuple[RegistryVersion | None, list[str]]:
+    """The version `store` (models:/...) names, downloaded and verified, and the problem
+    lines. Before serving (`serving` false) a problem is a ConfigError: an unknown model
+    name or alias, an unreachable registry, a version that is no cnnray checkpoint. While
+    serving, the same problems give (None, [one line]): the caller keeps what it serves.
+    (Plain values, not the engine's ModelRef: the engine and the schemas import this
+    module, so it imports neither.)"""
+    ref = parse_registry_uri(store)
+    uri = registry_uri or registry_uri_from_env()
     try:
         if not uri:
-            raise ConfigError(f"{args.model_store}: set MLFLOW_TRACKING_URI to the registry's tracking server")
+            raise ConfigError(f"{store}: set MLFLOW_TRACKING_URI to the registry's tracking server")
         version = _lookup(uri, ref)
         path = _download(uri, ref.name, version)
     except (ConfigError, CheckpointError) as e:
-        if not current:
+        if not serving:
             raise ConfigError(str(e)) from None
         first = str(e).strip().splitlines()[0][:500]
-        return Resolution(dict(current), [f"{args.model_store}: {first} (still serving what was loaded)"])
-    return Resolution({ref.name: ModelRef(path=str(path), version=version)}, [])
+        return None, [f"{store}: {first} (still serving what was loaded)"]
+    return RegistryVersion(ref.name, str(path), version), []
 
 
 def _client(uri: str):

@@ -34,6 +34,7 @@ def serve_config(
     user_config: dict[str, Any] | None = None,
     replicas: int | None = None,
     runtime_env: dict[str, Any] | None = None,
+    grpc_port: int | None = None,
 ) -> dict[str, Any]:
     """A Serve deploy config (ServeDeploySchema as plain data) running `build_app(args)`.
 
@@ -55,14 +56,19 @@ def serve_config(
         override["num_replicas"] = replicas
     if override:
         app["deployments"] = [{"name": DEPLOYMENT, **override}]
-    return {"http_options": {"host": host, "port": port}, "applications": [app]}
+    config = {"http_options": {"host": host, "port": port}, "applications": [app]}
+    if grpc_port is not None:  # OIP v2 over gRPC (oip_grpc.py)
+        from cnnray.serve.oip_grpc import grpc_options
+
+        config["grpc_options"] = grpc_options(grpc_port)
+    return config
 
 
 class ServeRunner:
     """The serving app on the current (or a new local) Ray: start, refresh, stop."""
 
-    def __init__(self, args: ServeArgs, host: str = "127.0.0.1", port: int = 8000) -> None:
-        self.args, self.host, self.port = args, host, port
+    def __init__(self, args: ServeArgs, host: str = "127.0.0.1", port: int = 8000, grpc_port: int | None = None) -> None:
+        self.args, self.host, self.port, self.grpc_port = args, host, port, grpc_port
         self.models: dict[str, ModelRef] = {}
         self.problems: list[str] = []  # model-store entries skipped, reported in /v1/models
         self._bad: dict[str, Any] = {}  # store versions that failed verification, by their files' stamps
@@ -82,10 +88,17 @@ class ServeRunner:
 
         self.models = models if models is not None else resolve_models(self.args)
         self.problems = resolve(self.args, self.models, self._bad).problems if self.args.model_store else []
-        if self.replicas is None:
+        if self.replicas is None and self.args.autoscaling is None:  # autoscaling: Serve decides
             self.replicas = auto_replicas(self.args)
         # serve_start + deploy_apps is what `serve run config.yaml` does (ray/serve/scripts.py).
-        self._client = serve_private.serve_start(http_options={"host": self.host, "port": self.port})
+        grpc = {}
+        if self.grpc_port is not None:
+            from ray.serve.config import gRPCOptions
+
+            from cnnray.serve.oip_grpc import grpc_options
+
+            grpc = {"grpc_options": gRPCOptions(**grpc_options(self.grpc_port))}
+        self._client = serve_private.serve_start(http_options={"host": self.host, "port": self.port}, **grpc)
         self._deploy()
         self.wait_running(timeout_s)
         self._wait_http(timeout_s)
@@ -96,7 +109,7 @@ class ServeRunner:
 
         env = _driver_runtime_env()
         user_config = user_config_for(self.args, self.models, self.problems)
-        config = serve_config(self.args, self.host, self.port, user_config, self.replicas, env)
+        config = serve_config(self.args, self.host, self.port, user_config, self.replicas, env, self.grpc_port)
         self._client.deploy_apps(ServeDeploySchema.model_validate(config), _blocking=False)
 
     def scale(self, replicas: int) -> None:

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from cnnray.paths import resolve_path
 
 from cnnray.serve.defaults import (
+    DEFAULT_RUNTIME,
     BATCH_WAIT_S,
     MAX_BATCH_SIZE,
     BODY_TIMEOUT_S,
@@ -30,6 +31,7 @@ from cnnray.serve.defaults import (
     MAX_REQUEST_PIXELS,
     STORE_WATCH_S,
 )
+from cnnray.serve.autoscale import DOWNSCALE_DELAY_S, LOOK_BACK_S, TARGET_ONGOING_REQUESTS, UPSCALE_DELAY_S
 
 
 class _Strict(BaseModel):
@@ -52,6 +54,24 @@ class Limits(_Strict):
     max_buffered_bytes: int = Field(MAX_BUFFERED_BYTES, ge=1024, le=1 << 40)  # all bodies held at once
 
 
+class Autoscaling(_Strict):
+    """Serve's autoscaling_config for `--replicas MIN-MAX` (see cnnray/serve/autoscale.py for
+    the measured target and the delays' reasons)."""
+
+    min_replicas: int = Field(ge=1, le=4096)
+    max_replicas: int = Field(ge=1, le=4096)
+    target_ongoing_requests: float = Field(TARGET_ONGOING_REQUESTS, gt=0, le=4096)
+    upscale_delay_s: float = Field(UPSCALE_DELAY_S, ge=0, le=3600)
+    downscale_delay_s: float = Field(DOWNSCALE_DELAY_S, ge=0, le=86_400)
+    look_back_period_s: float = Field(LOOK_BACK_S, gt=0, le=3600)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "Autoscaling":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas {self.min_replicas} is over max_replicas {self.max_replicas}")
+        return self
+
+
 class ServeArgs(_Strict):
     """Arguments of `build_app`: which models to serve and how."""
 
@@ -72,6 +92,13 @@ class ServeArgs(_Strict):
         description="seconds between each replica's looks at the model store for new versions (0: never)",
     )
     limits: Limits = Field(default_factory=Limits)
+    explain: bool = Field(True, description="answer POST /v1/models/{name}:explain (heat maps, response maps)")
+    autoscaling: Autoscaling | None = Field(
+        None, description="replicas between min_replicas and max_replicas by load (replaces `replicas`)"
+    )
+    runtime: Literal["torch", "onnxruntime"] = Field(
+        DEFAULT_RUNTIME, description="what runs the forward pass: torch, or the exported ONNX graph in ONNX Runtime"
+    )
     registry_uri: str | None = Field(
         None, description="MLflow registry of a models:/ model_store; default $MLFLOW_REGISTRY_URI or $MLFLOW_TRACKING_URI"
     )

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import Any, Callable, Mapping
 
 from cnnray.checkpoint import atomic_write_json
 from cnnray.config import ConfigError
@@ -33,14 +33,15 @@ from cnnray.tracking.client import (
 from cnnray.tracking.params import epoch_metrics, flatten_params
 from cnnray.tracking.train import RUN_FILE, read_run_file
 
-if TYPE_CHECKING:
-    from cnnray.tune.sweep import SweepConfig
+# `sweep` below is a cnnray.tune.sweep_config.SweepConfig (read by its attributes only):
+# tracking sits below tune/ and never imports it.
+SweepConfig = Any
 
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own tag: the UI nests the children under it
 STOP_REASONS = ("finished", "stopped early", "errored")
 
 
-def start_sweep_run(sweep: "SweepConfig", out: Path, echo: Callable[[str], None] = print) -> dict[str, Any] | None:
+def start_sweep_run(sweep: SweepConfig, out: Path, echo: Callable[[str], None] = print) -> dict[str, Any] | None:
     """The sweep's parent run (continued on --resume) with the base config and the sweep's
     settings as params; None when neither tracking nor --register is asked for. With
     --register only, just the reachability check (the registration makes its own run)."""
@@ -83,7 +84,7 @@ def stop_reason(failed: bool, epochs_run: int, epochs: int) -> str:
     return "finished" if epochs_run >= epochs else "stopped early"
 
 
-def sweep_callbacks(handle: Mapping[str, Any] | None, sweep: "SweepConfig") -> list[Any]:
+def sweep_callbacks(handle: Mapping[str, Any] | None, sweep: SweepConfig) -> list[Any]:
     """The Tune callback that logs one child run per trial, or [] when the sweep is not tracked."""
     if handle is None or handle.get("run_id") is None:
         return []
@@ -146,7 +147,7 @@ def _child_of(client: Any, parent: str, trial_id: str) -> str | None:
     return found[0].info.run_id if found else None
 
 
-def finish_sweep_run(handle: Mapping[str, Any] | None, sweep: "SweepConfig", out: Path, best: Mapping[str, Any],
+def finish_sweep_run(handle: Mapping[str, Any] | None, sweep: SweepConfig, out: Path, best: Mapping[str, Any],
                      echo: Callable[[str], None] = print) -> None:
     """The parent's end: the winner's metrics, best.json, trials.csv, the plot and the
     winner's checkpoint as artifacts, status FINISHED; then `--register NAME`: the winner

@@ -8,30 +8,19 @@ Ray start-up and the TorchTrainer; the final report.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
-import socket
 import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from cnnray.checkpoint import atomic_write_json, read_meta
+from cnnray.checkpoint import read_meta
 from cnnray.config import ConfigError, TrainConfig
+from cnnray.errors import TrainingError, root_cause
+from cnnray.files import RESULT_FILE, atomic_write_json
 from cnnray.ray_start import init_ray, joining_cluster, local_cpu_count
-from cnnray.train.run_dir import local_run_dir, run_paths
-
-RESULT_FILE = "result.json"
-# Locked (flock) in the run folder from before Ray starts until the run ends: a second
-# `cnnray train` with the same --out is refused at once, not after Ray made its folder.
-CLAIM_FILE = ".cnnray-run"
-# Config keys a resumed run cannot change: the checkpoint's weights only fit this model.
-RESUME_FIXED = ("model", "norm", "hidden_sizes", "dataset")
-
-
-class TrainingError(RuntimeError):
-    """The run failed after Ray Train's retries; the message holds the root cause."""
+from cnnray.train.best_checkpoint import evaluate_on_test, pick_best
+from cnnray.train.run_dir import check_resume, claim_run_folder, last_checkpoint_meta, local_run_dir, run_paths
 
 
 def resolve_run(cfg: TrainConfig) -> TrainConfig:
@@ -65,7 +54,7 @@ def _progress_callback(epochs: int):
     """One line per epoch, printed by the Ray Train controller after all ranks reported."""
     from ray.train.v2.api.callback import UserCallback
 
-    from cnnray.train.loop import format_progress
+    from cnnray.train.session import format_progress
 
     class Progress(UserCallback):
         def after_report(self, run_context, metrics, checkpoint):
@@ -73,35 +62,6 @@ def _progress_callback(epochs: int):
                 print(format_progress(metrics[0], epochs), flush=True)
 
     return Progress()
-
-
-def _run_exists(storage: str, name: str) -> bool:
-    if "://" not in storage:  # a local path (TrainConfig made it absolute): no pyarrow needed
-        return (Path(storage) / name).exists()
-    import pyarrow.fs
-
-    fs, root = pyarrow.fs.FileSystem.from_uri(storage)  # an absolute path or a URI (TrainConfig)
-    info = fs.get_file_info(f"{root.rstrip('/')}/{name}")
-    return info.type != pyarrow.fs.FileType.NotFound
-
-
-def _evaluate_checkpoint(checkpoint: Any, cfg_dict: dict[str, Any]) -> dict[str, Any]:
-    """Runs as a Ray task next to the data: test-set accuracy of one checkpoint."""
-    import torch
-
-    from cnnray.checkpoint import checkpoint_tta, load_model
-    from cnnray.train.loop import evaluate
-    from cnnray.train.worker_data import held_out_batches
-
-    cfg = TrainConfig.from_dict(cfg_dict)
-    device = torch.device("cuda" if cfg.gpu and torch.cuda.is_available() else "cpu")
-    if device.type == "cpu":
-        torch.set_num_threads(cfg.cpus_per_worker or 1)
-    with checkpoint.as_directory() as d:
-        model, meta = load_model(d, map_location=device)
-    # The checkpoint's test-time augmentation, as the workers' own test and Serve use it.
-    stats = evaluate(model, held_out_batches(cfg, device), device, checkpoint_tta(meta))
-    return {"test_accuracy": stats.accuracy, "test_loss": stats.loss, "test_samples": stats.count}
 
 
 def preflight(cfg: TrainConfig) -> Any:
@@ -148,76 +108,6 @@ def _local_resource(name: str) -> float:
     return float(torch.cuda.device_count())
 
 
-def lock_folder(out: Path, what: str = "cnnray train") -> int:
-    """Lock `out` (created if needed) for this process: the descriptor to keep open while
-    working in it. Atomic: an exclusive flock on `<out>/.cnnray-run`, which the kernel
-    releases when the process ends, even on SIGKILL, so no stale lock is left behind.
-    ConfigError, naming the holder, when another process holds it."""
-    import fcntl
-
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / CLAIM_FILE
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        owner = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "starting"
-        os.close(fd)
-        raise ConfigError(f"{out} is in use by another {what} ({owner}): wait for it, or choose another --out") from None
-    owner = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()})
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, owner.encode(), 0)
-    return fd
-
-
-def claim_run_folder(out: Path, storage: str, name: str, resume: bool) -> tuple[int, bool]:
-    """Claim `out` for this run before anything else touches it (`lock_folder`): (descriptor
-    to keep open while training, whether `out` already held a run). ConfigError when
-    another run uses `out` now, or when `out` holds an earlier run (Ray's run folder
-    exists) and `resume` is off."""
-    fd = lock_folder(out)
-    # Checked under the lock: whoever held it before has finished, its Ray folder is there.
-    existed = _run_exists(storage, name)
-    if existed and not resume:
-        os.close(fd)
-        raise ConfigError(f"{out} already holds a training run: pass --resume to continue it, or choose another --out")
-    return fd, existed
-
-
-def last_checkpoint_meta(storage: str, name: str) -> dict[str, Any] | None:
-    """meta.json of the run's newest checkpoint that Ray Train registered (what a resume
-    starts from); None when there is none, or the storage is remote (the workers read it)."""
-    if "://" in storage:
-        return None
-    run_dir = Path(storage) / name
-    try:
-        snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
-        names = [r["checkpoint_dir_name"] for r in snapshot.get("checkpoint_results", [])]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    if not names:
-        return None
-    newest = max(names, key=lambda n: int(n.rsplit("-", 1)[-1]) if n.rsplit("-", 1)[-1].isdigit() else -1)
-    return read_meta(run_dir / newest)  # epoch-NNNN (more digits past 9999)
-
-
-def check_resume(cfg: TrainConfig, meta: dict[str, Any] | None, out: Path) -> None:
-    """Refuse up front (ConfigError) what a resume cannot honour: fewer epochs than the run
-    already trained, or a different model. More epochs are fine (see build_scheduler)."""
-    if meta is None:
-        return
-    done, stored = int(meta["epoch"]), meta.get("config", {})
-    changed = [k for k in RESUME_FIXED if k in stored and stored[k] != cfg.to_dict()[k]]
-    if changed:
-        was = ", ".join(f"{k}={stored[k]!r}" for k in changed)
-        raise ConfigError(f"the run in {out} was trained with {was}: --resume keeps these; choose another --out")
-    if cfg.epochs <= done:
-        raise ConfigError(
-            f"the run in {out} has already trained {done} epoch(s): pass --epochs greater than {done} "
-            "to train it longer (the schedule then spans the new total)"
-        )
-
-
 def make_trainer(
     cfg: TrainConfig, *, name: str, storage_path: str, callbacks: Sequence[Any] = (),
     tracking: dict[str, Any] | None = None,
@@ -229,10 +119,9 @@ def make_trainer(
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from cnnray.data.stream import data_config
     from cnnray.tracking.train import with_tracking
-    from cnnray.train.loop import train_loop_per_worker
-    from cnnray.train.worker_data import loop_config, resolve_loader, stream_datasets
+    from cnnray.train.session import train_loop_per_worker
+    from cnnray.train.worker_data import data_config, loop_config, resolve_loader, stream_datasets
 
     cfg = cfg.replace(data_loader=resolve_loader(cfg))  # auto is resolved once, here or in resolve_run
     info, datasets = stream_datasets(cfg) if cfg.data_loader == "ray-data" else (None, None)
@@ -277,32 +166,9 @@ def _scaling_config(cfg: TrainConfig, storage_path: str):
     )
 
 
-def evaluate_on_test(checkpoint: Any, cfg: TrainConfig) -> dict[str, Any]:
-    """Test-set accuracy of a Ray Train checkpoint: a Ray task with a worker's resources,
-    or in this process when no Ray runs here (local mode, which imports no Ray)."""
-    ray = sys.modules.get("ray")
-    if ray is None or not ray.is_initialized():
-        return _evaluate_checkpoint(checkpoint, cfg.to_dict())
-    resources = {"num_cpus": cfg.cpus_per_worker or 1, "num_gpus": 1 if cfg.gpu else 0}
-    return ray.get(ray.remote(**resources)(_evaluate_checkpoint).remote(checkpoint, cfg.to_dict()))
-
-
-def pick_best(
-    best_checkpoints: Sequence[tuple[Any, dict[str, Any]]], last_metrics: dict[str, Any]
-) -> tuple[Any, dict[str, Any], dict[str, Any] | None]:
-    """(checkpoint, its metrics, test metrics or None): the epoch the workers named best
-    (the first with the highest validation accuracy), else the best Ray kept. The test
-    metrics come from the last report when the workers tested that same epoch."""
-    named = [cm for cm in best_checkpoints if cm[1].get("epoch") == last_metrics.get("best_epoch")]
-    ckpt, metrics = named[0] if named else max(best_checkpoints, key=lambda cm: cm[1]["val_accuracy"])
-    test = None
-    if "test_accuracy" in last_metrics and last_metrics.get("test_epoch") == metrics.get("epoch"):
-        test = {k: last_metrics[k] for k in ("test_accuracy", "test_loss", "test_samples")}
-    return ckpt, metrics, test
-
-
 def run_training(cfg: TrainConfig, echo: Callable[[str], None] = print) -> dict[str, Any]:
-    cfg = resolve_run(cfg)
+    """One training run of `cfg` to its end: result.json in cfg.out, and its summary."""
+    cfg = resolve_run(cfg.validate())
     out, storage, name = run_paths(cfg)
     cfg = cfg.replace(out=str(out))
     claim, exists = claim_run_folder(out, storage, name, cfg.resume)
@@ -348,16 +214,18 @@ def _fit(
              else f"{cfg.workers_text} Ray Train worker(s) with {device} each")
     echo(f"[cnnray] training {cfg.model} on {cfg.dataset}: {cfg.epochs} epochs, {where}, global batch {cfg.batch_size}")
     if cfg.local_mode:
-        result = _fit_local(cfg, dataset, tracking)
+        from cnnray.train.session import fit_local
+
+        result = fit_local(cfg, dataset, tracking)
     else:
         trainer = make_trainer(cfg, name=name, storage_path=storage, tracking=tracking)
         try:
             result = trainer.fit()
         except Exception as e:  # Ray wraps the worker's exception; show its root cause
-            raise TrainingError(f"training failed: {_root_cause(e)}") from e
+            raise TrainingError(f"training failed: {root_cause(e)}") from e
     trained = time.perf_counter()
     if result.error is not None:
-        raise TrainingError(f"training failed: {_root_cause(result.error)}")
+        raise TrainingError(f"training failed: {root_cause(result.error)}")
     if isinstance(result.return_value, str):  # the workers' divergence line (see the loop)
         raise TrainingError(result.return_value)
     if not result.best_checkpoints:
@@ -407,60 +275,3 @@ def _fit(
         f"[cnnray] wrote {out / RESULT_FILE}"
     )
     return summary
-
-
-class _FolderCheckpoint:
-    """A checkpoint folder on this machine, read as a ray.train.Checkpoint is (`path`,
-    `as_directory()`), so the report below handles both paths alike without Ray."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = str(path)
-
-    @contextlib.contextmanager
-    def as_directory(self):
-        yield self.path
-
-
-def _fit_local(cfg: TrainConfig, dataset: Any, tracking: dict[str, Any] | None = None) -> Any:
-    """Local mode: the loop in this process (no Ray imported), then what Ray Train's
-    Result gives on workers (error, return_value, best_checkpoints, checkpoint, metrics,
-    path), from the checkpoints the run kept in its run folder. An exception in the loop
-    is a TrainingError naming it, as on workers."""
-    from types import SimpleNamespace
-
-    from cnnray.train.loop import run_worker
-    from cnnray.train.session import LocalSession
-
-    info, datasets = None, None
-    if cfg.data_loader == "ray-data":  # the loop reads the whole streamed datasets (one rank)
-        from cnnray.train.worker_data import stream_datasets
-
-        info, datasets = stream_datasets(cfg)
-    session = LocalSession(cfg, datasets)
-    try:
-        value = run_worker(cfg, session, dataset=dataset, stream_info=info, tracking=tracking)
-    except Exception as e:
-        raise TrainingError(f"training failed: {_root_cause(e)}") from e
-    kept = session.checkpoints
-    latest = kept.latest()
-    return SimpleNamespace(
-        error=None,
-        return_value=value,
-        best_checkpoints=[(_FolderCheckpoint(p), m) for p, m in kept.results()],
-        checkpoint=_FolderCheckpoint(latest) if latest else None,
-        metrics=session.last_metrics,
-        path=str(kept.run_dir),
-    )
-
-
-def _root_cause(e: BaseException) -> str:
-    """The innermost exception's message: Ray nests the worker's error in several layers."""
-    seen = set()
-    while id(e) not in seen:
-        seen.add(id(e))
-        nxt = e.__cause__ or getattr(e, "cause", None) or e.__context__
-        if nxt is None:
-            break
-        e = nxt
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[-1] if text else ''}"

@@ -1,31 +1,31 @@
-"""Where a training run's files live, and the checkpoint bookkeeping of local mode.
+"""A training run's folder: where its files live, the claim that keeps a second run out,
+and what a resume may continue.
 
 A run keeps its checkpoints in `<storage>/<run name>/epoch-NNNN/`, listed in Ray Train's
-`checkpoint_manager_snapshot.json` beside them. On Ray Train workers the controller's
-checkpoint manager writes both. Local mode runs the loop in the driver without Ray
-(`cnnray.train.session.LocalSession`; Ray Train's own local mode would only remember the
-last checkpoint, and give nothing back from earlier runs), so `LocalCheckpoints` does the
-manager's job in the same layout:
-the best `keep` checkpoints by validation accuracy plus the latest, each folder moved into
-place whole and the snapshot rewritten atomically. Either path can therefore resume a run
-the other one started (`--resume`), and readers see one layout.
+`checkpoint_manager_snapshot.json` beside them (Ray Train's controller writes both on
+workers; `cnnray.train.session.LocalCheckpoints` in local mode, in the same layout).
+Before anything touches `--out`, `claim_run_folder` locks it (`.cnnray-run`, released by
+the kernel when the process ends) and refuses a folder that holds a run unless it
+resumes; `check_resume` refuses what a resume cannot honour.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
+import socket
+import time
 from pathlib import Path
 from typing import Any
 
-from cnnray.checkpoint import CheckpointError, atomic_write_json
-from cnnray.config import TrainConfig
+from cnnray.checkpoint import read_meta
+from cnnray.config import ConfigError, TrainConfig
+from cnnray.files import CLAIM_FILE
 
 # The file name Ray Train's checkpoint manager uses (ray.train.v2._internal.constants).
 SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
-SCORE = "val_accuracy"  # checkpoints are ranked by it, higher is better
+# Config keys a resumed run cannot change: the checkpoint's weights only fit this model.
+RESUME_FIXED = ("model", "norm", "hidden_sizes", "dataset")
 
 
 def run_paths(cfg: TrainConfig) -> tuple[Path, str, str]:
@@ -45,98 +45,81 @@ def local_run_dir(cfg: TrainConfig) -> Path | None:
     return Path(storage.removeprefix("file://")).expanduser().resolve() / name
 
 
-class LocalCheckpoints:
-    """Ray Train's checkpoint bookkeeping for a local-mode run in `run_dir` (see module doc).
+def _run_exists(storage: str, name: str) -> bool:
+    if "://" not in storage:  # a local path (TrainConfig made it absolute): no pyarrow needed
+        return (Path(storage) / name).exists()
+    import pyarrow.fs
 
-    Not safe for two processes writing one run at once; the driver refuses a second run in
-    an existing folder unless it resumes."""
+    fs, root = pyarrow.fs.FileSystem.from_uri(storage)  # an absolute path or a URI (TrainConfig)
+    info = fs.get_file_info(f"{root.rstrip('/')}/{name}")
+    return info.type != pyarrow.fs.FileType.NotFound
 
-    def __init__(self, run_dir: Path, keep: int) -> None:
-        self.run_dir = Path(run_dir)
-        self.keep = keep
-        # Each entry: {"checkpoint_dir_name", "metrics", "report_index"}, in Ray's order
-        # (ascending by score, then by report index: the best is last).
-        self._results: list[dict[str, Any]] = []
-        self._latest: str | None = None
-        self._report_index = 0
-        self._load()
 
-    # --- reading -------------------------------------------------------------------------
-    def _load(self) -> None:
-        path = self.run_dir / SNAPSHOT_FILE
-        if not path.exists():
-            return
-        try:
-            snap = json.loads(path.read_text())
-            results = snap["checkpoint_results"]
-            indices = snap["checkpoint_report_indices"]
-            latest = snap.get("latest_checkpoint_result")
-            self._results = [
-                {"checkpoint_dir_name": r["checkpoint_dir_name"], "metrics": dict(r["metrics"]), "report_index": int(i)}
-                for r, i in zip(results, indices, strict=True)
-            ]
-            self._latest = latest["checkpoint_dir_name"] if latest else None
-            self._report_index = int(snap.get("current_report_index", len(self._results)))
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(f"unreadable checkpoint list {path}: {e}") from e
+def lock_folder(out: Path, what: str = "cnnray train") -> int:
+    """Lock `out` (created if needed) for this process: the descriptor to keep open while
+    working in it. Atomic: an exclusive flock on `<out>/.cnnray-run`, which the kernel
+    releases when the process ends, even on SIGKILL, so no stale lock is left behind.
+    ConfigError, naming the holder, when another process holds it."""
+    import fcntl
 
-    def latest(self) -> Path | None:
-        """The folder of the last registered checkpoint (what a resume continues from)."""
-        return self.run_dir / self._latest if self._latest else None
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / CLAIM_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        owner = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "starting"
+        os.close(fd)
+        raise ConfigError(f"{out} is in use by another {what} ({owner}): wait for it, or choose another --out") from None
+    owner = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()})
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, owner.encode(), 0)
+    return fd
 
-    def results(self) -> list[tuple[Path, dict[str, Any]]]:
-        """(folder, reported metrics) of every kept checkpoint, worst first."""
-        return [(self.run_dir / r["checkpoint_dir_name"], r["metrics"]) for r in self._results]
 
-    # --- writing -------------------------------------------------------------------------
-    def register(self, src: str | Path, dir_name: str, metrics: dict[str, Any]) -> Path:
-        """Copy the checkpoint folder `src` to `<run_dir>/<dir_name>` (whole or not at all),
-        record it as the latest, and drop checkpoints that are neither among the best
-        `keep` nor the latest. Returns the kept folder."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        dest = self.run_dir / dir_name
-        staging = Path(tempfile.mkdtemp(prefix=f".{dir_name}.", dir=self.run_dir))
-        try:
-            shutil.copytree(src, staging, dirs_exist_ok=True)
-            if dest.exists():  # left by an attempt that stopped before it listed it
-                shutil.rmtree(dest)
-            os.replace(staging, dest)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        self._results = [r for r in self._results if r["checkpoint_dir_name"] != dir_name]
-        self._results.append({"checkpoint_dir_name": dir_name, "metrics": metrics, "report_index": self._report_index})
-        self._results.sort(key=lambda r: (r["metrics"].get(SCORE, float("-inf")), r["report_index"]))
-        self._latest = dir_name
-        self._report_index += 1
-        dropped = [r for r in self._results[: -self.keep] if r["checkpoint_dir_name"] != dir_name]
-        self._results = [r for r in self._results if r not in dropped]
-        # The list first, then the deletions: a crash in between leaves stray folders,
-        # never a list naming a deleted one (the order Ray's own manager keeps).
-        atomic_write_json(self._snapshot(), self.run_dir / SNAPSHOT_FILE)
-        for r in dropped:
-            shutil.rmtree(self.run_dir / r["checkpoint_dir_name"], ignore_errors=True)
-        return dest
+def claim_run_folder(out: Path, storage: str, name: str, resume: bool) -> tuple[int, bool]:
+    """Claim `out` for this run before anything else touches it (`lock_folder`): (descriptor
+    to keep open while training, whether `out` already held a run). ConfigError when
+    another run uses `out` now, or when `out` holds an earlier run (Ray's run folder
+    exists) and `resume` is off."""
+    fd = lock_folder(out)
+    # Checked under the lock: whoever held it before has finished, its Ray folder is there.
+    existed = _run_exists(storage, name)
+    if existed and not resume:
+        os.close(fd)
+        raise ConfigError(f"{out} already holds a training run: pass --resume to continue it, or choose another --out")
+    return fd, existed
 
-    def _snapshot(self) -> dict[str, Any]:
-        """Ray Train 2.60's `_CheckpointManagerState`, so Ray Train workers can resume it."""
-        from importlib.metadata import version
 
-        def state(r: dict[str, Any]) -> dict[str, Any]:
-            return {"version": 0, "checkpoint_dir_name": r["checkpoint_dir_name"], "metrics": r["metrics"]}
+def last_checkpoint_meta(storage: str, name: str) -> dict[str, Any] | None:
+    """meta.json of the run's newest checkpoint that Ray Train registered (what a resume
+    starts from); None when there is none, or the storage is remote (the workers read it)."""
+    if "://" in storage:
+        return None
+    run_dir = Path(storage) / name
+    try:
+        snapshot = json.loads((run_dir / SNAPSHOT_FILE).read_text())
+        names = [r["checkpoint_dir_name"] for r in snapshot.get("checkpoint_results", [])]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not names:
+        return None
+    newest = max(names, key=lambda n: int(n.rsplit("-", 1)[-1]) if n.rsplit("-", 1)[-1].isdigit() else -1)
+    return read_meta(run_dir / newest)  # epoch-NNNN (more digits past 9999)
 
-        latest = next(r for r in self._results if r["checkpoint_dir_name"] == self._latest)
-        return {
-            # Read from the installed package: importing Ray only for this would cost local
-            # mode (which runs without Ray) about as much as importing torch.
-            "ray_version": version("ray"),
-            "checkpoint_results": [state(r) for r in self._results],
-            "checkpoint_report_indices": [r["report_index"] for r in self._results],
-            "latest_checkpoint_result": state(latest),
-            "pending_training_results": [],
-            "pending_validation_specs": [],
-            "current_report_index": self._report_index,
-            "validated_checkpoint_dir_names": [],
-            "timed_out_validation_checkpoint_dir_names": [],
-            "failed_validation_checkpoint_dir_names": [],
-        }
+
+def check_resume(cfg: TrainConfig, meta: dict[str, Any] | None, out: Path) -> None:
+    """Refuse up front (ConfigError) what a resume cannot honour: fewer epochs than the run
+    already trained, or a different model. More epochs are fine (see build_scheduler)."""
+    if meta is None:
+        return
+    done, stored = int(meta["epoch"]), meta.get("config", {})
+    changed = [k for k in RESUME_FIXED if k in stored and stored[k] != cfg.to_dict()[k]]
+    if changed:
+        was = ", ".join(f"{k}={stored[k]!r}" for k in changed)
+        raise ConfigError(f"the run in {out} was trained with {was}: --resume keeps these; choose another --out")
+    if cfg.epochs <= done:
+        raise ConfigError(
+            f"the run in {out} has already trained {done} epoch(s): pass --epochs greater than {done} "
+            "to train it longer (the schedule then spans the new total)"
+        )

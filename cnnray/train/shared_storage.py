@@ -35,7 +35,7 @@ SHARED_HINT = ("pass --storage-path on a shared file system mounted at the same 
                "(NFS, CephFS, Lustre, ...) or a URI such as s3://bucket/runs")
 
 
-def is_uri(storage: str) -> bool:
+def is_remote(storage: str) -> bool:
     """Whether `storage` names remote storage by URI (`file://` is this machine's disk)."""
     scheme, sep, _ = storage.partition("://")
     return bool(sep) and scheme.lower() != "file"
@@ -79,7 +79,7 @@ def worker_hosts(nodes: Iterable[Mapping[str, Any]], cpus_per_worker: float, gpu
 def storage_problem(storage: str, hosts: set[str], driver_ip: str, fs_kind: str) -> str | None:
     """Why `storage` cannot serve workers on `hosts` when the driver runs on `driver_ip`
     and the path's file system is `fs_kind`; None when it can."""
-    if is_uri(storage) or is_network_fs(fs_kind):
+    if is_remote(storage) or is_network_fs(fs_kind):
         return None
     others = sorted(hosts - {driver_ip})
     if not others:
@@ -95,7 +95,7 @@ def check_shared_storage(storage: str, cpus_per_worker: float, gpu: bool) -> Non
     Checks the nodes alive now: an autoscaler's future nodes are not known here."""
     import ray
 
-    if is_uri(storage):
+    if is_remote(storage):
         return
     hosts = worker_hosts(ray.nodes(), cpus_per_worker, gpu)
     driver_ip = ray.util.get_node_ip_address()

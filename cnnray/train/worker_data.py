@@ -6,36 +6,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-import numpy as np
 import torch
 
 from cnnray.config import ConfigError, TrainConfig
 from cnnray.data import DataError, Dataset, ShardedBatches, load_dataset, split_train_val, take_subset
+from cnnray.data.loader import eval_batch_size, test_batches
 from cnnray.data.stream import StreamBatches, StreamInfo
-from cnnray.train.loop import use_channels_last
-
-# Evaluation batches. On a GPU larger than training ones (no activations are kept for
-# backward): up to EVAL_BATCH images, and at most as many input values as EVAL_BATCH CIFAR
-# images, so that 128 x 128 or 224 x 224 images do not multiply activation memory by 16 or
-# 49 (a 1,024-batch of 128 x 128 images took ~2 GB in tutorial_cnn); never fewer than a
-# training batch, whose activations the worker holds anyway. On a CPU at most
-# EVAL_BATCH_CPU images: there a batch's activations should stay in the caches, and
-# 1,024-image batches ran 1.7-3x slower per image than 128-image ones (2-core AMX CI
-# machine, fp32 channels-last: the lecture cnn 58 against 19 us, airbench 1,008 against
-# 565 us, resnet18 9.8 against 4.3 ms; 32-128 were within 5% of each other).
-EVAL_BATCH = 1024
-EVAL_BATCH_CPU = 128
-EVAL_VALUES = EVAL_BATCH * 3 * 32 * 32
-
+from cnnray.train.device import use_channels_last
 
 def eval_batch(cfg: TrainConfig, input_shape: tuple[int, ...]) -> int:
     """Images per evaluation batch for images of `input_shape` (C, H, W), on the device
-    `cfg` trains on (cfg.gpu)."""
-    per_image = max(1, int(np.prod(input_shape)))
-    fit = max(1, EVAL_VALUES // per_image)
-    if not cfg.gpu:
-        return min(EVAL_BATCH_CPU, fit)
-    return max(cfg.batch_size_per_worker, min(EVAL_BATCH, fit))
+    `cfg` trains on (cfg.gpu): `cnnray.data.eval_batch_size`."""
+    return eval_batch_size(input_shape, gpu=cfg.gpu, train_batch=cfg.batch_size_per_worker)
+
+
 # The train_loop_config key beside TrainConfig's own that carries a streamed dataset's
 # StreamInfo from the driver's scan to the workers (they cannot rescan: every image).
 STREAM_INFO = "_stream_info"
@@ -214,7 +198,7 @@ def prepare_worker_data(
 def _stream_worker_data(
     cfg: TrainConfig, rank: int, world: int, device: torch.device, info: StreamInfo, shards: Callable[[str], Any]
 ) -> WorkerData:
-    """This rank's Ray Data shards (Ray Train's DataConfig split them: stream.data_config;
+    """This rank's Ray Data shards (Ray Train's DataConfig split them: data_config;
     in local mode the whole datasets)."""
     n_train, n_val, n_test = split_counts(cfg, info.n_train, info.n_test)
     common = dict(device=device, mean=info.mean, std=info.std, sample_shape=info.input_shape)
@@ -236,11 +220,48 @@ def _stream_worker_data(
 def stream_datasets(cfg: TrainConfig) -> tuple[StreamInfo, dict[str, Any]]:
     """The driver's side of a ray-data run (Ray running): the scan, and the Ray Datasets
     for the trainer's datasets= (test only when the workers test at the end)."""
-    from cnnray.data.stream import build_datasets, scan
+    from cnnray.data.stream import scan
 
-    info = scan(cfg)
+    info = scan(cfg.dataset, cfg.data_dir)
     splits = ("train", "val", "test") if cfg.test_at_end else ("train", "val")
-    return info, build_datasets(cfg, info, resolve_augment(cfg, info), splits)
+    return info, _build_datasets(cfg, info, resolve_augment(cfg, info), splits)
+
+
+def _build_datasets(cfg: TrainConfig, info: StreamInfo, augment: str, splits: tuple[str, ...]) -> dict[str, Any]:
+    """`stream.build_datasets` for `cfg`'s split and the CPUs its workers hold (none in local
+    mode: the loop runs in the driver)."""
+    from cnnray.data.stream import build_datasets
+
+    reserved = 0.0 if cfg.local_mode else float(cfg.workers * (cfg.cpus_per_worker or 1))
+    return build_datasets(info, cfg.data_dir, augment=augment, pad=cfg.crop_padding, subset=cfg.subset,
+                          seed=cfg.seed, val_fraction=cfg.val_fraction, reserved=reserved, splits=splits)
+
+
+def data_config():  # noqa: ANN201 (ray.train.DataConfig)
+    """How Ray Train splits the datasets over its workers: "train" in equal shards (DDP
+    ranks must take the same number of steps), the others unevenly but each row exactly
+    once (evaluation counts every sample once, as the in-memory loader does), each with
+    OBJECT_STORE_LIMIT of Ray Data's object store."""
+    import copy
+
+    from ray.data import ExecutionOptions, ExecutionResources
+    from ray.train import DataConfig
+
+    from cnnray.data.stream import OBJECT_STORE_LIMIT
+
+    class Split(DataConfig):
+        def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):  # noqa: ANN001, ANN201
+            output: list[dict[str, Any]] = [{} for _ in range(world_size)]
+            for name, ds in datasets.items():
+                ds = ds.copy(ds)
+                ds.context.execution_options = copy.deepcopy(self._resolve_execution_options(name))
+                for i, shard in enumerate(ds.streaming_split(world_size, equal=name == "train",
+                                                             locality_hints=worker_node_ids)):
+                    output[i][name] = shard
+            return output
+
+    limits = ExecutionResources(object_store_memory=OBJECT_STORE_LIMIT)
+    return Split(execution_options=ExecutionOptions(resource_limits=limits))
 
 
 def held_out_batches(
@@ -250,17 +271,14 @@ def held_out_batches(
     with `world` > 1 this rank's shard of it. NCHW, as Serve and the report feed it.
     ray-data: the whole test split streamed by Ray Data (needs a running Ray; one rank)."""
     if cfg.data_loader == "ray-data" and ds is None and world == 1:
-        from cnnray.data.stream import build_datasets, scan
+        from cnnray.data.stream import scan
 
-        info = scan(cfg)
-        test = build_datasets(cfg, info, "none", ("test",))["test"]
+        info = scan(cfg.dataset, cfg.data_dir)
+        test = _build_datasets(cfg, info, "none", ("test",))["test"]
         return StreamBatches(test, rows=split_counts(cfg, info.n_train, info.n_test)[2],
                              batch_size=eval_batch(cfg, info.input_shape),
                              drop_last=False, shuffle=False, device=device, mean=info.mean, std=info.std,
                              sample_shape=info.input_shape)
     ds = ds or load_for(cfg)
-    x, y = take_subset(ds.test_images, ds.test_labels, cfg.subset, cfg.seed)
-    return ShardedBatches(
-        x, y, batch_size=eval_batch(cfg, ds.input_shape), rank=rank, world_size=world, shuffle=False, drop_last=False,
-        device=device, mean=ds.mean, std=ds.std,
-    )
+    return test_batches(ds, subset=cfg.subset, seed=cfg.seed, batch_size=eval_batch(cfg, ds.input_shape),
+                        device=device, rank=rank, world=world)

@@ -10,28 +10,24 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
-from cnnray.checkpoint import (
-    CheckpointError,
+from cnnray.checkpoint import read_meta, verify_checkpoint
+from cnnray.config import TrainConfig
+from cnnray.errors import CheckpointError, TrainingError
+from cnnray.files import (  # noqa: F401  (the sweep folder's names, also read from here)
+    BEST_FILE,
+    HISTORIES_FILE,
+    RUNS_DIR,
+    TRIALS_CSV,
+    TRIALS_PARQUET,
+    TUNE_DIR,
     atomic_write,
     atomic_write_bytes,
     atomic_write_json,
-    read_meta,
-    verify_checkpoint,
 )
-from cnnray.config import TrainConfig
-from cnnray.train.driver import TrainingError
+from cnnray.tune.sweep_config import SweepConfig
 
-if TYPE_CHECKING:
-    from cnnray.tune.sweep import SweepConfig
-
-TUNE_DIR = "tune"  # Tune's experiment: state, one folder per trial (result.json)
-RUNS_DIR = "runs"  # Ray Train storage; each trial's run is named by its trial id
-TRIALS_CSV = "trials.csv"
-TRIALS_PARQUET = "trials.parquet"
-HISTORIES_FILE = "histories.json"
-BEST_FILE = "best.json"
 PLOT_FILE = "sweep.png"
 # Keys Tune adds to every reported result, and the checkpoint path TuneReportCallback
 # adds: dropped so that a history holds the metrics exactly as the training loop reports them.
@@ -61,7 +57,7 @@ def read_history(trial_dir: str | Path) -> list[dict[str, Any]]:
     return [by_epoch[e] for e in sorted(by_epoch)]
 
 
-def collect(sweep: "SweepConfig", out: Path) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, Any]]]]:
+def collect(sweep: SweepConfig, out: Path) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, Any]]]]:
     """(one row per trial, {trial_id: history}) from the experiment as saved on disk."""
     from ray.tune import ExperimentAnalysis
 
@@ -134,12 +130,12 @@ def format_table(rows: list[dict[str, Any]], swept: list[str]) -> str:
     return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip() for line in [head, *body])
 
 
-def finish_sweep(sweep: "SweepConfig", out: Path, *, seconds: float, echo: Callable[[str], None] = print) -> dict[str, Any]:
+def finish_sweep(sweep: SweepConfig, out: Path, *, seconds: float, echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Table, histories, best.json (with test accuracy), plot and model export."""
     from ray.train import Checkpoint
 
     from cnnray.store import export
-    from cnnray.train.driver import evaluate_on_test
+    from cnnray.train.best_checkpoint import evaluate_on_test
     from cnnray.tune.plots import plot_sweep
 
     rows, histories = collect(sweep, out)

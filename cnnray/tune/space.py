@@ -138,7 +138,7 @@ def _check_value(base: TrainConfig, key: str, value: Any) -> Any:
 def _with(base: TrainConfig, values: Mapping[str, Any]) -> TrainConfig:
     """`base` with `values`, as a trial would build it; a ConfigError names the fields."""
     try:
-        return base.replace(**values)
+        return base.replace(**values).validate()
     except ConfigError as e:
         raise ConfigError(f"{', '.join(values)}: {e}") from None
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port, log_tail
+from tests.helpers.processes import free_port, log_tail
 
 SERVER_VENV = Path.home() / ".cache" / "cnnray-test" / "mlflow-venv"
 SERVER_ENV = "CNNRAY_MLFLOW_SERVER"

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.conftest import free_port, log_tail, spawn_cnnray, wait_http
+from tests.helpers.processes import free_port, log_tail, spawn_cnnray, wait_http
 from tests.tracking.conftest import runs_of
 
 pytestmark = pytest.mark.slow

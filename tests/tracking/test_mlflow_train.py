@@ -11,7 +11,7 @@ import pytest
 
 from cnnray.config import TrainConfig
 from cnnray.tracking.params import EPOCH_METRICS
-from tests.conftest import free_port, spawn_cnnray
+from tests.helpers.processes import free_port, spawn_cnnray
 from tests.tracking.conftest import runs_of
 
 pytestmark = pytest.mark.slow

@@ -66,7 +66,7 @@ def test_tracking_config_fields_and_flags():
     with pytest.raises(ConfigError, match="did you mean 'tracking'"):
         TrainConfig.from_dict({"trackin": "mlflow"})
     from cnnray.cli import build_parser
-    from cnnray.flags import config_from_args
+    from cnnray.cli.flags import config_from_args
 
     for command in (["train"], ["tune"]):
         args = build_parser().parse_args([*command, "--tracking", "mlflow", "--tracking-uri", "http://h", "--experiment", "e"])

@@ -1,0 +1,7 @@
+"""`python -m cnnray.cli ARGS`: the `cnnray` program."""
+
+import sys
+
+from cnnray.cli import main
+
+sys.exit(main())

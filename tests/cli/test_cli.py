@@ -1,0 +1,142 @@
+"""The `cnnray` command line as a user meets it: exit codes, one-line errors, --resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.helpers import REPO
+from tests.helpers.processes import registered_checkpoints, spawn_cnnray
+
+
+def cnnray(*args: str, env_extra: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, **(env_extra or {})}
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.run(
+        [sys.executable, "-m", "cnnray.cli", *args], capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env
+    )
+
+
+def assert_clean_error(proc: subprocess.CompletedProcess, fragment: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert fragment in lines[0], lines[0]
+
+
+def test_models_json_lists_every_model_with_vgg19_table_total():
+    proc = cnnray("models", "--json")
+    assert proc.returncode == 0, proc.stderr
+    rows = {r["name"]: r for r in json.loads(proc.stdout)}
+    from cnnray.models import list_models
+
+    assert set(rows) == set(list_models())
+    assert rows["vgg19_imagenet"]["parameters"] == 143_667_240
+    assert rows["vgg19_imagenet"]["input_shape"] == [3, 224, 224]
+    assert rows["cnn"]["input_shape"] == [1, 28, 28]
+
+
+def test_models_table():
+    proc = cnnray("models")
+    assert proc.returncode == 0
+    assert "vgg19_imagenet" in proc.stdout and "143,667,240" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["train", "--model", "alexnet"], "unknown model 'alexnet'"),
+        (["train", "--dataset", "imagenet"], "unknown dataset 'imagenet'"),
+        (["train", "--epochs", "-1"], "argument --epochs: '-1' is not in [1, 100000]"),
+        (["train", "--epochs", "three"], "argument --epochs: expected an integer, got 'three'"),
+        (["train", "--lr", "0"], "argument --lr: '0' is not in (0, 100]"),
+        (["train", "--norm", "instance"], "unknown norm 'instance'"),
+        (["train", "--frobnicate"], "unrecognized arguments"),
+        (["train", "--local-mode", "--workers", "2"], "local_mode=True trains in one process"),
+        (["train", "--config", "/nonexistent/c.yaml"], "cannot read config file"),
+        (["fly"], "invalid choice"),
+    ],
+)
+def test_bad_arguments_exit_2_with_one_line(args, fragment):
+    assert_clean_error(cnnray(*args), fragment)
+
+
+def test_unknown_key_in_config_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model: cnn\nlearning_rate: 0.1\n")
+    assert_clean_error(cnnray("train", "--config", str(path)), "unknown config key 'learning_rate'")
+
+
+def test_unreadable_data_dir(tmp_path):
+    not_a_dir = tmp_path / "file.txt"
+    not_a_dir.write_text("hello")
+    proc = cnnray("train", "--data-dir", str(not_a_dir), "--no-download", "--out", str(tmp_path / "o"),
+                  env_extra={"CNNRAY_DATA": str(tmp_path / "cache")})
+    assert_clean_error(proc, str(not_a_dir))
+
+
+def test_missing_data_offline_names_expected_files(tmp_path):
+    proc = cnnray("train", "--data-dir", str(tmp_path / "empty"), "--no-download", "--out", str(tmp_path / "o"),
+                  env_extra={"CNNRAY_DATA": str(tmp_path / "cache")})
+    assert_clean_error(proc, "train-images-idx3-ubyte")
+
+
+@pytest.mark.parametrize("workers", ["1", "2"], ids=["local_mode", "ray_train"])
+def test_stopped_run_continues_with_resume(mnist_dir, tmp_path, workers):
+    """Interrupt a real `cnnray train` after its second checkpoint, then rerun the same
+    command with --resume: it continues from that epoch instead of starting over. One
+    worker runs in local mode (the default), two on Ray Train workers."""
+    out = tmp_path / "run"
+    args = ["train", "--model", "cnn", "--data-dir", str(mnist_dir), "--subset", "6000", "--workers", workers,
+            "--batch-size", "64", "--epochs", "6", "--out", str(out)]
+    proc = spawn_cnnray(args, tmp_path / "cache")
+    try:
+        deadline = time.time() + 240
+        while "epoch-0002" not in registered_checkpoints(out / "ray" / "run"):
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.time() < deadline, "no second checkpoint in time"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not (out / "result.json").exists()  # it really stopped before the end
+
+    again = cnnray(*args, env_extra={"CNNRAY_DATA": str(tmp_path / "cache")})
+    assert again.returncode == 2 and "pass --resume" in again.stderr
+
+    resumed = cnnray(*args, "--resume", env_extra={"CNNRAY_DATA": str(tmp_path / "cache")})
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    result = json.loads((out / "result.json").read_text())
+    epochs = [h["epoch"] for h in result["history"]]
+    assert epochs == [1, 2, 3, 4, 5, 6]
+    assert result["history"][-1]["start_epoch"] >= 2
+    assert "resumed from the checkpoint of epoch" in resumed.stdout + resumed.stderr
+    assert "[cnnray] epoch 6/6" in resumed.stdout + resumed.stderr  # the progress lines, both paths
+
+
+def test_the_program_skips_the_exit_collections_and_a_python_caller_keeps_them(monkeypatch, capsys):
+    """`cnnray` run as a program freezes the objects left at exit (CPython's last
+    collections would walk everything torch imported: ~1 CPU-s); called from Python
+    (argv given: tests, notebooks) it leaves the caller's garbage collector alone."""
+    import gc
+    from types import SimpleNamespace
+
+    from cnnray.cli import main
+
+    registered = []  # cnnray.cli's own exit handlers (the process's real atexit is untouched)
+    monkeypatch.setattr("cnnray.cli.atexit", SimpleNamespace(register=registered.append))
+    assert main(["models", "--json"]) == 0
+    assert registered == []
+    monkeypatch.setattr(sys, "argv", ["cnnray", "models", "--json"])
+    assert main() == 0
+    assert registered == [gc.freeze]
+    capsys.readouterr()

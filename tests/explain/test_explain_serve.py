@@ -1,0 +1,177 @@
+"""One real `cnnray serve` (its Ray Serve deployment) with a cnn trained on real MNIST: the
+:explain route, `cnnray predict --explain`, and the page in headless Chromium drawing a digit
+and showing the heat maps and the strip of response maps (slow: starts Ray and a browser).
+
+With CNNRAY_DOCS_SCREENSHOT=1 the page test also writes docs/img/explain-page.png."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+from tests.helpers import REPO
+from tests.helpers.processes import free_port, log_tail, spawn_cnnray, wait_http
+
+pytestmark = pytest.mark.slow
+
+MNIST = {"dataset": "mnist", "input_shape": [1, 28, 28], "classes": [str(i) for i in range(10)],
+         "mean": [0.1307], "std": [0.3081]}
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, mnist_dir, data_cache):
+    import torch
+
+    from cnnray.checkpoint import save_checkpoint
+    from cnnray.data import load_dataset
+    from cnnray.models import build_model, resolve_model_args
+
+    root = tmp_path_factory.mktemp("explain-serve")
+    ds = load_dataset("mnist", mnist_dir)
+    args = resolve_model_args("cnn")
+    torch.manual_seed(0)
+    model = build_model("cnn", **args)
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    x = (ds.train_images[:6400].float() / 255 - 0.1307) / 0.3081
+    y = ds.train_labels[:6400]
+    for i in range(0, 6400, 64):  # one pass over 6,400 digits: ~95% accurate, enough to draw with
+        loss = torch.nn.functional.cross_entropy(model(x[i : i + 64]), y[i : i + 64])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    ck = save_checkpoint(root / "cnn", model_name="cnn", model_args=args, state_dict=model.state_dict(),
+                         data_info=MNIST, epoch=1, config={"seed": 0}, metrics={"val_accuracy": 0.95})
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = open(root / "serve.log", "w+")
+    proc = spawn_cnnray(["serve", "--checkpoint", str(ck), "--name", "digits", "--port", str(port),
+                         "--replicas", "1", "--watch-s", "0"], output=log)
+    try:
+        wait_http(url + "/healthz", proc, log, "cnnray serve")
+        yield url, ds
+    finally:
+        proc.send_signal(2)  # Ctrl-C: serve removes what it started
+        try:
+            proc.wait(120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            pytest.fail(f"cnnray serve did not stop:\n{log_tail(log)}")
+
+
+def png(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_the_served_explain_route_answers(served):
+    url, ds = served
+    data = png(ds.test_images[0, 0].numpy())
+    r = requests.post(f"{url}/v1/models/digits:explain?layers=conv2.0&channels=2", data=data,
+                      headers={"Content-Type": "image/png"}, timeout=120)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["prediction"]["label"] == str(int(ds.test_labels[0]))
+    assert set(body["explanations"]) == {"occlusion", "gradcam"}
+    assert [m["layer"] for m in body["feature_maps"]] == ["conv2.0"] and len(body["feature_maps"][0]["channels"]) == 2
+    bad = requests.post(f"{url}/v1/models/digits:explain?layers=fc", data=data, headers={"Content-Type": "image/png"},
+                        timeout=60)
+    assert bad.status_code == 400 and "this model's conv layers: conv1.0, conv2.0" in bad.json()["error"]
+
+
+def test_predict_explain_writes_the_overlays_beside_the_images(served, tmp_path):
+    url, ds = served
+    files = []
+    for i in range(2):
+        f = tmp_path / f"digit{i}.png"
+        f.write_bytes(png(ds.test_images[i, 0].numpy()))
+        files.append(f)
+    cmd = [sys.executable, "-m", "cnnray.cli", "predict", "--url", url, "--model", "digits", "--explain", *map(str, files)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    for i, f in enumerate(files):
+        for method in ("occlusion", "gradcam"):
+            out = tmp_path / f"digit{i}.{method}.png"
+            assert f"  wrote {out}" in proc.stdout
+            with Image.open(out) as img:
+                assert img.size == (112, 112)
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert again.returncode == 2 and "exists: remove it or pass --overwrite" in again.stderr
+
+
+CHROME_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage", "--window-size=900,1100"]
+
+
+@pytest.fixture
+def browser(tmp_path):
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not chromium or not driver:
+        pytest.skip("Debian's chromium and chromium-driver are not installed")
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in CHROME_FLAGS + [f"--user-data-dir={tmp_path / 'profile'}"]:
+        options.add_argument(flag)
+    b = webdriver.Chrome(service=Service(executable_path=driver), options=options)
+    b.set_page_load_timeout(60)
+    try:
+        yield b
+    finally:
+        b.quit()
+
+
+def test_page_shows_the_heat_maps_and_response_maps_while_drawing(served, browser, tmp_path):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url, _ = served
+    browser.get(url + "/")
+    WebDriverWait(browser, 60).until(lambda b: b.find_elements(By.CSS_SELECTOR, "#model option"))
+    assert not browser.find_element(By.ID, "explain").is_displayed()
+    status = browser.find_element(By.ID, "explain-status")
+    # Draw a "7" without pressing Predict: the explanation follows the drawing (debounced).
+    pad = browser.find_element(By.ID, "pad")
+    (ActionChains(browser).move_to_element_with_offset(pad, -80, -90).click_and_hold()
+     .move_by_offset(80, 0).move_by_offset(80, 0).move_by_offset(-50, 90).move_by_offset(-50, 90).release().perform())
+    WebDriverWait(browser, 120).until(lambda b: int(status.get_attribute("data-done")) >= 1)
+    assert status.get_attribute("data-state") == "ok", status.text
+    assert browser.find_element(By.ID, "explain").is_displayed()
+    figures = browser.find_elements(By.CSS_SELECTOR, "#heat figure.heatmap")
+    assert [f.get_attribute("data-method") for f in figures] == ["occlusion", "gradcam"]
+    for f in figures:
+        image = f.find_element(By.TAG_NAME, "img")
+        assert image.is_displayed() and browser.execute_script("return arguments[0].naturalWidth", image) == 112
+    rows = browser.find_elements(By.CSS_SELECTOR, "#strip .layer")
+    assert [r.get_attribute("data-layer") for r in rows] == ["conv1.0", "conv2.0"]
+    assert "conv1.0: 16x28x28 (formula 16x28x28)" in rows[0].text
+    for r in rows:
+        maps = r.find_elements(By.TAG_NAME, "img")
+        assert len(maps) == 4 and all(browser.execute_script("return arguments[0].naturalWidth", m) > 0 for m in maps)
+    # Predict: the top 3 come as before, and the explanation follows the prediction.
+    done = int(status.get_attribute("data-done"))
+    browser.find_element(By.ID, "predict").click()
+    WebDriverWait(browser, 60).until(lambda b: b.find_element(By.ID, "status").get_attribute("data-done") == "1")
+    WebDriverWait(browser, 120).until(lambda b: int(status.get_attribute("data-done")) > done)
+    top = browser.find_element(By.CSS_SELECTOR, "#top3 li.pred .label").text
+    assert f"(class {top}," in status.text
+    shot = tmp_path / "explain-page.png"
+    height = browser.execute_script("return document.body.scrollHeight")
+    browser.set_window_size(900, min(2400, height + 320))  # the whole page, heat maps and strip included
+    browser.save_screenshot(str(shot))
+    if os.environ.get("CNNRAY_DOCS_SCREENSHOT"):
+        with Image.open(shot) as img:  # a small PNG for the docs: palette colours
+            img.convert("RGB").quantize(64).save(REPO / "docs" / "img" / "explain-page.png", optimize=True)

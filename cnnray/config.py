@@ -26,6 +26,8 @@ OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("onecycle", "cosine", "constant", "triangle")
 AUGMENTS = ("auto", "none", "crop", "crop_flip", "crop_altflip")
 LR_SCALINGS = ("none", "linear")
+# none: cnnray's own files only; mlflow: also one MLflow run (cnnray.tracking).
+TRACKERS = ("none", "mlflow")
 # memory: decode the whole dataset into every worker; ray-data: stream image folders with
 # Ray Data (cnnray.data.stream); auto: memory unless an image folder's decoded size is over
 # a quarter of each worker's share of this machine's memory (worker_data.resolve_loader).
@@ -140,6 +142,11 @@ class TrainConfig:
     # After the last epoch the workers (data loaded, processes warm) evaluate the test split
     # with the best-validation weights; off for Tune trials, whose winner is evaluated once.
     test_at_end: bool = True
+    # --- experiment tracking (cnnray.tracking): params, per-epoch metrics and artifacts
+    tracking: str = "none"  # none | mlflow
+    # None: $MLFLOW_TRACKING_URI, else a file store in <out>/mlruns
+    tracking_uri: str | None = None
+    experiment: str | None = None  # MLflow experiment name; None: "cnnray"
 
     def __post_init__(self) -> None:
         _resolve_paths(self)
@@ -148,6 +155,7 @@ class TrainConfig:
         _check_choice("augment", self.augment, AUGMENTS)
         _check_choice("data_loader", self.data_loader, DATA_LOADERS)
         _check_choice("lr_scaling", self.lr_scaling, LR_SCALINGS)
+        _check_choice("tracking", self.tracking, TRACKERS)
         for key, allowed in FIELD_RANGES.items():
             value = getattr(self, key)
             _check(value is None or allowed.contains(value), key, value, f"must be {allowed.describe()}")

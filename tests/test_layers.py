@@ -4,6 +4,7 @@ top of a module or inside a function). Issue 24: each layer calls only downward.
     cli/                       the `cnnray` command: one module per subcommand
     report/  tune/             read files and checkpoints / sweep Ray Train runs
     train/   serve/            training (driver, loop, sessions) / serving
+    tracking/                  MLflow runs and registry, called by train/ and tune/
     config  store  checkpoint  ray_start
     data/    models/           datasets and batches / the networks
     errors  files  argtypes  paths  raytoken      the floor: imports nothing above it
@@ -74,6 +75,8 @@ RULES = [
     ("tune", {"serve", "report", "cli"}, "tune runs Ray Train runs, nothing above"),
     ("report", {"train", "tune", "serve", "cli"}, "report reads files and checkpoints, not training code"),
     ("export", {"tune", "serve", "report", "cli"}, "export turns a checkpoint into a file; serving calls it, not the reverse"),
+    ("tracking", {"serve", "tune", "report", "cli"},
+     "tracking logs training runs and sweeps (tune and the driver call it); serving reads the registry itself"),
     ("explain", {"config", "data", "train", "tune", "serve", "report", "cli", "store", "ray_start"},
      "explanations need only a model: serve and the report both use them"),
 ]
@@ -155,3 +158,16 @@ def test_ray_start_up_lives_in_one_place():
                      if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
                      and node.func.attr == "init" and isinstance(node.func.value, ast.Name) and node.func.value.id == "ray")
     assert callers == []
+
+
+def test_config_and_serve_registry_import_no_mlflow():
+    """`import cnnray.config` loads no MLflow client (the tracking fields are plain
+    values), nor does parsing a models:/ URI (cnnray.serve.registry): the client is
+    imported only when a run is tracked or a registry is asked."""
+    code = ("import sys\n"
+            "import cnnray.config, cnnray.serve.registry\n"
+            "cnnray.config.TrainConfig.from_dict({'model': 'cnn', 'tracking': 'mlflow', 'experiment': 'x'})\n"
+            "cnnray.serve.registry.parse_registry_uri('models:/digits@champion')\n"
+            "assert not [m for m in sys.modules if m.split('.')[0] == 'mlflow'], 'mlflow imported'\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -10,6 +10,8 @@
     cnnray/cli/serve.py    `cnnray serve`
     cnnray/cli/predict.py  `cnnray predict`
     cnnray/cli/report.py   `cnnray report`
+    cnnray/cli/export.py   `cnnray export`
+    cnnray/cli/register.py `cnnray register` (an MLflow model registry; cnnray.tracking)
 
 Each module has `add_parser(sub)`, which adds its subparser and sets `func(args) -> int`;
 a new subcommand is a new module here and one line in SUBCOMMANDS. `build_parser()` is
@@ -30,11 +32,11 @@ import os
 import sys
 from typing import Sequence
 
-from cnnray.cli import export, models, predict, report, serve, train, tune
+from cnnray.cli import export, models, predict, register, report, serve, train, tune
 from cnnray.cli.flags import Parser
 
 # In the order `cnnray --help` lists them.
-SUBCOMMANDS = (train, models, tune, serve, predict, report, export)
+SUBCOMMANDS = (train, models, tune, serve, predict, report, export, register)
 
 
 def build_parser() -> argparse.ArgumentParser:

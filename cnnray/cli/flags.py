@@ -96,6 +96,9 @@ TRAIN_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "--max-failures": ("max_failures", dict(type=_number("max_failures", int), help="worker failures to recover from; default 2")),
     "--amp": ("amp", dict(action=argparse.BooleanOptionalAction, help="bf16 autocast where native (GPU, AVX512-BF16/AMX CPU); default on")),
     "--compile": ("compile", dict(action=argparse.BooleanOptionalAction, help="torch.compile on GPU; default off")),
+    "--tracking": ("tracking", dict(help="none | mlflow: log params, per-epoch metrics and artifacts to MLflow; default none")),
+    "--tracking-uri": ("tracking_uri", dict(help="MLflow tracking server; default $MLFLOW_TRACKING_URI, else <out>/mlruns")),
+    "--experiment": ("experiment", dict(help="MLflow experiment name; default cnnray")),
     "--download": ("download", dict(action=argparse.BooleanOptionalAction, help="download missing data; default on")),
     "--skip-unreadable": ("skip_unreadable", dict(action=argparse.BooleanOptionalAction,
                           help="train without the image files that cannot be read (their count and a few "

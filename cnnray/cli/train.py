@@ -28,5 +28,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     elif args.report:
         from cnnray.report import report_after_training
 
-        report_after_training(summary["config"]["out"])
+        page = report_after_training(summary["config"]["out"])
+        from cnnray.tracking.train import log_report
+
+        log_report(summary, page)  # the report page as an artifact of the run's MLflow run, if tracked
     return 0

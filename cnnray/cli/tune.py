@@ -55,6 +55,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="sweeps/latest", help="sweep folder (table, plot, best.json); default sweeps/latest")
     p.add_argument("--model-store", help="where the best model is exported; default <out>/models")
     p.add_argument("--name", help="exported model name; default <model>-<dataset>")
+    p.add_argument("--register", metavar="NAME", help="register the best checkpoint as a new version of this MLflow "
+                   "model (at --tracking-uri); alias champion moves to it when it beats the champion")
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=False,
                    help="continue the sweep in --out: finished trials are kept")
     p.add_argument("--config", metavar="FILE.yaml", help="YAML file of TrainConfig keys for every trial; flags override it")
@@ -99,6 +101,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         perturbation_interval=args.perturbation_interval,
         budget=args.budget,
         gpus_per_trial=args.gpus_per_trial,
+        register=args.register,
     )
     run_sweep(sweep)
     return 0

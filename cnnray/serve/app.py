@@ -30,6 +30,7 @@ from cnnray.serve.engine import LoadedModel, load_served_model, public_error, re
 from cnnray.serve.metrics import MetricsHub, MetricsReporter, ServeMetrics
 from cnnray.serve.oip_grpc import OipGrpcMethods
 from cnnray.serve.preprocess import Payload, RequestError
+from cnnray.serve.registry import follows_alias
 from cnnray.serve.schemas import Limits, ModelRef, ServeArgs, ServeUserConfig
 
 # No `from __future__ import annotations` here: Serve reads `build_app`'s annotation as a
@@ -116,7 +117,7 @@ class ModelServer(OipGrpcMethods):  # + OIP v2 gRPC methods (oip_grpc.py), when 
             if current is not None and current.path == ref.path and current.version == ref.version:
                 self._failures.pop(name, None)  # a failed newer version was withdrawn
                 continue
-            if self._store and current is not None and current.version > ref.version:
+            if self._store and current is not None and current.version > ref.version and not self._follows():
                 continue  # the store watcher already serves a newer version: never go back
             await asyncio.to_thread(self._load, name, ref)
         for name in set(self._models) - set(cfg.models):
@@ -220,7 +221,12 @@ class ModelServer(OipGrpcMethods):  # + OIP v2 gRPC methods (oip_grpc.py), when 
         return {
             n: r for n, r in res.models.items()
             if n not in serving or (r.version > serving[n].version and r.path != serving[n].path)
+            # An alias (models:/NAME@ALIAS) may move to any version, older ones too; a version that failed stays out.
+            or (self._follows() and r.version != serving[n].version and self._failures.get(n, (0,))[0] != r.version)
         }
+
+    def _follows(self) -> bool:
+        return bool(self._store) and follows_alias(self._store["args"].get("model_store"))
 
     async def _watch_store(self) -> None:
         while True:

@@ -24,6 +24,7 @@ from cnnray.serve.checkpoint_arg import checkpoint_in
 from cnnray.serve.defaults import DECODE_THREADS
 from cnnray.serve.metrics import MetricsReporter, ServeMetrics
 from cnnray.serve.preprocess import Payload, RequestError, batch_inputs
+from cnnray.serve.registry import is_registry_uri, resolve_registry
 from cnnray.serve.runtime import Runtime, TorchRuntime, make_runtime
 from cnnray.serve.schemas import Limits, ModelRef, ServeArgs, ServeUserConfig
 from cnnray.store import check_name, scan
@@ -206,7 +207,11 @@ def resolve(
     bad = {} if bad is None else bad
     found: dict[str, ModelRef] = {}
     problems: list[str] = []
-    if args.model_store:
+    if is_registry_uri(args.model_store):  # models:/NAME@ALIAS or models:/NAME/VERSION
+        got, lines = resolve_registry(args.model_store, args.registry_uri, serving=bool(current))
+        found.update({got.name: ModelRef(path=got.path, version=got.version)} if got else current)
+        problems += lines
+    elif args.model_store:
         store = Path(args.model_store)  # absolute: ServeArgs resolved it (cnnray.paths)
         if not store.is_dir() and not current:
             raise ConfigError(f"model store {store} is not a directory")

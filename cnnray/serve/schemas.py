@@ -99,6 +99,9 @@ class ServeArgs(_Strict):
     runtime: Literal["torch", "onnxruntime"] = Field(
         DEFAULT_RUNTIME, description="what runs the forward pass: torch, or the exported ONNX graph in ONNX Runtime"
     )
+    registry_uri: str | None = Field(
+        None, description="MLflow registry of a models:/ model_store; default $MLFLOW_REGISTRY_URI or $MLFLOW_TRACKING_URI"
+    )
 
     # Paths as typed where the app was built (`cnnray serve`, `serve run`), once
     # (cnnray.paths): absolute, so every replica, wherever its working directory, reads
@@ -106,7 +109,21 @@ class ServeArgs(_Strict):
     @field_validator("model_store")
     @classmethod
     def _resolve_store(cls, value: str | None) -> str | None:
+        from cnnray.serve.registry import is_registry_uri, parse_registry_uri
+
+        if is_registry_uri(value):  # an MLflow registry's model (cnnray.serve.registry)
+            return parse_registry_uri(value) and value
         return None if value is None else resolve_path(value, "model_store")
+
+    @model_validator(mode="after")
+    def _registry_from_env(self) -> "ServeArgs":
+        """A models:/ store's registry is fixed where the app is built, so every replica
+        (on any node, whatever its environment) asks the same one."""
+        from cnnray.serve.registry import is_registry_uri, registry_uri_from_env
+
+        if is_registry_uri(self.model_store) and self.registry_uri is None:
+            self.registry_uri = registry_uri_from_env()
+        return self
 
     @field_validator("checkpoints")
     @classmethod

@@ -112,6 +112,7 @@ def _local_resource(name: str) -> float:
 def make_trainer(
     cfg: TrainConfig, *, name: str, storage_path: str, callbacks: Sequence[Any] = (),
     init_checkpoint: str | None = None, gpus_per_worker: float = 1.0,
+    tracking: dict[str, Any] | None = None,
 ):
     """The TorchTrainer for one run of `cfg` on Ray Train workers (also what each Tune
     trial builds). Local mode uses no trainer: the driver runs the loop (`_fit_local`).
@@ -122,6 +123,7 @@ def make_trainer(
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from cnnray.tracking.train import with_tracking
     from cnnray.train.session import INIT_CHECKPOINT, train_loop_per_worker
     from cnnray.train.worker_data import data_config, loop_config, resolve_loader, stream_datasets
 
@@ -129,7 +131,8 @@ def make_trainer(
     info, datasets = stream_datasets(cfg) if cfg.data_loader == "ray-data" else (None, None)
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={**loop_config(cfg, info), **({INIT_CHECKPOINT: init_checkpoint} if init_checkpoint else {})},
+        train_loop_config=with_tracking(  # cnnray.tracking.train
+            {**loop_config(cfg, info), **({INIT_CHECKPOINT: init_checkpoint} if init_checkpoint else {})}, tracking),
         datasets=datasets,
         dataset_config=data_config() if datasets else None,
         scaling_config=_scaling_config(cfg, storage_path, gpus_per_worker),
@@ -184,6 +187,9 @@ def _run_claimed(cfg: TrainConfig, out: Path, storage: str, name: str, echo: Cal
             echo(f"[cnnray] no earlier run under {out}: starting a new one")
         if cfg.resume:
             check_resume(cfg, last_checkpoint_meta(storage, name), out)
+        from cnnray.tracking.train import end_training_run, start_training_run
+
+        tracking = start_training_run(cfg, out, echo)  # an unreachable tracker: exit 2 before any work
         dataset = preflight(cfg)
         if not cfg.local_mode:  # workers load their own (the cache is warm now): free it here
             dataset = None
@@ -193,7 +199,10 @@ def _run_claimed(cfg: TrainConfig, out: Path, storage: str, name: str, echo: Cal
         # unless Ray Data streams the images (its decode tasks need one).
         own_ray = False if cfg.local_mode and cfg.data_loader == "memory" else init_ray(cfg.address, ray_train=True)
         try:
-            return _fit(cfg, out, storage, name, started, echo, dataset)
+            return _fit(cfg, out, storage, name, started, echo, dataset, tracking)
+        except BaseException as e:
+            end_training_run(tracking, e)
+            raise
         finally:
             if own_ray:  # now rather than at exit: ~1 s sooner, and the CPUs are free for the report
                 import ray
@@ -205,7 +214,7 @@ def _run_claimed(cfg: TrainConfig, out: Path, storage: str, name: str, echo: Cal
 
 def _fit(
     cfg: TrainConfig, out: Path, storage: str, name: str, started: float, echo: Callable[[str], None],
-    dataset: Any = None,
+    dataset: Any = None, tracking: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The training (in this process in local mode, else trainer.fit() on a running Ray),
     the test accuracy of the best checkpoint, result.json. `dataset`: the pre-flight's."""
@@ -217,9 +226,9 @@ def _fit(
     if cfg.local_mode:
         from cnnray.train.session import fit_local
 
-        result = fit_local(cfg, dataset)
+        result = fit_local(cfg, dataset, tracking)
     else:
-        trainer = make_trainer(cfg, name=name, storage_path=storage)
+        trainer = make_trainer(cfg, name=name, storage_path=storage, tracking=tracking)
         try:
             result = trainer.fit()
         except Exception as e:  # Ray wraps the worker's exception; show its root cause
@@ -266,6 +275,9 @@ def _fit(
         "config": cfg.to_dict(),
     }
     atomic_write_json(summary, out / RESULT_FILE)
+    from cnnray.tracking.train import finish_training_run
+
+    finish_training_run(tracking, summary, out, echo)
     echo(
         f"[cnnray] done: test_accuracy {summary['test_accuracy']:.4f}  best_val_accuracy "
         f"{summary['best_val_accuracy']:.4f} (epoch {summary['best_epoch']})  train {summary['train_seconds']:.1f}s  "

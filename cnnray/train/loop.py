@@ -57,17 +57,21 @@ class Training:
     lookahead: Lookahead | None = None
 
 
-def run_worker(cfg: TrainConfig, session: Any, dataset: Any = None, stream_info: Any = None) -> str | None:
+def run_worker(cfg: TrainConfig, session: Any, dataset: Any = None, stream_info: Any = None,
+               tracking: dict[str, Any] | None = None) -> str | None:
     """The loop of one rank under `session` (a `cnnray.train.session` LocalSession or
     RaySession); `dataset` is the loaded `cnnray.data.Dataset` when the caller has it
     already (local mode: the driver's pre-flight loaded it), else it is loaded here;
-    `stream_info` the driver's scan of a ray-data run (`worker_data.StreamInfo`).
+    `stream_info` the driver's scan of a ray-data run (`worker_data.StreamInfo`);
+    `tracking` the MLflow run rank 0 logs each epoch to (cnnray.tracking.train), or None.
     Returns None, or when training diverged the one line saying where (every rank stops
     in the same epoch; rank 0's value reaches the driver as the Result's `return_value`)."""
+    from cnnray.tracking.train import WorkerTracker
     from cnnray.train.allocator import keep_freed_memory
     from cnnray.train.worker_data import prepare_worker_data
 
     keep_freed_memory()  # every step's activations from reused memory, not fresh pages
+    tracker = WorkerTracker(tracking, session.rank)  # rank 0 only: one MLflow run whatever the workers
     if cfg.elastic:  # this attempt's size: the same global batch, split over `world` ranks
         cfg = cfg.replace(workers=session.world_size)
     device = session.device()
@@ -83,6 +87,7 @@ def run_worker(cfg: TrainConfig, session: Any, dataset: Any = None, stream_info:
         diverged = run_epoch(cfg, session, run, data, progress, epoch, device, exporter)
         if diverged:  # every rank stops here, and these weights are never checkpointed
             return diverged
+        tracker.log_epoch(progress.history[-1])  # the epoch's metrics (step = epoch)
     return None
 
 

@@ -178,12 +178,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> str | None:
     in the same epoch; rank 0's value reaches the driver as the Result's `return_value`).
     A divergence is returned, not raised: Ray Train would retry an error from the last
     checkpoint, and the same run would diverge again."""
+    from cnnray.tracking.train import split_tracking
     from cnnray.train.loop import run_worker
     from cnnray.train.worker_data import from_loop_config
 
+    config, tracking = split_tracking(config)  # the MLflow run rank 0 logs to, or None
     init = config.get(INIT_CHECKPOINT)  # a checkpoint of another run to start from (PBT)
     cfg, stream_info = from_loop_config({k: v for k, v in config.items() if k != INIT_CHECKPOINT})
-    return run_worker(cfg, RaySession(init_checkpoint=init), stream_info=stream_info)
+    return run_worker(cfg, RaySession(init_checkpoint=init), stream_info=stream_info, tracking=tracking)
 
 
 def _quiet_report_log() -> None:
@@ -306,11 +308,12 @@ class _FolderCheckpoint:
         yield self.path
 
 
-def fit_local(cfg: TrainConfig, dataset: Any) -> Any:
+def fit_local(cfg: TrainConfig, dataset: Any, tracking: dict[str, Any] | None = None) -> Any:
     """Local mode: the loop in this process (no Ray imported), then what Ray Train's
     Result gives on workers (error, return_value, best_checkpoints, checkpoint, metrics,
     path), from the checkpoints the run kept in its run folder. An exception in the loop
-    is a TrainingError naming it, as on workers."""
+    is a TrainingError naming it, as on workers. `tracking`: the MLflow run the loop logs
+    each epoch to (cnnray.tracking.train), or None."""
     from types import SimpleNamespace
 
     from cnnray.train.loop import run_worker
@@ -322,7 +325,7 @@ def fit_local(cfg: TrainConfig, dataset: Any) -> Any:
         info, datasets = stream_datasets(cfg)
     session = LocalSession(cfg, datasets)
     try:
-        value = run_worker(cfg, session, dataset=dataset, stream_info=info)
+        value = run_worker(cfg, session, dataset=dataset, stream_info=info, tracking=tracking)
     except Exception as e:
         raise TrainingError(f"training failed: {root_cause(e)}") from e
     kept = session.checkpoints

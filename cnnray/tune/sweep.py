@@ -149,6 +149,9 @@ def _run_sweep(sweep: SweepConfig, echo: Callable[[str], None]) -> dict[str, Any
     sweep, out, restore = _prepare(sweep, echo)
     cfg = sweep.train
     preflight(cfg)  # decode the data once here, and fail fast on unreadable data
+    from cnnray.tracking.sweep import finish_sweep_run, start_sweep_run, sweep_callbacks
+
+    tracking = start_sweep_run(sweep, out, echo)  # an unreachable tracker: exit 2 before Ray starts
     init_ray(cfg.address, ray_train=True)
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", EXPERIMENT_SAVE_PERIOD_S)
     limit = concurrency(cfg, sweep.max_concurrent, sweep.worker_gpus or 1.0)
@@ -193,7 +196,7 @@ def _run_sweep(sweep: SweepConfig, echo: Callable[[str], None]) -> dict[str, Any
                 # Train retries failed workers inside a trial; a trial that still fails is
                 # reported, not rerun from scratch.
                 failure_config=tune.FailureConfig(max_failures=0),
-                callbacks=[_trial_progress(sweep, echo)],
+                callbacks=[_trial_progress(sweep, echo), *sweep_callbacks(tracking, sweep)],
                 stop=budget_stopper(sweep.budget, out / TUNE_DIR) if sweep.budget else None,
                 verbose=0,  # our progress lines and summary table replace Tune's tables
             ),
@@ -211,5 +214,7 @@ def _run_sweep(sweep: SweepConfig, echo: Callable[[str], None]) -> dict[str, Any
     spent = spent_trial_epochs(out / TUNE_DIR)
     if sweep.budget:
         echo(f"[cnnray] spent {spent} of a budget of {sweep.budget} trial-epochs")
-    return finish_sweep(sweep, out, seconds=time.perf_counter() - started, echo=echo,
+    best = finish_sweep(sweep, out, seconds=time.perf_counter() - started, echo=echo,
                         budget_spent=bool(sweep.budget and spent >= sweep.budget))
+    finish_sweep_run(tracking, sweep, out, best, echo)
+    return best

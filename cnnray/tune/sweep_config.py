@@ -29,6 +29,7 @@ class SweepConfig:
     perturbation_interval: int = 1  # pbt: epochs between exploit/explore steps
     budget: int | None = None  # trial-epochs the whole sweep may spend; None: no limit
     gpus_per_trial: float | None = None  # with --gpu; None: one GPU per worker; 0.25: 4 trials a GPU
+    register: str | None = None  # MLflow registered model that gets the winner (cnnray.tracking)
 
     def __post_init__(self) -> None:
         from cnnray.paths import PathError, resolve_path
@@ -70,6 +71,8 @@ class SweepConfig:
         check_search(self.search, self.space)
         check_scheduler(self)  # also refuses an unknown scheduler
         check_name(self.model_name)
+        if self.register is not None:
+            check_name(self.register)
         check_space(self.space, self.train)  # every trial's config and model, before any starts
 
     @property
@@ -108,6 +111,7 @@ class SweepConfig:
             "perturbation_interval": self.perturbation_interval,
             "budget": self.budget,
             "gpus_per_trial": self.gpus_per_trial,
+            "register": self.register,
         }
 
     @classmethod

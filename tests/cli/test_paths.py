@@ -106,7 +106,7 @@ def test_storage_path_relative_reaches_ray_absolute(home, monkeypatch):
 
     seen = {}
 
-    def fit(cfg, out, storage, name, started, echo, dataset=None):
+    def fit(cfg, out, storage, name, started, echo, dataset=None, tracking=None):
         seen.update(cfg=cfg, storage=storage, name=name)
         return {"config": cfg.to_dict()}
 

@@ -18,7 +18,11 @@ def test_workers_ask_the_ray_they_run_in(monkeypatch, given):
 
     monkeypatch.setattr(ray, "get_runtime_context", lambda: SimpleNamespace(gcs_address="127.0.0.1:40123"))
     if given is None:
-        monkeypatch.delenv("RAY_ADDRESS", raising=False)
+        # set, then deleted: monkeypatch restores the environment afterwards only for a
+        # variable it changed (a delenv of an absent one is not undone, and the variable
+        # setup_worker sets would leak into later tests: `cnnray serve` would join it)
+        monkeypatch.setenv("RAY_ADDRESS", "unset")
+        monkeypatch.delenv("RAY_ADDRESS")
     else:
         monkeypatch.setenv("RAY_ADDRESS", given)
     setup_worker()

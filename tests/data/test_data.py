@@ -33,7 +33,8 @@ from cnnray.data import (
 )
 from cnnray.data import cifar, idx, imagefolder
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
+from tests.helpers import SHARED_DATASETS as SHARED
+
 STEMS = [stem for stem, _, _ in idx.FILES]
 
 

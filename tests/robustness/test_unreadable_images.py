@@ -123,10 +123,11 @@ def test_stream_scan_names_and_skips_like_memory(local_ray, tmp_path, monkeypatc
     total = write_folder(tmp_path / "imgs", extra=BAD)
     cfg = TrainConfig(dataset="imagefolder", data_dir=str(tmp_path / "imgs"), data_loader="ray-data")
     with pytest.raises(DataError, match=f"3 of {total + 3} files cannot be read as images"):
-        scan(cfg, tmp_path / "cache")
-    info = scan(cfg.replace(skip_unreadable=True), tmp_path / "cache")  # from the scan's cache now
+        scan(cfg.dataset, cfg.data_dir, tmp_path / "cache")
+    info = scan(cfg.dataset, cfg.data_dir, tmp_path / "cache", skip_unreadable=True)  # from the scan's cache now
     memory = load_dataset("imagefolder", tmp_path / "imgs", skip_unreadable=True, cache_dir=tmp_path / "mcache")
     assert (info.n_train, info.n_test) == (len(memory.train_labels), len(memory.test_labels))
     assert len(info.skipped) == 3 and info.input_shape == tuple(memory.input_shape)
-    test = build_datasets(cfg.replace(skip_unreadable=True), info, "none", ("test",), tmp_path / "cache")["test"]
+    test = build_datasets(info, cfg.data_dir, augment="none", pad=0, subset=cfg.subset, seed=cfg.seed,
+                          val_fraction=cfg.val_fraction, splits=("test",), cache_dir=tmp_path / "cache")["test"]
     assert test.count() == info.n_test  # the unreadable test file is not decoded (it would raise)

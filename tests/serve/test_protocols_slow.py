@@ -68,7 +68,7 @@ def server(tmp_path_factory):
         from benchmarks.serve_load import stop
 
         code = stop(proc)
-        assert code == 0, log_tail(log)
+        assert code == 130, log_tail(log)  # Ctrl-C: drained, stopped, exit 130
 
 
 def predictions(server: Server) -> tuple[np.ndarray, list[str]]:

@@ -63,6 +63,11 @@ def foreign_head(tmp_path):
     # A loaded machine registers a raylet slowly (Ray's default wait: 10 s).
     env = {**os.environ, "RAY_TMPDIR": str(ray_tmp), "HOME": str(home), "RAY_raylet_start_wait_time_s": "120"}
     env.pop("RAY_ADDRESS", None)
+    # Another user's shell: none of this process's Ray settings. An in-process ray.init()
+    # of an earlier test sets RAY_AUTH_MODE=token here (Ray's authentication_token_setup),
+    # and with it `ray start` refuses to make the new HOME's token itself.
+    for key in [k for k in env if k.startswith("RAY_AUTH")]:
+        env.pop(key)
     log = open(tmp_path / "head.log", "w+")
     ports = [f"--{name}={free_port()}" for name in ("port", "dashboard-port", "ray-client-server-port",
                                                     "dashboard-agent-listen-port", "metrics-export-port")]

@@ -6,9 +6,7 @@
 from __future__ import annotations
 
 import argparse
-import json
-import urllib.error
-import urllib.request
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -53,25 +51,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
             except OSError as e:
                 raise ConfigError(f"cannot read {f}: {e.strerror or e}") from None
         return explain_files(args, files)
-    from cnnray.serve.predict_client import predict_files
+    from cnnray.serve.predict_client import post_json, predict_files
 
-    endpoint = f"{args.url.rstrip('/')}/v1/models/{urllib.request.quote(args.model, safe='')}:predict"
+    endpoint = f"{args.url.rstrip('/')}/v1/models/{urllib.parse.quote(args.model, safe='')}:predict"
     # Every readable file is classified; the others are named after the results (exit 2).
-    return predict_files(list(args.images), endpoint, args.timeout, _post_json, as_json=args.json)
-
-
-def _post_json(url: str, obj: Any, timeout: float) -> tuple[int, dict[str, Any]]:
-    req = urllib.request.Request(
-        url, data=json.dumps(obj).encode(), headers={"Content-Type": "application/json"}, method="POST"
-    )
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        try:
-            return e.code, json.loads(e.read())
-        except ValueError:
-            return e.code, {"error": e.reason}
-    except (urllib.error.URLError, OSError) as e:
-        reason = getattr(e, "reason", e)
-        return 0, {"error": str(reason)}
+    return predict_files(list(args.images), endpoint, args.timeout, post_json, as_json=args.json)

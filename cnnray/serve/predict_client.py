@@ -114,3 +114,27 @@ def predict_files(names: list[str], endpoint: str, timeout: float, post: Post, a
         print(f"cnnray: {len(skipped)} of {len(files)} file(s) not classified (named above)", file=sys.stderr)
         return 2
     return 0
+
+
+def post(url: str, data: bytes, content_type: str, timeout: float) -> tuple[int, dict[str, Any]]:
+    """POST `data` to a running server: (status, its JSON answer). A connection that fails
+    gives status 0 and {"error": why}; an answer that is not JSON {"error": the reason}."""
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": content_type}, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        try:
+            return e.code, json.loads(e.read())
+        except ValueError:
+            return e.code, {"error": e.reason}
+    except (urllib.error.URLError, OSError) as e:
+        return 0, {"error": str(getattr(e, "reason", e))}
+
+
+def post_json(url: str, obj: Any, timeout: float) -> tuple[int, dict[str, Any]]:
+    """`post` of `obj` as JSON."""
+    return post(url, json.dumps(obj).encode(), "application/json", timeout)

@@ -17,9 +17,10 @@ import argparse
 import base64
 import json
 import sys
-import urllib.error
-import urllib.request
+import urllib.parse
 from pathlib import Path
+
+from cnnray.serve.predict_client import post
 
 # The methods :explain knows (cnnray.explain.METHODS, not imported: it would import torch
 # into a command that only sends files).
@@ -45,11 +46,11 @@ def explain_files(args: argparse.Namespace, files: list[Path]) -> int:
             if out.exists() and not args.overwrite:
                 raise ConfigError(f"{out} exists: remove it or pass --overwrite")
             planned[out.resolve()] = f
-    endpoint = f"{args.url.rstrip('/')}/v1/models/{urllib.request.quote(args.model, safe='')}:explain"
+    endpoint = f"{args.url.rstrip('/')}/v1/models/{urllib.parse.quote(args.model, safe='')}:explain"
     width = max(len(str(f)) for f in files)
     for f in files:
         data = f.read_bytes()  # readable: cmd_predict read every file first
-        status, body = _post(endpoint, data, CONTENT_TYPES.get(f.suffix.lower(), "application/octet-stream"), args.timeout)
+        status, body = post(endpoint, data, CONTENT_TYPES.get(f.suffix.lower(), "application/octet-stream"), args.timeout)
         if status != 200:
             said = f"answered {status}" if status else "cannot be reached"
             print(f"cnnray: error: {endpoint} {said} for {f}: {body.get('error', body)}", file=sys.stderr)
@@ -67,17 +68,3 @@ def explain_files(args: argparse.Namespace, files: list[Path]) -> int:
         for w in written:
             print(f"  wrote {w}")
     return 0
-
-
-def _post(url: str, data: bytes, content_type: str, timeout: float) -> tuple[int, dict]:
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": content_type}, method="POST")
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        try:
-            return e.code, json.loads(e.read())
-        except ValueError:
-            return e.code, {"error": e.reason}
-    except (urllib.error.URLError, OSError) as e:
-        return 0, {"error": str(getattr(e, "reason", e))}

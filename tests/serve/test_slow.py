@@ -95,7 +95,7 @@ def test_load_benchmark_compares_cnnray_serve_with_plain_fastapi(mnist_checkpoin
         assert r["server_cpu_ms_per_request"] > 0  # every process of the server, per request
     assert record["machine"]["cpu_count"] >= 1 and record["machine"]["ray"]
     cnnray = record["servers"]["cnnray/torch"]  # keyed by server and runtime (--runtime torch, the default)
-    assert cnnray["exit_code"] == 0 and cnnray["mean_batch_size"] >= 1
+    assert cnnray["exit_code"] == 130 and cnnray["mean_batch_size"] >= 1  # stopped by Ctrl-C, drained
     # The defaults it ran with: the fast ingress, and replicas filling the machine's CPUs.
     assert cnnray["ingress"] == "fast" and cnnray["replicas"] == max(1, os.cpu_count() or 1)
     assert set(record["comparison"]) == {"torchserve", "kserve", "oip"}

@@ -7,6 +7,8 @@ import base64
 import contextlib
 import io
 import json
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -176,3 +178,32 @@ BAD = [
     ("method-not-allowed", "DELETE", "/predictions/digits", None, None, 405, "Method Not Allowed"),
     ("no-such-route", "GET", "/v2/anything", None, None, 404, "Not Found"),
 ]
+
+
+class LocalServer:
+    """The HTTP app over `LocalBackend`, served by uvicorn in a thread on a free loopback port."""
+
+    def __init__(self, models: dict, limits=None, lean: bool = True) -> None:
+        import uvicorn
+
+        from tests.helpers.processes import free_port
+
+        from cnnray.serve.api import build_http_app
+        from cnnray.serve.engine import LocalBackend
+
+        self.backend = LocalBackend(models, limits=limits)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(build_http_app(self.backend, lean=lean), host="127.0.0.1", port=self.port,
+                                log_level="warning", access_log=False)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            assert time.monotonic() < deadline and self.thread.is_alive(), "uvicorn did not start"
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 
-import pytest
 
 from cnnray.cli import main
 from tests.robustness.helpers import save_model

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from cnnray.cli import main
-from tests.robustness.helpers import AppServer, png, save_model
+from tests.helpers.serve import LocalServer
+from tests.robustness.helpers import png, save_model
 
 
 @pytest.fixture(scope="module")
@@ -13,7 +14,7 @@ def server(tmp_path_factory):
     from cnnray.serve.schemas import ModelRef
 
     root = tmp_path_factory.mktemp("predict-glob")
-    s = AppServer({"digits": ModelRef(path=str(save_model(root / "digits")), version=1)})
+    s = LocalServer({"digits": ModelRef(path=str(save_model(root / "digits")), version=1)})
     yield s
     s.stop()
 

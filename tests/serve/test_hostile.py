@@ -39,7 +39,7 @@ from PIL import Image
 
 from tests.helpers import REPO
 from tests.helpers.processes import free_port, log_tail, spawn_cnnray, wait_http
-from tests.helpers.serve import BAD, MNIST_INFO, png, save_model
+from tests.helpers.serve import BAD, MNIST_INFO, LocalServer, png, save_model
 
 HEALTH_P99_BOUND_S = 1.0  # generous: the target is 0.1 s; a blocked event loop shows as seconds
 BODY_TIMEOUT_S = 2.0  # the in-process app's body timeout (the default is 10 s)
@@ -118,33 +118,6 @@ def nan_model(directory: Path) -> Path:
         for p in model.parameters():
             p.fill_(float("nan"))
     return save_model(directory, "cnn", MNIST_INFO, model=model)
-
-
-class LocalServer:
-    """The HTTP app over `LocalBackend`, served by uvicorn in a thread on a free loopback port."""
-
-    def __init__(self, models: dict, limits, lean: bool = True) -> None:
-        import uvicorn
-
-        from cnnray.serve.api import build_http_app
-        from cnnray.serve.engine import LocalBackend
-
-        self.backend = LocalBackend(models, limits=limits)
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(build_http_app(self.backend, lean=lean), host="127.0.0.1", port=self.port,
-                                log_level="warning", access_log=False)
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 60
-        while not self.server.started:
-            assert time.monotonic() < deadline and self.thread.is_alive(), "uvicorn did not start"
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
 
 
 @pytest.fixture(scope="module")

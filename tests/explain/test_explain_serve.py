@@ -6,13 +6,10 @@ With CNNRAY_DOCS_SCREENSHOT=1 the page test also writes docs/img/explain-page.pn
 
 from __future__ import annotations
 
-import base64
 import io
 import os
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,6 +17,7 @@ import requests
 from PIL import Image
 
 from tests.helpers import REPO
+from tests.helpers.browser import headless_chromium
 from tests.helpers.processes import free_port, log_tail, spawn_cnnray, wait_http
 
 pytestmark = pytest.mark.slow
@@ -109,28 +107,10 @@ def test_predict_explain_writes_the_overlays_beside_the_images(served, tmp_path)
     assert again.returncode == 2 and "exists: remove it or pass --overwrite" in again.stderr
 
 
-CHROME_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-                "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage", "--window-size=900,1100"]
-
-
 @pytest.fixture
 def browser(tmp_path):
-    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
-    if not chromium or not driver:
-        pytest.skip("Debian's chromium and chromium-driver are not installed")
-    webdriver = pytest.importorskip("selenium.webdriver")
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for flag in CHROME_FLAGS + [f"--user-data-dir={tmp_path / 'profile'}"]:
-        options.add_argument(flag)
-    b = webdriver.Chrome(service=Service(executable_path=driver), options=options)
-    b.set_page_load_timeout(60)
-    try:
+    with headless_chromium(tmp_path / "profile", window=(900, 1100)) as b:
         yield b
-    finally:
-        b.quit()
 
 
 def test_page_shows_the_heat_maps_and_response_maps_while_drawing(served, browser, tmp_path):

@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 
 from tests.helpers import REPO
+from tests.helpers.browser import headless_chromium
 from tests.helpers.processes import free_port
 from tests.helpers.serve import API_NOISE as NOISE
 from tests.helpers.serve import BAD, CIFAR_INFO, MNIST_INFO, b64, encode, offline_probs, png, save_model, train_cnn
@@ -389,30 +390,10 @@ def test_cli_predict_prints_label_and_probability(server, tmp_path):
 
 
 # --- the page, in headless Chromium --------------------------------------------------------------------
-CHROME_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                "--disable-dev-shm-usage", "--window-size=1000,900"]
-
-
 @pytest.fixture
 def browser(tmp_path):
-    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
-    if not chromium or not driver:
-        pytest.skip("Debian's chromium and chromium-driver are not installed "
-                    "(apt-get install chromium chromium-driver)")
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for flag in CHROME_FLAGS + [f"--user-data-dir={tmp_path / 'profile'}"]:
-        options.add_argument(flag)
-    b = webdriver.Chrome(service=Service(executable_path=driver), options=options)
-    b.set_page_load_timeout(60)
-    try:
+    with headless_chromium(tmp_path / "profile", window=(1000, 900)) as b:
         yield b
-    finally:
-        b.quit()
 
 
 def _page_result(browser, done: int) -> list[tuple[str, float]]:

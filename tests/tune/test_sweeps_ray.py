@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,7 @@ import pytest
 from cnnray.config import TrainConfig
 from cnnray.tune.space import Dist
 from tests.helpers import REPO
+from tests.helpers.tune import trial_statuses, wait_for_a_finished_trial
 from tests.helpers.processes import spawn_cnnray
 
 # Seconds per epoch: 900 training images; lr 0.05 clearly beats 1e-4 after one epoch.
@@ -108,15 +108,6 @@ def test_pbt_exploits_are_recorded_and_take_effect(local_ray, mnist_dir, tmp_pat
     assert (out / "report" / "pbt.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def _statuses(exp_dir: Path) -> dict[str, str]:
-    from ray.tune import ExperimentAnalysis
-
-    try:
-        return {t.trial_id: t.status for t in ExperimentAnalysis(str(exp_dir)).trials}
-    except (ValueError, OSError):
-        return {}
-
-
 @pytest.mark.slow
 def test_interrupted_optuna_sweep_resumes_where_the_searcher_was(mnist_dir, tmp_path):
     """Ctrl-C (SIGINT) once a trial has finished, then --resume: finished trials are not
@@ -130,20 +121,14 @@ def test_interrupted_optuna_sweep_resumes_where_the_searcher_was(mnist_dir, tmp_
             "--seed", "0", "--out", str(out)]
     proc = spawn_cnnray(args, tmp_path / "cache")
     try:
-        deadline = time.time() + 400
-        statuses = _statuses(out / "tune")
-        while "TERMINATED" not in statuses.values():
-            assert proc.poll() is None, proc.stdout.read()
-            assert time.time() < deadline, "no trial finished in time"
-            time.sleep(0.5)
-            statuses = _statuses(out / "tune")
+        wait_for_a_finished_trial(proc, out / "tune")
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 130, proc.stdout.read()[-3000:]
-    finished = {t for t, s in _statuses(out / "tune").items() if s == "TERMINATED"}
+    finished = {t for t, s in trial_statuses(out / "tune").items() if s == "TERMINATED"}
     assert 0 < len(finished) < 3
     before = {t: (out / "tune" / t / "result.json").read_bytes() for t in finished}
 

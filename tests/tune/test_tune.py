@@ -15,6 +15,7 @@ import pytest
 from cnnray.config import ConfigError, TrainConfig
 from cnnray.tune.space import Dist, default_space, parse_space, space_from_dict, space_to_dict
 from tests.helpers import REPO
+from tests.helpers.tune import wait_for_a_finished_trial
 from tests.helpers.processes import spawn_cnnray
 
 # A subset on which lr 0.05 clearly beats lr 1e-4 after one epoch, in seconds per epoch.
@@ -196,15 +197,6 @@ def test_asha_sweep_of_4_trials_exports_a_loadable_best(local_ray, mnist_dir, tm
 
 
 # --- resume after the driver is killed ------------------------------------------------------
-def _trial_statuses(exp_dir: Path) -> dict[str, str]:
-    from ray.tune import ExperimentAnalysis
-
-    try:
-        return {t.trial_id: t.status for t in ExperimentAnalysis(str(exp_dir)).trials}
-    except (ValueError, OSError):  # no experiment state saved yet
-        return {}
-
-
 @pytest.mark.slow
 def test_killed_sweep_resumes_without_rerunning_finished_trials(mnist_dir, tmp_path):
     """SIGKILL `cnnray tune` once a trial has finished (and Tune has saved that), then
@@ -221,13 +213,7 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(mnist_dir, tmp_p
             "--out", str(out)]
     proc = spawn_cnnray(args, tmp_path / "cache")
     try:
-        deadline = time.time() + 400
-        statuses = _trial_statuses(out / "tune")
-        while "TERMINATED" not in statuses.values():
-            assert proc.poll() is None, proc.stdout.read()
-            assert time.time() < deadline, "no trial finished in time"
-            time.sleep(0.5)
-            statuses = _trial_statuses(out / "tune")
+        statuses = wait_for_a_finished_trial(proc, out / "tune")
         proc.send_signal(signal.SIGKILL)  # no chance to clean up: the driver just dies
         proc.wait(timeout=60)
     finally:

@@ -65,20 +65,46 @@ def _progress_callback(epochs: int):
     return Progress()
 
 
-def preflight(cfg: TrainConfig) -> Any:
-    """Fail fast (ConfigError/DataError), before any worker starts, on data that cannot be
-    read or split into a batch per worker, and on more CPUs or GPUs than this machine has
-    (a local Ray would wait for them forever). On one machine this also downloads and decodes once,
-    so every worker then reads the cache. Skipped when joining a cluster (--address or
-    $RAY_ADDRESS): the data may exist only there, and the cluster may scale up.
+def preflight(cfg: TrainConfig, variants: Sequence[tuple[str, TrainConfig]] = (),
+              echo: Callable[[str], None] | None = None) -> Any:
+    """Fail fast (ConfigError/DataError), before any worker starts, on sizes that cannot
+    train (cnnray.train.sizes: splits, batch per worker with batch norm, schedules, image
+    sizes; first from the data's nominal sizes, before any download or decode, then from
+    the loaded data), on data that cannot be read, and on more CPUs or GPUs than this
+    machine has (a local Ray would wait for them forever). On one machine this also
+    downloads and decodes once, so every worker then reads the cache. `variants`: (label,
+    config) of every point of a Tune space, each checked like `cfg` (the label prefixes
+    the error). `echo`: where the too-few-steps warning goes (None: not given). When
+    joining a cluster (--address or $RAY_ADDRESS) only the sizes known without the data
+    are checked: the data may exist only there, and the cluster may scale up.
 
     Returns the loaded `cnnray.data.Dataset` (local mode trains on it: one load per run),
     or None when skipped or streamed (ray-data)."""
-    from cnnray.train.worker_data import check_data
+    from cnnray.train.sizes import check_sizes, few_steps_warning, nominal_sizes
+    from cnnray.train.worker_data import check_data, dataset_sizes
 
-    if cfg.address or os.environ.get("RAY_ADDRESS"):
+    def check_all(sizes: Any) -> str | None:
+        """Every config's checks on `sizes` (a sweep's points, not its base: the space
+        replaces the base's values); the first too-few-steps warning, or None."""
+        warning = None
+        for label, variant in variants or [("", cfg)]:
+            try:
+                plan = check_sizes(variant, sizes)
+            except ConfigError as e:
+                raise ConfigError(f"{label}: {e}" if label else str(e)) from None
+            warning = warning or few_steps_warning(variant, plan)
+        return warning
+
+    joining = bool(cfg.address or os.environ.get("RAY_ADDRESS"))
+    sizes = nominal_sizes(cfg)
+    warning = check_all(sizes) if sizes is not None else None
+    ds = None if joining else check_data(cfg)
+    if ds is not None and dataset_sizes(ds) != sizes:  # a smaller or different set than the nominal one
+        warning = check_all(dataset_sizes(ds))
+    if echo is not None and warning:
+        echo(warning)
+    if joining:
         return None
-    ds = check_data(cfg)
     cpus = cfg.cpus_per_worker or 1  # None (not yet resolved by resolve_run): at least one each
     fewest = cfg.min_workers or cfg.workers  # an elastic run starts with what fits
     need = fewest * cpus
@@ -190,7 +216,7 @@ def _run_claimed(cfg: TrainConfig, out: Path, storage: str, name: str, echo: Cal
         from cnnray.tracking.train import end_training_run, start_training_run
 
         tracking = start_training_run(cfg, out, echo)  # an unreachable tracker: exit 2 before any work
-        dataset = preflight(cfg)
+        dataset = preflight(cfg, echo=echo)
         if not cfg.local_mode:  # workers load their own (the cache is warm now): free it here
             dataset = None
 

@@ -14,6 +14,7 @@ from cnnray.data.loader import eval_batch_size, test_batches
 from cnnray.data.stream import StreamInfo
 from cnnray.data.stream_batches import StreamBatches
 from cnnray.train.device import use_channels_last
+from cnnray.train.sizes import DataSizes, Plan, check_sizes, split_counts
 
 def eval_batch(cfg: TrainConfig, input_shape: tuple[int, ...]) -> int:
     """Images per evaluation batch for images of `input_shape` (C, H, W), on the device
@@ -102,55 +103,25 @@ def load_for(cfg: TrainConfig) -> Dataset:
 
 
 def check_data(cfg: TrainConfig) -> Dataset | None:
-    """The driver's check before Ray starts: the data is readable and splits into a batch
-    per worker (DataError, ConfigError). Memory: the dataset is loaded (and cached) and
-    returned (local mode trains on it: one load per run); ray-data: only listed (every
-    image is checked by the driver's scan, once Ray runs), None."""
+    """The driver's check before Ray starts that the data is readable (DataError); the
+    pre-flight then checks its sizes (cnnray.train.sizes). Memory: the dataset is loaded
+    (and cached) and returned (local mode trains on it: one load per run); ray-data: None
+    (the pre-flight listed it: sizes.nominal_sizes; every image is checked by the driver's
+    scan, once Ray runs)."""
     if cfg.data_loader == "ray-data":
-        from cnnray.data.sources import list_source, source_uri
-
-        listing = list_source(source_uri(cfg.dataset, cfg.data_dir))
-        check_split_counts(cfg, len(listing.train), len(listing.test), cfg.dataset)
         return None
-    ds = load_for(cfg)
-    check_split_sizes(cfg, ds)
-    return ds
+    return load_for(cfg)
 
 
-def check_split_sizes(cfg: TrainConfig, ds: Dataset) -> None:
-    """`check_split_counts` of an in-memory dataset."""
-    check_split_counts(cfg, len(ds.train_labels), len(ds.test_labels), ds.name)
+def dataset_sizes(ds: Dataset) -> DataSizes:
+    """The sizes `cnnray.train.sizes` checks, of a loaded dataset."""
+    return DataSizes(ds.name, len(ds.train_labels), len(ds.test_labels), tuple(ds.input_shape), ds.num_classes)
 
 
-def split_counts(cfg: TrainConfig, n_train_total: int, n_test_total: int) -> tuple[int, int, int]:
-    """(train, validation, test) sizes: take_subset, then round(N * val_fraction) held out."""
-    n = n_train_total if cfg.subset is None else min(cfg.subset, n_train_total)
-    n_val = int(round(n * cfg.val_fraction))
-    n_test = n_test_total if cfg.subset is None else min(cfg.subset, n_test_total)
-    return n - n_val, n_val, n_test
-
-
-def check_split_counts(cfg: TrainConfig, n_train_total: int, n_test_total: int, name: str) -> None:
-    """Refuse (ConfigError) what the split sizes alone make impossible: an empty validation
-    or test split, or no full training batch per worker. The driver calls this before Ray
-    starts; the workers call it too (a cluster run, whose data only the workers see).
-    Sizes follow take_subset, split_train_val (round(N * val_fraction) held out) and
-    shard_indices (N // workers training examples per worker)."""
-    n_train, n_val, n_test = split_counts(cfg, n_train_total, n_test_total)
-    n = n_train + n_val
-    per_worker = cfg.batch_size_per_worker
-    if n_val == 0:
-        raise ConfigError(
-            f"the validation split is empty ({n} training examples x val_fraction {cfg.val_fraction:g} "
-            "rounds to 0): raise --val-fraction or --subset"
-        )
-    if n_train // cfg.workers < per_worker:
-        raise ConfigError(
-            f"{n_train} training examples over {cfg.workers} worker(s) give no full batch of {per_worker} "
-            "per worker: use a larger --subset, fewer --workers or a smaller --batch-size"
-        )
-    if cfg.test_at_end and n_test == 0:
-        raise ConfigError(f"the {name} dataset has no test examples to evaluate the best checkpoint on")
+def check_split_sizes(cfg: TrainConfig, ds: Dataset) -> Plan:
+    """`sizes.check_sizes` of a loaded dataset (the driver's pre-flight, and every worker:
+    a cluster run's data may be seen only there)."""
+    return check_sizes(cfg, dataset_sizes(ds))
 
 
 def prepare_worker_data(

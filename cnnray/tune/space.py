@@ -152,21 +152,11 @@ def check_space(space: Mapping[str, Dist], base: TrainConfig) -> None:
     trial's TrainConfig (up to MAX_CHECKED_CONFIGS; a larger space is checked one field
     at a time), and the model of each distinct (norm, hidden_sizes) on the meta device
     (shapes only: no memory). Raises ConfigError naming the swept fields that fail."""
-    import itertools
-
     from cnnray.models import resolve_model_args
 
-    keys = list(space)
-    values = [space[k].values for k in keys]
-    if math.prod(len(v) for v in values) <= MAX_CHECKED_CONFIGS:
-        combos = [dict(zip(keys, combo)) for combo in itertools.product(*values)]
-    else:
-        combos = [{k: v} for k, vs in zip(keys, values) for v in vs]
     built: set[str] = set()
-    configs = []
-    for combo in combos:
-        cfg = _with(base, combo)
-        configs.append((combo, cfg))
+    configs = space_configs(space, base)
+    for combo, cfg in configs:
         model_kw = {"norm": cfg.norm, "hidden_sizes": list(cfg.hidden_sizes) if cfg.hidden_sizes else None}
         if repr(model_kw) in built:
             continue
@@ -179,6 +169,21 @@ def check_space(space: Mapping[str, Dist], base: TrainConfig) -> None:
     from cnnray.tune.space_effects import check_effects
 
     check_effects(space, configs)  # a field no trial's config reads would waste the budget
+
+
+def space_configs(space: Mapping[str, Dist], base: TrainConfig) -> list[tuple[dict[str, Any], TrainConfig]]:
+    """(swept values, the trial's TrainConfig) of every combination of the choice/grid values
+    and range endpoints (up to MAX_CHECKED_CONFIGS; a larger space one field at a time):
+    the points `check_space` and the sizes pre-flight (cnnray.train.sizes) check."""
+    import itertools
+
+    keys = list(space)
+    values = [space[k].values for k in keys]
+    if math.prod(len(v) for v in values) <= MAX_CHECKED_CONFIGS:
+        combos = [dict(zip(keys, combo)) for combo in itertools.product(*values)]
+    else:
+        combos = [{k: v} for k, vs in zip(keys, values) for v in vs]
+    return [(combo, _with(base, combo)) for combo in combos]
 
 
 def _strip_optional(hint: Any) -> Any:

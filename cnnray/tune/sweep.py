@@ -148,7 +148,12 @@ def _run_sweep(sweep: SweepConfig, echo: Callable[[str], None]) -> dict[str, Any
     started = time.perf_counter()
     sweep, out, restore = _prepare(sweep, echo)
     cfg = sweep.train
-    preflight(cfg)  # decode the data once here, and fail fast on unreadable data
+    from cnnray.tune.space import space_configs
+
+    # Decode the data once here; fail fast on unreadable data and on any point of the space
+    # whose sizes cannot train (cnnray.train.sizes), before Ray starts.
+    variants = [(", ".join(f"{k}={v!r}" for k, v in combo.items()), c) for combo, c in space_configs(sweep.space, cfg)]
+    preflight(cfg, variants=variants, echo=echo)
     from cnnray.tracking.sweep import finish_sweep_run, start_sweep_run, sweep_callbacks
 
     tracking = start_sweep_run(sweep, out, echo)  # an unreachable tracker: exit 2 before Ray starts

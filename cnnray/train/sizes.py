@@ -1,0 +1,203 @@
+"""What a run's sizes allow, checked before Ray starts: the one place that refuses sizes that
+cannot train (ConfigError, one line naming the flags and a fix), used by `cnnray train`
+(driver.preflight), every point of a `cnnray tune` space (driver.preflight's `variants`), the
+job wrappers (they run the CLI) and, for a cluster's data that only they see, the workers.
+
+The sizes come from the data without decoding it where possible (`nominal_sizes`: the
+registry datasets' published counts, an image folder's listing and its first image), then
+again from the loaded dataset. Refused:
+
+- an empty validation or test split, or fewer training examples than one batch per worker
+  (take_subset, split_train_val: round(N * val_fraction) held out, shard_indices: N //
+  workers each; the training loaders drop the last partial batch, so that batch never
+  reaches a norm layer with one example);
+- images too small for the model's convolutions and pools (its constructor refuses them);
+- batch norm with one value per channel in a training batch: BatchNorm1d/2d raise
+  "Expected more than 1 value per channel when training" when batch x H x W = 1 at a layer
+  (per worker: `batch_size` is the global batch, split over the workers), found by a forward
+  pass in training mode on the meta device (shapes only), whatever `norm` says (some models
+  keep batch norm);
+- schedules too short for their shape (`min_schedule_steps`), a warm-up as long as the run.
+
+And `few_steps_warning` says when a run that can train has too few optimizer steps to learn.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cnnray.config import ConfigError, TrainConfig
+
+# The registry datasets' published sizes (train, test, C x H x W): enough to check a run
+# before anything is downloaded or decoded. The loaded dataset is checked again.
+NOMINAL = {
+    "mnist": (60_000, 10_000, (1, 28, 28)),
+    "fashion_mnist": (60_000, 10_000, (1, 28, 28)),
+    "cifar10": (50_000, 10_000, (3, 32, 32)),
+}
+# OneCycleLR (pct_start 0.25) warms up until step 0.25 * total - 1: under 5 steps that phase
+# is empty (1 step: lr ~0 throughout; 4 steps: torch divides by zero). The triangle reaches
+# its peak at step max(1, int(0.23 * total)): it needs a step after that.
+MIN_STEPS = {"onecycle": 5, "triangle": 2, "cosine": 1, "constant": 1}
+# Fewer optimizer steps than this in the whole run and `few_steps_warning` speaks. Measured
+# (docs/training.md, "Too few steps"): the cnn on MNIST, batch 128, onecycle, reached
+# 0.85 test accuracy after 50 steps and chance-level 0.1-0.4 at 12-25 steps;
+# the lecture's rule of thumb is "thousands of iterations", 100 is a floor, not a target.
+FEW_STEPS = 100
+
+
+@dataclass(frozen=True)
+class DataSizes:
+    """A dataset's sizes before subset and split: what the checks need of the data."""
+
+    name: str
+    n_train: int  # training examples (validation is held out of these)
+    n_test: int
+    input_shape: tuple[int, int, int]  # C, H, W
+    num_classes: int = 10
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The optimizer steps a run takes (the fewest, for an elastic run)."""
+
+    steps_per_epoch: int
+    total_steps: int
+
+
+def nominal_sizes(cfg: TrainConfig) -> DataSizes | None:
+    """Sizes without decoding: the registry's for MNIST, Fashion-MNIST and CIFAR-10; an image
+    folder's listing (file names only) and its first image. None when the data cannot be
+    listed from here (the loader then says why, or a cluster's workers check it)."""
+    if cfg.dataset in NOMINAL:
+        n_train, n_test, shape = NOMINAL[cfg.dataset]
+        return DataSizes(cfg.dataset, n_train, n_test, shape)
+    from cnnray.data import DataError
+    from cnnray.data.decode import DecodeError, decode_image
+    from cnnray.data.sources import list_source, source_uri
+
+    try:
+        listing = list_source(source_uri(cfg.dataset, cfg.data_dir))
+    except DataError:
+        if cfg.data_loader == "ray-data":  # no other loader will read it: say why now
+            raise
+        return None  # the in-memory loader says why (or downloads what it can)
+    try:
+        c, h, w = decode_image(listing.first_train).shape
+    except (DecodeError, OSError, ValueError):  # the decode pass names the file later
+        return None
+    classes = {item.cls for item in listing.train}
+    return DataSizes(cfg.dataset, len(listing.train), len(listing.test), (int(c), int(h), int(w)), len(classes))
+
+
+def split_counts(cfg: TrainConfig, n_train_total: int, n_test_total: int) -> tuple[int, int, int]:
+    """(train, validation, test) sizes: take_subset, then round(N * val_fraction) held out."""
+    n = n_train_total if cfg.subset is None else min(cfg.subset, n_train_total)
+    n_val = int(round(n * cfg.val_fraction))
+    n_test = n_test_total if cfg.subset is None else min(cfg.subset, n_test_total)
+    return n - n_val, n_val, n_test
+
+
+def world_sizes(cfg: TrainConfig) -> range:
+    """Every worker count the run may train with (an elastic run's whole range)."""
+    return range(cfg.min_workers or cfg.workers, cfg.workers + 1)
+
+
+def check_split_counts(cfg: TrainConfig, n_train_total: int, n_test_total: int, name: str) -> Plan:
+    """Refuse (ConfigError) what the split sizes alone make impossible: an empty validation
+    or test split, no full training batch per worker, a schedule too short for its shape.
+    Returns the run's Plan."""
+    n_train, n_val, n_test = split_counts(cfg, n_train_total, n_test_total)
+    n = n_train + n_val
+    if n_val == 0:
+        raise ConfigError(
+            f"the validation split is empty ({n} training examples x val_fraction {cfg.val_fraction:g} "
+            "rounds to 0): raise --val-fraction or --subset"
+        )
+    for world in world_sizes(cfg):
+        per_worker = cfg.batch_size // world
+        if n_train // world < per_worker:
+            raise ConfigError(
+                f"{n_train} training examples over {world} worker(s) give no full batch of {per_worker} "
+                "per worker: use a larger --subset, fewer --workers or a smaller --batch-size"
+            )
+    if cfg.test_at_end and n_test == 0:
+        raise ConfigError(f"the {name} dataset has no test examples to evaluate the best checkpoint on")
+    plan = plan_steps(cfg, n_train)
+    check_schedule(cfg, plan)
+    return plan
+
+
+def plan_steps(cfg: TrainConfig, n_train: int) -> Plan:
+    """Optimizer steps per epoch (each worker's n_train // world examples in full batches of
+    batch_size // world: the loaders drop the rest) and in the run; the fewest over an
+    elastic range."""
+    per_epoch = min((n_train // world) // max(1, cfg.batch_size // world) for world in world_sizes(cfg))
+    return Plan(per_epoch, per_epoch * cfg.epochs)
+
+
+def check_schedule(cfg: TrainConfig, plan: Plan) -> None:
+    """ConfigError when the schedule cannot take its shape in `plan.total_steps` steps, or
+    its warm-up (cosine, constant) would fill the run."""
+    need = MIN_STEPS[cfg.schedule]
+    steps = f"{plan.total_steps} optimizer step(s) ({cfg.epochs} epoch(s) x {plan.steps_per_epoch} per epoch)"
+    fix = "raise --epochs or --subset, or lower --batch-size"
+    if plan.total_steps < need:
+        raise ConfigError(f"--schedule {cfg.schedule} needs at least {need} optimizer steps but this run has {steps}: "
+                          f"{fix}, or use --schedule constant")
+    warmup = int(round(cfg.warmup_epochs * plan.steps_per_epoch))
+    if cfg.schedule in ("cosine", "constant") and cfg.warmup_epochs > 0 and warmup >= plan.total_steps:
+        raise ConfigError(f"--warmup-epochs {cfg.warmup_epochs:g} is {warmup} step(s), the whole run of {steps}: "
+                          f"lower --warmup-epochs below {cfg.epochs}, or {fix}")
+
+
+def check_model_input(cfg: TrainConfig, input_shape: tuple[int, int, int], num_classes: int) -> None:
+    """ConfigError when the model cannot take images of `input_shape`, or when one of its
+    batch-norm layers would see a single value per channel in a training batch of
+    batch_size // workers (a forward pass in training mode on the meta device: no memory)."""
+    import torch
+
+    from cnnray.models import get_model_spec, resolve_model_args
+
+    c, h, w = input_shape
+    try:
+        args = resolve_model_args(cfg.model, num_classes=num_classes, in_channels=c, image_size=[h, w], norm=cfg.norm,
+                                  hidden_sizes=list(cfg.hidden_sizes) if cfg.hidden_sizes else None)
+    except (ValueError, TypeError, RuntimeError) as e:
+        raise ConfigError(f"model {cfg.model!r} cannot take the {cfg.dataset} images ({c}x{h}x{w}): {e}") from None
+    per_worker = cfg.batch_size // cfg.workers  # the smallest of an elastic range
+    if per_worker > 1:  # B x H x W > 1 at every layer: nothing can fail
+        return
+    with torch.device("meta"):
+        net = get_model_spec(cfg.model).fn(**args).train()
+        try:
+            net(torch.zeros(per_worker, c, h, w))
+        except ValueError as e:
+            if "more than 1 value per channel" not in str(e):
+                raise
+            raise ConfigError(
+                f"--batch-size {cfg.batch_size} over {cfg.workers} worker(s) is {per_worker} image per worker, and "
+                f"{cfg.model}'s batch norm needs more than one value per channel in training: use --batch-size "
+                f"{2 * cfg.workers} or more, or --norm group or layer"
+            ) from None
+
+
+def check_sizes(cfg: TrainConfig, sizes: DataSizes) -> Plan:
+    """Every size check of a run of `cfg` on data of `sizes`: the splits, the schedule and the
+    model's input (ConfigError). Returns the run's Plan."""
+    plan = check_split_counts(cfg, sizes.n_train, sizes.n_test, sizes.name)
+    check_model_input(cfg, sizes.input_shape, sizes.num_classes)
+    return plan
+
+
+def few_steps_warning(cfg: TrainConfig, plan: Plan) -> str | None:
+    """One line when the run takes fewer than FEW_STEPS optimizer steps (it will likely end
+    near chance), saying what to change; None otherwise."""
+    if plan.total_steps >= FEW_STEPS:
+        return None
+    want_epochs = -(-FEW_STEPS // max(1, plan.steps_per_epoch))
+    return (
+        f"[cnnray] warning: only {plan.total_steps} optimizer steps ({cfg.epochs} epoch(s) x "
+        f"{plan.steps_per_epoch} per epoch at global batch {cfg.batch_size}); under {FEW_STEPS} a run "
+        f"rarely learns more than chance: use --epochs {want_epochs} or more, or a smaller --batch-size"
+    )

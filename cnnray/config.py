@@ -34,6 +34,9 @@ TRACKERS = ("none", "mlflow")
 DATA_LOADERS = ("auto", "memory", "ray-data")
 # The batch size `lr` refers to when lr_scaling="linear" (Goyal et al., 2017).
 LR_REFERENCE_BATCH = 128
+# Optimizer steps in a whole run under which it rarely learns more than chance: training
+# warns before it starts (cnnray.train.sizes) and the report says so. Measured: docs/training.md.
+FEW_STEPS = 100
 
 
 # Allowed values of the numeric fields (None is allowed wherever the field's type allows it);

@@ -27,6 +27,23 @@ def _pct(x: float) -> str:
     return f"{100 * x:.2f}%"
 
 
+def chance_finding(accuracy: float, per_class: list[int], classes: list[str]) -> str:
+    """Test accuracy against chance: the share of the most common test class (what always
+    answering that class scores; 1/K for balanced classes). Within two binomial standard
+    errors of it, sqrt(p (1 - p) / n), the accuracy is called chance level."""
+    n = sum(per_class)
+    top = max(range(len(per_class)), key=per_class.__getitem__)
+    base = per_class[top] / n
+    margin = 2 * (base * (1 - base) / n) ** 0.5
+    what = f"{_pct(base)}, always answering the most common test class {classes[top]}"
+    if abs(accuracy - base) <= margin:
+        return (f"Test accuracy {_pct(accuracy)} is at chance level ({what}; within two standard errors, "
+                f"{_pct(margin)}): the model has not learned to tell the classes apart.")
+    if accuracy < base:
+        return f"Test accuracy {_pct(accuracy)} is {100 * (base - accuracy):.2f} points below chance ({what})."
+    return f"Test accuracy {_pct(accuracy)} is {100 * (accuracy - base):.2f} points above chance ({what})."
+
+
 def checkpoint_report(
     ckpt_dir: Path, cfg: TrainConfig, out_dir: Path, *, recorded_test_accuracy: float | None = None
 ) -> CheckpointReport:
@@ -59,9 +76,11 @@ def checkpoint_report(
         if recorded_test_accuracy is not None and abs(recorded_test_accuracy - preds.accuracy) > 1e-4:
             body.append(html.note(
                 f"The run recorded a test accuracy of {_pct(recorded_test_accuracy)}, but this evaluation gives "
-                f"{_pct(preds.accuracy)}: the data or the checkpoint changed since training."
+                f"{_pct(preds.accuracy)}: the data or the checkpoint changed since training, or the precision differs "
+                "(training may evaluate in bf16, this page in float32)."
             ))
         cm = preds.confusion()
+        rep.findings.append(chance_finding(preds.accuracy, cm.sum(1).tolist(), classes))
         rep.pngs.append(plots.plot_confusion(cm, classes, out_dir / "confusion.png"))
         body.append(html.figure(rep.pngs[-1], "Confusion matrix on the test set: rows are the true classes, "
                                 "columns the predictions; colour is the share of the row."))

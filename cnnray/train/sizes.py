@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cnnray.config import ConfigError, TrainConfig
+from cnnray.config import FEW_STEPS, ConfigError, TrainConfig
 
 # The registry datasets' published sizes (train, test, C x H x W): enough to check a run
 # before anything is downloaded or decoded. The loaded dataset is checked again.
@@ -39,11 +39,6 @@ NOMINAL = {
 # is empty (1 step: lr ~0 throughout; 4 steps: torch divides by zero). The triangle reaches
 # its peak at step max(1, int(0.23 * total)): it needs a step after that.
 MIN_STEPS = {"onecycle": 5, "triangle": 2, "cosine": 1, "constant": 1}
-# Fewer optimizer steps than this in the whole run and `few_steps_warning` speaks. Measured
-# (docs/training.md, "Too few steps"): the cnn on MNIST, batch 128, onecycle, reached
-# 0.85 test accuracy after 50 steps and chance-level 0.1-0.4 at 12-25 steps;
-# the lecture's rule of thumb is "thousands of iterations", 100 is a floor, not a target.
-FEW_STEPS = 100
 
 
 @dataclass(frozen=True)

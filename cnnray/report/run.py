@@ -117,7 +117,8 @@ def _steps_sentence(history: Sequence[dict[str, Any]]) -> str | None:
     total = sum(steps)
     sentence = f"The run took {total:,} optimizer steps ({steps[-1]:,} per epoch)"
     if total < FEW_STEPS:
-        return sentence + f": fewer than {FEW_STEPS}, too few to learn much; more epochs or a smaller batch give more."
+        return sentence + (f": fewer than {FEW_STEPS}, where runs often end far below what the model can learn, or "
+                           "at chance; more epochs or a smaller batch give more steps.")
     return sentence + "."
 
 

@@ -186,13 +186,14 @@ def check_sizes(cfg: TrainConfig, sizes: DataSizes) -> Plan:
 
 
 def few_steps_warning(cfg: TrainConfig, plan: Plan) -> str | None:
-    """One line when the run takes fewer than FEW_STEPS optimizer steps (it will likely end
-    near chance), saying what to change; None otherwise."""
+    """One line when the run takes fewer than FEW_STEPS optimizer steps (its result is then
+    unreliable: see config.FEW_STEPS), saying what to change; None otherwise."""
     if plan.total_steps >= FEW_STEPS:
         return None
     want_epochs = -(-FEW_STEPS // max(1, plan.steps_per_epoch))
     return (
         f"[cnnray] warning: only {plan.total_steps} optimizer steps ({cfg.epochs} epoch(s) x "
-        f"{plan.steps_per_epoch} per epoch at global batch {cfg.batch_size}); under {FEW_STEPS} a run "
-        f"rarely learns more than chance: use --epochs {want_epochs} or more, or a smaller --batch-size"
+        f"{plan.steps_per_epoch} per epoch at global batch {cfg.batch_size}); runs of under {FEW_STEPS} steps "
+        f"often end far below what the model can learn, or at chance: use --epochs {want_epochs} or more, "
+        "or a smaller --batch-size"
     )

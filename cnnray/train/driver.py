@@ -80,7 +80,7 @@ def preflight(cfg: TrainConfig, variants: Sequence[tuple[str, TrainConfig]] = ()
 
     Returns the loaded `cnnray.data.Dataset` (local mode trains on it: one load per run),
     or None when skipped or streamed (ray-data)."""
-    from cnnray.train.sizes import check_sizes, few_steps_warning, nominal_sizes
+    from cnnray.train.sizes import check_sizes, few_steps_warning, missing_classes_warning, nominal_sizes
     from cnnray.train.worker_data import check_data, dataset_sizes
 
     def check_all(sizes: Any) -> str | None:
@@ -101,6 +101,9 @@ def preflight(cfg: TrainConfig, variants: Sequence[tuple[str, TrainConfig]] = ()
     ds = None if joining else check_data(cfg)
     if ds is not None and dataset_sizes(ds) != sizes:  # a smaller or different set than the nominal one
         warning = check_all(dataset_sizes(ds))
+    if ds is not None:
+        lacking = (missing_classes_warning(c, ds.train_labels, ds.classes) for _, c in variants or [("", cfg)])
+        warning = "\n".join(w for w in (warning, next((w for w in lacking if w), None)) if w)
     if echo is not None and warning:
         echo(warning)
     if joining:

@@ -197,3 +197,20 @@ def few_steps_warning(cfg: TrainConfig, plan: Plan) -> str | None:
         f"often end far below what the model can learn, or at chance: use --epochs {want_epochs} or more, "
         "or a smaller --batch-size"
     )
+
+
+def missing_classes_warning(cfg: TrainConfig, labels, classes) -> str | None:  # noqa: ANN001 (a label tensor, names)
+    """One line naming the classes with no training example once --subset and the
+    validation split are drawn (take_subset, split_train_val: the workers draw the same);
+    the run can train, but never learns to predict them. None when every class has one."""
+    from cnnray.data import split_train_val, take_subset
+
+    subset, _ = take_subset(labels, labels, cfg.subset, cfg.seed)  # labels stand in for images: same draw
+    train, _, _, _ = split_train_val(subset, subset, cfg.val_fraction, cfg.seed)
+    missing = sorted(set(range(len(classes))) - set(train.tolist()))
+    if not missing:
+        return None
+    names = ", ".join(str(classes[i]) for i in missing[:5]) + (", ..." if len(missing) > 5 else "")
+    return (f"[cnnray] warning: {len(missing)} of {len(classes)} classes have no training example after --subset "
+            f"{cfg.subset} and --val-fraction {cfg.val_fraction:g} ({names}): the model cannot learn them; "
+            "use a larger --subset")

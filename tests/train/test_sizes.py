@@ -256,3 +256,14 @@ def test_too_few_steps_warn_with_the_numbers_and_a_fix():
     assert line.startswith("[cnnray] warning: only 12 optimizer steps (3 epoch(s) x 4 per epoch at global batch 128)")
     assert "--epochs 25 or more" in line
     assert sizes.few_steps_warning(cfg, Plan(421, 1263)) is None  # MNIST's defaults
+
+
+def test_classes_without_a_training_example_are_named():
+    labels = torch.tensor([0, 1] * 50)  # class "c" has no example at all
+    line = sizes.missing_classes_warning(TrainConfig(), labels, ["a", "b", "c"])
+    assert line.startswith("[cnnray] warning: 1 of 3 classes have no training example") and "(c)" in line
+    # --subset 10 of ten balanced classes: 9 training examples cannot cover 10 classes.
+    ten = torch.arange(10).repeat(100)
+    line = sizes.missing_classes_warning(TrainConfig(subset=10), ten, [str(i) for i in range(10)])
+    assert line is not None and "after --subset 10 and --val-fraction 0.1" in line
+    assert sizes.missing_classes_warning(TrainConfig(subset=500), ten, [str(i) for i in range(10)]) is None

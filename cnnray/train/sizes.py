@@ -17,7 +17,8 @@ again from the loaded dataset. Refused:
   (per worker: `batch_size` is the global batch, split over the workers), found by a forward
   pass in training mode on the meta device (shapes only), whatever `norm` says (some models
   keep batch norm);
-- schedules too short for their shape (`min_schedule_steps`), a warm-up as long as the run.
+- schedules that cannot run in the run's steps (onecycle of 1 or 4 steps), a warm-up as
+  long as the run.
 
 And `few_steps_warning` says when a run that can train has too few optimizer steps to learn.
 """
@@ -35,10 +36,12 @@ NOMINAL = {
     "fashion_mnist": (60_000, 10_000, (1, 28, 28)),
     "cifar10": (50_000, 10_000, (3, 32, 32)),
 }
-# OneCycleLR (pct_start 0.25) warms up until step 0.25 * total - 1: under 5 steps that phase
-# is empty (1 step: lr ~0 throughout; 4 steps: torch divides by zero). The triangle reaches
-# its peak at step max(1, int(0.23 * total)): it needs a step after that.
-MIN_STEPS = {"onecycle": 5, "triangle": 2, "cosine": 1, "constant": 1}
+# OneCycleLR (pct_start 0.25) ends its warm-up at step 0.25 * total - 1: at 4 steps that is
+# step 0, where torch divides by zero; at 1 step the one rate is max_lr / 25 / 1e4 (~0, the
+# run learns nothing). 2 and 3 steps run (without a warm-up); the too-few-steps warning
+# speaks for them. Every other schedule runs at any length (check_schedule).
+ONECYCLE_IMPOSSIBLE = {1: "its only step has a learning rate of ~0 (the cycle's end)",
+                       4: "PyTorch's OneCycleLR divides by zero when its 25% warm-up ends at step 0"}
 
 
 @dataclass(frozen=True)
@@ -132,13 +135,12 @@ def plan_steps(cfg: TrainConfig, n_train: int) -> Plan:
 
 
 def check_schedule(cfg: TrainConfig, plan: Plan) -> None:
-    """ConfigError when the schedule cannot take its shape in `plan.total_steps` steps, or
-    its warm-up (cosine, constant) would fill the run."""
-    need = MIN_STEPS[cfg.schedule]
+    """ConfigError when the schedule cannot run in `plan.total_steps` steps (onecycle: 1 or
+    4, ONECYCLE_IMPOSSIBLE), or its warm-up (cosine, constant) would fill the run."""
     steps = f"{plan.total_steps} optimizer step(s) ({cfg.epochs} epoch(s) x {plan.steps_per_epoch} per epoch)"
     fix = "raise --epochs or --subset, or lower --batch-size"
-    if plan.total_steps < need:
-        raise ConfigError(f"--schedule {cfg.schedule} needs at least {need} optimizer steps but this run has {steps}: "
+    if cfg.schedule == "onecycle" and plan.total_steps in ONECYCLE_IMPOSSIBLE:
+        raise ConfigError(f"--schedule onecycle cannot run {steps}: {ONECYCLE_IMPOSSIBLE[plan.total_steps]}; "
                           f"{fix}, or use --schedule constant")
     warmup = int(round(cfg.warmup_epochs * plan.steps_per_epoch))
     if cfg.schedule in ("cosine", "constant") and cfg.warmup_epochs > 0 and warmup >= plan.total_steps:

@@ -188,8 +188,10 @@ def test_tiny_batchnorm_run_finishes_and_trains_longer_on_resume(local_ray, mnis
     ("Tried to step 22 times"), retried, exit 1."""
     from cnnray.config import ConfigError
 
+    # Batches of 4 (2 per worker), not the issue's 8: with 8, the first run is 1 one-cycle
+    # step, whose only rate is ~0, now refused before Ray starts (tests/train/test_sizes.py).
     base = dict(model="cnn", norm="batch", dataset="mnist", data_dir=str(mnist_dir), subset=10, workers=2,
-                batch_size=8, out=str(tmp_path / "run"))
+                batch_size=4, out=str(tmp_path / "run"))
     first = _run_with_deadline(TrainConfig(**base, epochs=1))
     assert [h["epoch"] for h in first["history"]] == [1]
     assert first["history"][0]["val_accuracy"] in (0.0, 1.0)  # one validation example, counted once
@@ -198,19 +200,20 @@ def test_tiny_batchnorm_run_finishes_and_trains_longer_on_resume(local_ray, mnis
     history = longer["history"]
     assert [h["epoch"] for h in history] == [1, 2, 3]
     assert history[1]["start_epoch"] == 1 and longer["epochs"] == 3
-    # After the resume the rates are those of a fresh 3-epoch schedule (1 step an epoch:
-    # 9 training examples, 4 per worker, batches of 4), not of the 1-epoch one.
+    # After the resume the rates are those of a fresh 3-epoch schedule (2 steps an epoch:
+    # 9 training examples, 4 per worker, batches of 2), not of the 1-epoch one.
     from torch import nn
 
     from cnnray.train.optim import build_optimizer, build_scheduler
 
     fresh_cfg = TrainConfig(**base, epochs=3)
     opt = build_optimizer(fresh_cfg, nn.Linear(2, 2), torch.device("cpu"))
-    sched = build_scheduler(fresh_cfg, opt, steps_per_epoch=1)
+    sched = build_scheduler(fresh_cfg, opt, steps_per_epoch=2)
     expected = []
     for _ in range(3):
-        opt.step()
-        sched.step()
+        for _ in range(2):
+            opt.step()
+            sched.step()
         expected.append(opt.param_groups[0]["lr"])
     assert [h["lr"] for h in history[1:]] == pytest.approx(expected[1:])  # epoch 1 ran the 1-epoch one
 

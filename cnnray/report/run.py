@@ -214,7 +214,9 @@ def write_run_report(
                                    best_epoch=result.get("best_epoch"), label_smoothing=cfg.label_smoothing)
         speed = plots.plot_schedule_and_speed(history, out / "lr_speed.png", lr_schedule(history))
         caption = ("Loss and accuracy per epoch. Validation is measured after each epoch on the held-out "
-                   f"{cfg.val_fraction:.0%} of the training set; the test line is the best checkpoint on the test set.")
+                   f"{cfg.val_fraction:.0%} of the training set"
+                   + ("; the test line is the best checkpoint on the test set." if result.get("test_accuracy") is not None
+                      else "."))
         if cfg.label_smoothing:
             caption += (f" The training loss includes label smoothing {cfg.label_smoothing:g}: it cannot reach 0 even "
                         "when every answer is right, while the validation loss (plain cross-entropy) can.")

@@ -50,7 +50,7 @@ def _handler(signum: int, frame: Any) -> None:
     if _state["stopping"]:
         if not _state["told"]:
             _state["told"] = True
-            print(f"[cnnray] {signal.Signals(signum).name} again: already stopping, cleaning up what this "
+            print(f"[cnnray] {signal.Signals(signum).name} while stopping: still cleaning up what this "
                   "command started (SIGKILL stops at once but may leave Ray processes running)",
                   file=sys.stderr, flush=True)
         return
@@ -70,6 +70,19 @@ def install() -> None:
             signal.signal(s, _handler)
             handled.append(s)
     _state.update(handled=tuple(handled), stopping=False, told=False, received=None)
+    if handled:
+        # Registered first, so it runs last of the exit handlers (after Ray's shutdown): at
+        # finalization Python resets a handled signal to its default, and a late second
+        # signal would then kill the ending program (status -15) after all its clean-up.
+        import atexit
+
+        atexit.register(_ignore_from_now_on)
+
+
+def _ignore_from_now_on() -> None:
+    if threading.current_thread() is threading.main_thread():
+        for s in _state["handled"]:
+            signal.signal(s, signal.SIG_IGN)
 
 
 def installed() -> bool:
@@ -77,10 +90,13 @@ def installed() -> bool:
     return bool(_state["handled"])
 
 
-def stopping() -> None:
-    """From now on a SIGINT or SIGTERM only prints a line: the program is ending on its own
-    (a command that finished, or a clean-up after an error) and must not be cut short."""
+def stopping(quiet: bool = False) -> None:
+    """From now on a SIGINT or SIGTERM only prints a line (`quiet`: not even that): the
+    program is ending on its own (a command that finished, or a clean-up after an error)
+    and must not be cut short. Quiet once the program has printed its last line."""
     _state["stopping"] = True
+    if quiet:
+        _state["told"] = True
 
 
 def reinstall() -> None:

@@ -100,6 +100,8 @@ DRIVER_NOISE = {
     "ray._private.authentication.authentication_token_setup": "Token authentication is enabled for this Ray cluster",
     # Replaced by cnnray's own start-up line, which also names the session's log folder.
     "ray._private.worker": "Started a local Ray instance",
+    # Serve's start inside `cnnray serve`, which says itself what it serves and where.
+    "ray.serve": "Started Serve in namespace",
 }
 # - Lines the raylet and GCS send to the driver (their *.err files and their error
 #   messages, printed as "(raylet) ..."): regular expressions, matched with re.search.
@@ -111,6 +113,9 @@ RAYLET_NOISE = (
     # own first: expected while stopping.
     r"graceful_shutdown failed|killed by `?ray\.kill`?",
 )
+# - Serve's controller lists its performance settings (the ones `cnnray serve` chose) in a
+#   banner of "  • ..." lines at every start: dropped with its bullets from any process.
+SERVE_BANNER = "Throughput optimized Ray Serve enabled"
 
 
 class _DropMessage(logging.Filter):
@@ -147,6 +152,11 @@ def quiet_driver() -> None:
     noise = re.compile("|".join(f"(?:{r})" for r in RAYLET_NOISE))
 
     def print_worker_logs(data: dict, print_file: Any, ignore_prefix: bool = False) -> None:
+        if any(SERVE_BANNER in line for line in data.get("lines", [])):
+            data = {**data, "lines": [line for line in data["lines"] if line.strip() and SERVE_BANNER not in line
+                                      and not line.lstrip().startswith("• ")]}
+            if not data["lines"]:
+                return
         if data.get("pid") in ("raylet", "gcs_server"):
             lines = [line for line in data.get("lines", []) if not noise.search(line)]
             if not lines:
@@ -237,12 +247,14 @@ def _log_dir() -> str:
 
 
 def local_ray_alive(wait_s: float = 1.0) -> bool:
-    """False when this driver started the local Ray and its GCS or raylet has exited; True
-    otherwise (a joined cluster is not ours to judge). A SIGTERM sent to the whole process
-    group (systemd's control-group stop, `kill -TERM -- -PGID`, `timeout`) reaches Ray's
-    processes as well as the driver, and they exit at once: a graceful stop that asks them
-    (serve.shutdown) would then wait out its 30 s timeout for an answer that cannot come.
-    A daemon that got the signal takes a moment to exit: watch `wait_s` seconds for that."""
+    """False when this driver started the local Ray and one of the processes it started
+    (GCS, raylet, log monitor, dashboard...) has exited; True otherwise (a joined cluster
+    is not ours to judge). A SIGTERM sent to the whole process group (systemd's
+    control-group stop, `kill -TERM -- -PGID`) reaches Ray's processes and its workers as
+    well as the driver: Serve's controller dies with them, and a graceful stop that asks
+    it (serve.shutdown) would wait out its 30 s timeout while Ray restarts it. None of
+    these processes exits on its own while the driver runs, so one that has is the sign.
+    A process that got the signal takes a moment to exit: watch `wait_s` seconds for that."""
     import time
 
     ray = sys.modules.get("ray")
@@ -251,8 +263,7 @@ def local_ray_alive(wait_s: float = 1.0) -> bool:
         return True
     deadline = time.monotonic() + wait_s
     while True:
-        dead = {kind for kind, _ in node.dead_processes()}
-        if dead & {"raylet", "gcs_server"}:  # ray_constants.PROCESS_TYPE_RAYLET, PROCESS_TYPE_GCS_SERVER
+        if node.dead_processes():
             return False
         if time.monotonic() >= deadline:
             return True

@@ -65,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return interrupts.exit_status(e)  # 130 for SIGINT, 143 for SIGTERM
     finally:
         if program:  # the program is ending: a signal now must not cut its exit handlers short
-            interrupts.stopping()
+            interrupts.stopping(quiet=True)  # its last line (a resume hint) stays the last
 
 
 def _main(argv: Sequence[str] | None, program: bool) -> int:

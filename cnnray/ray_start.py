@@ -116,6 +116,10 @@ RAYLET_NOISE = (
 # - Serve's controller lists its performance settings (the ones `cnnray serve` chose) in a
 #   banner of "  • ..." lines at every start: dropped with its bullets from any process.
 SERVE_BANNER = "Throughput optimized Ray Serve enabled"
+# - Serve's own actors (controller, proxy, replicas) log their INFO lines to stderr too when
+#   Serve's Python proxy is the ingress ("Removing 1 replica", "Got updated endpoints"):
+#   their warnings and errors are shown, the INFO lines only in logs/serve/.
+SERVE_ACTORS = ("ServeController", "ProxyActor", "ServeReplica")
 
 
 class _DropMessage(logging.Filter):
@@ -155,6 +159,10 @@ def quiet_driver() -> None:
         if any(SERVE_BANNER in line for line in data.get("lines", [])):
             data = {**data, "lines": [line for line in data["lines"] if line.strip() and SERVE_BANNER not in line
                                       and not line.lstrip().startswith("• ")]}
+            if not data["lines"]:
+                return
+        if str(data.get("actor_name") or "").startswith(SERVE_ACTORS):
+            data = {**data, "lines": [line for line in data.get("lines", []) if not line.startswith("INFO ")]}
             if not data["lines"]:
                 return
         if data.get("pid") in ("raylet", "gcs_server"):

@@ -66,7 +66,12 @@ def test_rays_noise_is_dropped_and_everything_else_is_printed():
     ray_worker.print_worker_logs({"pid": 42, "lines": ["INFO serve -- Throughput optimized Ray Serve enabled with",
                                                        "  • Direct ingress enabled", "", "ValueError: bad"],
                                   "is_err": True}, out)
+    ray_worker.print_worker_logs({"pid": 43, "actor_name": "ServeController", "is_err": True, "lines": [
+        "INFO 2026-12-06 23:43:38,463 controller 7258 -- Removing 1 replica from Deployment(name='ModelServer')",
+        "WARNING 2026-12-06 23:43:39,000 controller 7258 -- Deployment 'ModelServer' has 1 replica that has "
+        "taken more than 30s to be scheduled"]}, out)
     text = out.getvalue()
+    assert "Removing 1 replica" not in text and "taken more than 30s to be scheduled" in text
     assert "worker processes have been started" not in text and "graceful_shutdown" not in text
     assert "Throughput optimized" not in text and "Direct ingress" not in text
     assert oom in text and "ValueError: bad" in text  # what means something to the user still shows

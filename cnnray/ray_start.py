@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from typing import Any
 
 # Ray Train settings for a local single-node Ray; the user's own values win. Poll the
 # workers every 0.5 s, not 2 s (a run's end is seen ~1.5 s sooner), and no preemption
@@ -89,6 +90,92 @@ def setup_worker() -> None:
     os.environ.setdefault("RAY_ADDRESS", own)
 
 
+# Ray's lines that reach a cnnray user's terminal and mean nothing to them; each stays in
+# Ray's session logs (<temp dir>/ray/session_latest/logs, printed at start-up). Every other
+# line Ray sends to the driver (a worker's exception, an OOM kill, its own warnings) is shown.
+# - The driver's own loggers (logger name: start of the message):
+DRIVER_NOISE = {
+    # A new local Ray turns token authentication on, and says so: cnnray keeps the token
+    # private (cnnray.raytoken) and the Ray is the user's own, reached from loopback only.
+    "ray._private.authentication.authentication_token_setup": "Token authentication is enabled for this Ray cluster",
+    # Replaced by cnnray's own start-up line, which also names the session's log folder.
+    "ray._private.worker": "Started a local Ray instance",
+    # Serve's start inside `cnnray serve`, which says itself what it serves and where.
+    "ray.serve": "Started Serve in namespace",
+}
+# - Lines the raylet and GCS send to the driver (their *.err files and their error
+#   messages, printed as "(raylet) ..."): regular expressions, matched with re.search.
+RAYLET_NOISE = (
+    # The worker pool's start-up throttle: Ray Train's controller, workers and helper actors
+    # on a 2-core machine are "many" workers by its count; nothing the user can change.
+    r"worker processes have been started on node",
+    # An actor cnnray or Serve ended on purpose (ray.kill at shutdown) did not exit on its
+    # own first: expected while stopping.
+    r"graceful_shutdown failed|killed by `?ray\.kill`?",
+)
+# - Serve's controller lists its performance settings (the ones `cnnray serve` chose) in a
+#   banner of "  • ..." lines at every start: dropped with its bullets from any process.
+SERVE_BANNER = "Throughput optimized Ray Serve enabled"
+# - Serve's own actors (controller, proxy, replicas) log their INFO lines to stderr too when
+#   Serve's Python proxy is the ingress ("Removing 1 replica", "Got updated endpoints"):
+#   their warnings and errors are shown, the INFO lines only in logs/serve/.
+SERVE_ACTORS = ("ServeController", "ProxyActor", "ServeReplica")
+
+
+class _DropMessage(logging.Filter):
+    """Drops the records whose message starts with `prefix`."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
+
+
+def quiet_driver() -> None:
+    """Keep DRIVER_NOISE and RAYLET_NOISE off this driver's output (idempotent).
+
+    The raylet's lines reach the driver through one function, Ray's
+    `ray._private.worker.print_worker_logs` (both its log stream, log_to_driver, and its
+    error messages call it by name): it is wrapped to drop the lines matching RAYLET_NOISE
+    from the raylet and the GCS only. Ray has no setting for either: RAY_BACKEND_LOG_LEVEL
+    would also thin the session logs, and log_to_driver=False would hide the workers'
+    errors too."""
+    import re
+
+    import ray._private.worker as ray_worker
+
+    for name, prefix in DRIVER_NOISE.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessage) and f.prefix == prefix for f in logger.filters):
+            logger.addFilter(_DropMessage(prefix))
+    printer = ray_worker.print_worker_logs
+    if getattr(printer, "cnnray_quiet", False):
+        return
+    noise = re.compile("|".join(f"(?:{r})" for r in RAYLET_NOISE))
+
+    def print_worker_logs(data: dict, print_file: Any, ignore_prefix: bool = False) -> None:
+        if any(SERVE_BANNER in line for line in data.get("lines", [])):
+            data = {**data, "lines": [line for line in data["lines"] if line.strip() and SERVE_BANNER not in line
+                                      and not line.lstrip().startswith("• ")]}
+            if not data["lines"]:
+                return
+        if str(data.get("actor_name") or "").startswith(SERVE_ACTORS):
+            data = {**data, "lines": [line for line in data.get("lines", []) if not line.startswith("INFO ")]}
+            if not data["lines"]:
+                return
+        if data.get("pid") in ("raylet", "gcs_server"):
+            lines = [line for line in data.get("lines", []) if not noise.search(line)]
+            if not lines:
+                return
+            data = {**data, "lines": lines}
+        printer(data, print_file, ignore_prefix)
+
+    print_worker_logs.cnnray_quiet = True
+    ray_worker.print_worker_logs = print_worker_logs
+
+
 def joining_cluster(address: str | None = None) -> bool:
     """Whether init_ray(address) joins an existing cluster (`address` or $RAY_ADDRESS)
     rather than starting a Ray on this machine."""
@@ -122,8 +209,12 @@ def init_ray(address: str | None = None, ray_train: bool = False) -> bool:
     address = address or os.environ.get("RAY_ADDRESS")
     # Every worker process of this job (Ray Train's controller and cleaner included) runs the hook.
     runtime_env = {"worker_process_setup_hook": WORKER_SETUP_HOOK} if ray_train else None
+    from cnnray.interrupts import kept_through_ray_start
+
+    quiet_driver()
     if address:
-        ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)
+        with kept_through_ray_start():  # SIGINT/SIGTERM during start-up: cnnray's Interrupted
+            ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)
         return False
     for var, value in LOCAL_RAY_TRAIN_ENV.items():
         os.environ.setdefault(var, value)
@@ -135,7 +226,53 @@ def init_ray(address: str | None = None, ray_train: bool = False) -> bool:
     # address="local": always a new Ray of our own. With no address, ray.init() would join
     # the newest `ray start` head recorded in <temp dir>/ray/ray_current_cluster (another
     # user's, or an earlier experiment's): a cluster is joined only on purpose (--address).
-    ray.init(address="local", dashboard_host="127.0.0.1", log_to_driver=True, runtime_env=runtime_env,
-             _system_config=dict(LOCAL_SYSTEM_CONFIG))
+    try:
+        with kept_through_ray_start():  # SIGINT/SIGTERM during start-up: cnnray's Interrupted
+            ctx = ray.init(address="local", dashboard_host="127.0.0.1", log_to_driver=True, runtime_env=runtime_env,
+                     _system_config=dict(LOCAL_SYSTEM_CONFIG))
+    except BaseException:
+        ray.shutdown()  # the processes a start-up cut short had started (nothing: a no-op)
+        raise
     secure_auth_token()
+    print(f"[cnnray] started a private Ray{_dashboard_text(ctx)}; Ray's own logs: {_log_dir()}", flush=True)
     return True
+
+
+def _dashboard_text(ctx: Any) -> str:
+    url = getattr(ctx, "dashboard_url", None)
+    return f" (dashboard http://{url})" if url else ""
+
+
+def _log_dir() -> str:
+    """This driver's Ray session's log folder (every Ray process's logs, raylet.out and
+    the workers' worker-*.err included)."""
+    import ray
+
+    try:
+        return str(ray._private.worker._global_node.get_logs_dir_path())
+    except Exception:  # noqa: BLE001 (only a hint: the usual place)
+        return "<temp dir>/ray/session_latest/logs"
+
+
+def local_ray_alive(wait_s: float = 1.0) -> bool:
+    """False when this driver started the local Ray and one of the processes it started
+    (GCS, raylet, log monitor, dashboard...) has exited; True otherwise (a joined cluster
+    is not ours to judge). A SIGTERM sent to the whole process group (systemd's
+    control-group stop, `kill -TERM -- -PGID`) reaches Ray's processes and its workers as
+    well as the driver: Serve's controller dies with them, and a graceful stop that asks
+    it (serve.shutdown) would wait out its 30 s timeout while Ray restarts it. None of
+    these processes exits on its own while the driver runs, so one that has is the sign.
+    A process that got the signal takes a moment to exit: watch `wait_s` seconds for that."""
+    import time
+
+    ray = sys.modules.get("ray")
+    node = getattr(getattr(getattr(ray, "_private", None), "worker", None), "_global_node", None)
+    if node is None:
+        return True
+    deadline = time.monotonic() + wait_s
+    while True:
+        if node.dead_processes():
+            return False
+        if time.monotonic() >= deadline:
+            return True
+        time.sleep(0.1)

@@ -80,7 +80,7 @@ RULES = [
     ("explain", {"config", "data", "train", "tune", "serve", "report", "cli", "store", "ray_start"},
      "explanations need only a model: serve and the report both use them"),
 ]
-FLOOR = {"errors": set(), "files": set(), "paths": set(), "raytoken": set(), "argtypes": {"errors"}}
+FLOOR = {"errors": set(), "files": set(), "paths": set(), "raytoken": set(), "interrupts": set(), "argtypes": {"errors"}}
 
 
 @pytest.mark.parametrize("part, forbidden, why", RULES, ids=[r[0] for r in RULES])

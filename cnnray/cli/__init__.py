@@ -50,6 +50,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     program = argv is None  # the `cnnray` program itself, not a call from Python (tests, notebooks)
+    from cnnray import interrupts
+
+    if program:
+        # SIGTERM like Ctrl-C: cnnray.interrupts.Interrupted (a KeyboardInterrupt), so the
+        # clean-up after either runs and the program exits 128 + the signal.
+        interrupts.install()
+    try:
+        return _main(argv, program)
+    except KeyboardInterrupt as e:  # at any moment: imports, Ray start-up, work, clean-up
+        print(f"cnnray: interrupted ({interrupts.signal_name(e)})", file=sys.stderr, flush=True)
+        if getattr(e, "next_step", None):  # how to continue: the last line a user sees
+            print(e.next_step, file=sys.stderr, flush=True)
+        return interrupts.exit_status(e)  # 130 for SIGINT, 143 for SIGTERM
+    finally:
+        if program:  # the program is ending: a signal now must not cut its exit handlers short
+            interrupts.stopping(quiet=True)  # its last line (a resume hint) stays the last
+
+
+def _main(argv: Sequence[str] | None, program: bool) -> int:
     if program:
         # At exit CPython's last collections walk every object the imports made (torch and
         # torch._dynamo: ~1 CPU-s of a `cnnray train` on the CI machine, against ~0.25 s
@@ -66,6 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from cnnray.errors import USER_ERRORS
 
         args = build_parser().parse_args(argv)
+        args.argv = list(sys.argv[1:] if argv is None else argv)  # as typed: a resume hint repeats it
         if program and args.func is train.cmd_train:
             importlib.import_module("torch._dynamo")  # the optimizer's import, done here uncollected
     finally:
@@ -82,9 +102,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # e.g. `cnnray models | head`: the reader left; not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except KeyboardInterrupt:
-        print("cnnray: interrupted", file=sys.stderr)
-        return 130
     except Exception as e:
         # Imported only here: serve.runner imports Ray, which a local-mode run never loads.
         from cnnray.serve.runner import ServeError

@@ -179,7 +179,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     import ray
 
-    from cnnray.ray_start import init_ray
+    from cnnray.ray_start import init_ray, local_ray_alive
 
     runner = None
     stopped_by = 0  # the signal that stopped serving: the exit status is 128 + it
@@ -217,7 +217,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 for name, ref in changed.items():
                     print(f"[cnnray] now serving {name} version {ref.version} ({ref.path})", flush=True)
     except (KeyboardInterrupt, _Stop) as e:
-        stopped_by = e.signum if isinstance(e, _Stop) else signal.SIGINT
+        from cnnray.interrupts import signal_number
+
+        stopped_by = signal_number(e)  # _Stop's SIGTERM; the program's Interrupted (during Ray start-up); Ctrl-C
     finally:
         # A second Ctrl-C or SIGTERM while stopping must not cut the clean-up short.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -228,7 +230,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print(f"[cnnray] stopping ({signal.Signals(stopped_by).name})", flush=True)
         try:
             # On a cluster we joined, remove our app only; a local Ray is ours to stop.
-            if runner is not None:
+            if runner is not None and not joined and stopped_by == signal.SIGTERM and not local_ray_alive():
+                # The SIGTERM reached Ray's processes too (sent to the process group): they have
+                # stopped, and serve.shutdown() would wait 30 s for a controller that cannot answer.
+                print("[cnnray] Ray's processes got the signal too and have stopped", flush=True)
+            elif runner is not None:
                 runner.stop(shutdown_serve=not joined)
         finally:
             try:

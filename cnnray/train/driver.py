@@ -158,7 +158,7 @@ def make_trainer(
 
     cfg = cfg.replace(data_loader=resolve_loader(cfg))  # auto is resolved once, here or in resolve_run
     info, datasets = stream_datasets(cfg) if cfg.data_loader == "ray-data" else (None, None)
-    return TorchTrainer(
+    return _Trainer(TorchTrainer)(
         train_loop_per_worker,
         train_loop_config=with_tracking(  # cnnray.tracking.train
             {**loop_config(cfg, info), **({INIT_CHECKPOINT: init_checkpoint} if init_checkpoint else {})}, tracking),
@@ -179,6 +179,24 @@ def make_trainer(
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
     )
+
+
+def _Trainer(base: type) -> type:
+    """TorchTrainer without the SIGINT handler its fit() installs on the driver's main thread
+    (ray/train/v2/api/data_parallel_trainer.py `_register_sigint_handler`). That handler
+    asks the controller to abort and lets fit() return as if the run had ended (so the
+    driver went on to test and write result.json for a run cut short), stays installed
+    after fit() (a Ctrl-C during the end-of-run test met a dead controller and exited 0),
+    and leaves SIGTERM to Ray's C++ handler. Instead SIGINT and SIGTERM stay
+    cnnray.interrupts' Interrupted: fit() raises it, and the driver stops its Ray (which
+    ends the controller and workers); the registered checkpoints are what --resume reads."""
+
+    class Trainer(base):
+        def _register_sigint_handler(self, controller: Any) -> None:
+            pass
+
+    Trainer.__name__ = Trainer.__qualname__ = base.__name__
+    return Trainer
 
 
 def _scaling_config(cfg: TrainConfig, storage_path: str, gpus_per_worker: float = 1.0):

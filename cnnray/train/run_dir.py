@@ -20,7 +20,7 @@ from typing import Any
 
 from cnnray.checkpoint import read_meta
 from cnnray.config import ConfigError, TrainConfig
-from cnnray.files import CLAIM_FILE
+from cnnray.files import CLAIM_FILE, RESULT_FILE
 
 # The file name Ray Train's checkpoint manager uses (ray.train.v2._internal.constants).
 SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
@@ -108,9 +108,22 @@ def last_checkpoint_meta(storage: str, name: str) -> dict[str, Any] | None:
     return read_meta(run_dir / newest)  # epoch-NNNN (more digits past 9999)
 
 
+def _finished_epochs(out: Path) -> int:
+    """The last epoch in `out`'s result.json: what the run's last completed command
+    trained (0 when it has none, or it cannot be read)."""
+    try:
+        history = json.loads((out / RESULT_FILE).read_text()).get("history") or []
+        return int(history[-1]["epoch"]) if history else 0
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return 0
+
+
 def check_resume(cfg: TrainConfig, meta: dict[str, Any] | None, out: Path) -> None:
     """Refuse up front (ConfigError) what a resume cannot honour: fewer epochs than the run
-    already trained, or a different model. More epochs are fine (see build_scheduler)."""
+    already trained, or a different model. More epochs are fine (see build_scheduler);
+    the same number is fine for a run stopped after its last checkpoint but before its
+    result.json (an interrupt during the end-of-run test): the resume trains no epoch and
+    finishes the run (test, result.json, report)."""
     if meta is None:
         return
     done, stored = int(meta["epoch"]), meta.get("config", {})
@@ -118,7 +131,7 @@ def check_resume(cfg: TrainConfig, meta: dict[str, Any] | None, out: Path) -> No
     if changed:
         was = ", ".join(f"{k}={stored[k]!r}" for k in changed)
         raise ConfigError(f"the run in {out} was trained with {was}: --resume keeps these; choose another --out")
-    if cfg.epochs <= done:
+    if cfg.epochs < done or (cfg.epochs == done and _finished_epochs(out) >= done):
         raise ConfigError(
             f"the run in {out} has already trained {done} epoch(s): pass --epochs greater than {done} "
             "to train it longer (the schedule then spans the new total)"

@@ -105,8 +105,12 @@ def test_resume_refuses_only_what_cannot_be_honoured(tmp_path):
     check_resume(cfg, _meta(1), tmp_path)  # one more epoch: fine
     check_resume(cfg.replace(lr=0.05, workers=2), _meta(1), tmp_path)  # other settings may change
     check_resume(cfg, None, tmp_path)  # nothing to resume from: a new run
+    check_resume(cfg, _meta(2), tmp_path)  # stopped after its last checkpoint, before result.json: finishes
+    (tmp_path / "result.json").write_text('{"history": [{"epoch": 1}, {"epoch": 2}]}')
     with pytest.raises(ConfigError, match="has already trained 2 epoch.*--epochs greater than 2"):
         check_resume(cfg, _meta(2), tmp_path)
+    with pytest.raises(ConfigError, match="has already trained 3 epoch.*--epochs greater than 3"):
+        check_resume(cfg, _meta(3), tmp_path)
     with pytest.raises(ConfigError, match="was trained with norm='batch'"):
         check_resume(cfg, _meta(1, norm="batch"), tmp_path)
     with pytest.raises(ConfigError, match="model='mlp'"):

@@ -129,6 +129,9 @@ def summarize(rows: list[LoadResult], explain: list[dict[str, Any]], clients: in
                     "p50_ms": round(statistics.mean(r.p50_ms for r in rs), 2),
                     "p99_ms": round(statistics.mean(r.p99_ms for r in rs), 2),
                     "errors": sum(r.errors for r in rs)}
+        cpu = [r.server_cpu_ms_per_request for r in rs if r.server_cpu_ms_per_request is not None]
+        if cpu:  # CPU ms of every server process per prediction; in B the explanations' CPU included
+            out[arm]["server_cpu_ms_per_prediction"] = round(statistics.mean(cpu), 3)
     a, b = out["A"], out["B"]
     pairs = [round(y.requests_per_s / x.requests_per_s, 3) for x, y in zip(arms["A"], arms["B"])]
     out["ratio"] = round(b["mean"] / a["mean"], 3)

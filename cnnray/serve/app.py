@@ -10,7 +10,9 @@ answers HTTP through the FastAPI app of api.py (built on the replica), groups im
 concurrent requests into one forward pass with `@serve.batch`, and takes new model
 versions and batching settings in `reconfigure(user_config)` without a restart: the new
 version is loaded beside the old one, then swapped in; requests already batched finish on
-the version they started with, so none is dropped.
+the version they started with, so none is dropped. `:explain` requests arrive here too but
+are computed by a second deployment, `ExplainServer` (explain_deployment.py), in a process
+of its own at low priority, so they never take the predict replicas' CPU or GIL.
 
 Nothing runs at import: the FastAPI app, the metrics hub and the models are built when a
 replica starts (importing this module does import Ray Serve, for the decorators).

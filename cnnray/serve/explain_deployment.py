@@ -9,12 +9,12 @@ at lower CPU priority that holds the GIL while the kernel runs someone else stal
 replica's event loop and batches behind it (priority inversion). In its own process the
 explanation has its own GIL, and its CPU share is the kernel's business alone:
 
-- every thread of the explain replica runs at nice +`EXPLAIN_NICE` (set in `__init__`, the
-  first code of ours that runs in the actor's process, on every thread Ray started there;
-  threads started later inherit it), so when predictions and explanations want the same
-  core, predictions get it (CFS weights 1024 vs 110);
+- every thread of the explain replica runs in Linux's SCHED_IDLE class (and at nice
+  +`EXPLAIN_NICE`), set in `__init__`, the first code of ours that runs in the actor's
+  process, on every thread Ray started there (threads started later inherit it): a waking
+  prediction thread takes the core from an explanation at once (`lower_process_priority`);
 - one torch intra-op thread, so one explanation occupies at most one core;
-- it reserves no CPU (`num_cpus=0`): niceness, not Ray's bookkeeping, gives it only what
+- it reserves no CPU (`num_cpus=0`): its scheduling class, not Ray's bookkeeping, gives it only what
   the predict replicas leave, and a reservation would take a core from them
   (`--replicas auto` fills the machine's CPUs with predict replicas);
 - `EXPLAIN_THREADS` explanations at a time per explain replica (`max_ongoing_requests`);
@@ -50,19 +50,30 @@ RETRY_AFTER_S = 1  # seconds, in the 429's Retry-After: an MNIST explanation tak
 
 
 def lower_process_priority(nice: int = EXPLAIN_NICE) -> int:
-    """Set every thread of this process to at least `nice` (Linux keeps a nice value per
-    thread: setpriority(PRIO_PROCESS, 0) would change the calling thread alone). Threads
-    started later inherit their creator's value. Returns the number of threads changed; 0
-    off Linux or where not allowed (raising one's own nice value always is on Linux)."""
+    """Put every thread of this process in the SCHED_IDLE class and at nice >= `nice` (Linux
+    keeps both per thread: setpriority(PRIO_PROCESS, 0) would change the calling thread
+    alone). Threads started later inherit their creator's. Returns the number of threads
+    set; 0 off Linux. Raising one's own nice value and entering SCHED_IDLE need no privilege.
+
+    Why SCHED_IDLE and not nice alone: at nice +10 alone, predictions/s beside two explain
+    clients fell to 0.59x of the rounds without them (docs/explain.md). Nice only weights
+    the CPU *share*; a niced task that holds a core may keep it for the rest of its slice
+    when a prediction's thread wakes (EEVDF's run-to-parity), and a prediction passes
+    through several wake-ups (HAProxy, the replica's event loop, its inference thread). A waking SCHED_NORMAL thread preempts
+    a SCHED_IDLE one at once, and a core running only SCHED_IDLE threads counts as idle when
+    the kernel places a waking thread. The nice value stays for kernels without SCHED_IDLE."""
     changed = 0
     try:
         tids = [int(t) for t in os.listdir("/proc/self/task")]
     except OSError:
         return 0
+    idle = getattr(os, "SCHED_IDLE", None)
     for tid in tids:
         try:
             if os.getpriority(os.PRIO_PROCESS, tid) < nice:
                 os.setpriority(os.PRIO_PROCESS, tid, nice)
+            if idle is not None:
+                os.sched_setscheduler(tid, idle, os.sched_param(0))
             changed += 1
         except OSError:  # the thread ended meanwhile, or not allowed
             pass
@@ -78,6 +89,9 @@ def lower_process_priority(nice: int = EXPLAIN_NICE) -> int:
     ray_actor_options={"num_cpus": 0, "num_gpus": 0},
     logging_config={"enable_access_log": False, "log_level": "WARNING"},
     graceful_shutdown_timeout_s=30,
+    # Its health check runs on SCHED_IDLE threads too: while predictions keep both cores busy
+    # it may answer late; Serve's default 30 s would restart a replica that is merely waiting.
+    health_check_timeout_s=120,
 )
 class ExplainServer:
     """Explanations of the models the predict replicas serve, one at a time, at low priority."""

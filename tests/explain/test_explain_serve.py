@@ -108,12 +108,13 @@ def _tree(pid: int) -> list[int]:
     return out
 
 
-def _nices(pid: int) -> list[int]:
-    """The nice value of every thread of `pid` (field 19 of /proc/PID/task/TID/stat)."""
+def _nices(pid: int, field: int = 19) -> list[int]:
+    """A field of every thread of `pid` in /proc/PID/task/TID/stat: 19 the nice value, 41
+    the scheduling policy (5: SCHED_IDLE); proc(5) numbers them from 1, the comm (2) in ()."""
     out = []
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
-            out.append(int((task / "stat").read_text().rsplit(")", 1)[1].split()[16]))
+            out.append(int((task / "stat").read_text().rsplit(")", 1)[1].split()[field - 3]))
         except OSError:
             continue
     return out
@@ -121,7 +122,7 @@ def _nices(pid: int) -> list[int]:
 
 def test_explanations_run_in_their_own_replica_process_at_low_priority(served):
     """The mechanism as deployed: the ExplainServer replica is a process of its own, every
-    thread of it at nice +10, while the predict replicas keep the normal priority."""
+    thread of it in SCHED_IDLE at nice +10, while the predict replicas keep the normal class."""
     from cnnray.serve.explain import EXPLAIN_NICE
 
     url, ds = served
@@ -139,8 +140,8 @@ def test_explanations_run_in_their_own_replica_process_at_low_priority(served):
     explain = [p for p, t in titles.items() if b"ServeReplica:cnnray:ExplainServer" in t]
     predict = [p for p, t in titles.items() if b"ServeReplica:cnnray:ModelServer" in t]
     assert len(explain) == 1 and predict, {p: t[:80] for p, t in titles.items()}
-    assert min(_nices(explain[0])) >= EXPLAIN_NICE
-    assert all(min(_nices(p)) < EXPLAIN_NICE for p in predict)
+    assert min(_nices(explain[0])) >= EXPLAIN_NICE and set(_nices(explain[0], field=41)) == {5}  # SCHED_IDLE
+    assert all(min(_nices(p)) < EXPLAIN_NICE and 5 not in _nices(p, field=41) for p in predict)
 
 
 def test_predict_explain_writes_the_overlays_beside_the_images(served, tmp_path):

@@ -16,6 +16,7 @@ mean lies within A's range ("within noise"), and the explanations/s served durin
 from __future__ import annotations
 
 import asyncio
+import os
 import statistics
 import time
 from typing import Any
@@ -95,8 +96,10 @@ def interleaved(url: str, model: str, pngs: list[bytes], labels: list[int], *, r
         r.read()
     rows: list[LoadResult] = []
     explain: list[dict[str, Any]] = []
+    loads: list[float] = []  # the machine's 1-minute load average as each round starts
     for k in range(rounds):
         for arm, n in (("A", 0), ("B", clients)):
+            loads.append(round(os.getloadavg()[0], 1))
             cpu0 = tree_cpu_s(pid) if pid else None
             measured, stats = asyncio.run(_round(url, model, pngs, requests, concurrency, api, n, timeout_s))
             cpu1 = tree_cpu_s(pid) if pid else None
@@ -111,7 +114,9 @@ def interleaved(url: str, model: str, pngs: list[bytes], labels: list[int], *, r
                   f"{row.errors} errors" + (f"; explain {stats['explains_per_s']}/s, statuses {stats['statuses']}"
                                             if stats else ""), flush=True)
     summary = summarize(rows, explain, clients)
+    summary["load_average"] = loads
     print(format_summary(summary), flush=True)
+    print(f"[bench] load average (1 min) at each round's start: {loads}", flush=True)
     return rows, summary
 
 

@@ -197,3 +197,23 @@ def test_explain_refusals_reach_the_client_as_readable_answers(app_over, tmp_pat
     assert fragment in r.json()["error"]
     assert (r.headers.get("Retry-After") == "1") == (want == 429)
     assert str(tmp_path) not in r.text  # no server path in the answer
+
+
+def test_the_benchmark_compares_alternating_rounds_against_the_baselines_spread():
+    """benchmarks/explain_load.summarize on made-up rounds A B A B A B (no server, no timing)."""
+    from benchmarks.explain_load import summarize
+    from benchmarks.serve_load import LoadResult
+
+    def row(rate: float) -> LoadResult:
+        return LoadResult(server="s", api="torchserve", requests=100, concurrency=4, seconds=100 / rate,
+                          requests_per_s=rate, p50_ms=10.0, p99_ms=40.0, errors=0, accuracy=1.0)
+
+    explain = [{"explained": 5, "statuses": {200: 5}, "errors": []}, {"explained": 3, "statuses": {200: 3, 429: 1},
+                                                                      "errors": []}, {"explained": 0, "statuses": {}, "errors": ["x"]}]
+    s = summarize([row(r) for r in (400, 380, 500, 450, 450, 470)], explain, clients=2)
+    assert s["A"]["predictions_per_s"] == [400, 500, 450] and s["B"]["predictions_per_s"] == [380, 450, 470]
+    assert (s["A"]["mean"], s["B"]["mean"], s["ratio"]) == (450.0, 433.3, 0.963)
+    assert s["pair_ratios"] == [0.95, 0.9, 1.044] and s["within_noise"]
+    assert s["explain"]["explained"] == 8 and s["explain"]["statuses"] == {200: 8, 429: 1}
+    slower = summarize([row(r) for r in (400, 300, 500, 350, 450, 390)], explain, clients=2)
+    assert slower["B"]["mean"] < slower["A"]["min"] and not slower["within_noise"]

@@ -122,7 +122,8 @@ def interleaved(url: str, model: str, pngs: list[bytes], labels: list[int], *, r
 
 def summarize(rows: list[LoadResult], explain: list[dict[str, Any]], clients: int) -> dict[str, Any]:
     """Per arm: predictions/s per round, mean, sample standard deviation, min and max, mean
-    p50 and p99; the ratio of the means B/A and each pair's ratio (B_k / A_k); `within_noise`:
+    p50 and p99; the ratio of the means B/A and each pair's ratio (B_k / A_k) with their mean
+    and its standard error; `within_noise`:
     B's mean lies within A's round-to-round range [min, max]; explanations/s in B."""
     arms = {"A": rows[0::2], "B": rows[1::2]}
     out: dict[str, Any] = {"explain_clients": clients, "rounds": len(arms["A"])}
@@ -142,6 +143,10 @@ def summarize(rows: list[LoadResult], explain: list[dict[str, Any]], clients: in
     out["ratio"] = round(b["mean"] / a["mean"], 3)
     out["pair_ratios"] = pairs
     out["pair_ratio_stdev"] = round(statistics.stdev(pairs), 3) if len(pairs) > 1 else 0.0
+    # Adjacent rounds share the machine's slow drift, so each pair's ratio is the sharper
+    # estimate: their mean and its standard error (stdev / sqrt(pairs)).
+    out["pair_ratio_mean"] = round(statistics.mean(pairs), 3)
+    out["pair_ratio_sem"] = round(out["pair_ratio_stdev"] / len(pairs) ** 0.5, 3)
     out["baseline_spread"] = round(a["stdev"] / a["mean"], 3)  # the A rounds' coefficient of variation
     out["within_noise"] = a["min"] <= b["mean"] <= a["max"]
     seconds = sum(r.seconds for r in arms["B"])
@@ -163,7 +168,8 @@ def format_summary(s: dict[str, Any]) -> str:
         f"range {a['min']}-{a['max']}), p50 {a['p50_ms']} ms, p99 {a['p99_ms']} ms",
         f"[bench] beside {s['explain_clients']} explain clients (B): {b['mean']} predictions/s (sd {b['stdev']}, "
         f"range {b['min']}-{b['max']}), p50 {b['p50_ms']} ms, p99 {b['p99_ms']} ms",
-        f"[bench] B/A {s['ratio']} (pairs {s['pair_ratios']}, sd {s['pair_ratio_stdev']}); baseline spread "
+        f"[bench] B/A {s['ratio']}; per pair {s['pair_ratio_mean']} +- {s['pair_ratio_sem']} (standard error; "
+        f"pairs {s['pair_ratios']}, sd {s['pair_ratio_stdev']}); baseline spread "
         f"{s['baseline_spread'] * 100:.1f}% of its mean; B's mean is {verdict} A's range",
         f"[bench] explanations served during B: {s['explain']['explains_per_s']}/s ({s['explain']['explained']} in "
         f"all), statuses {s['explain']['statuses']}",

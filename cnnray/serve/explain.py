@@ -11,9 +11,10 @@ layer, 1..8, default 4) and `target` (class index; default the predicted class).
 holds the prediction and `cnnray.explain.Explanation.to_json()`.
 
 Explanations never run in the batched predict path. Under `cnnray serve` they run in their
-own Ray Serve deployment (explain_deployment.py: its own process, at nice +`EXPLAIN_NICE`,
+own Ray Serve deployment (explain_deployment.py: its own process in Linux's SCHED_IDLE class,
 one torch thread, `EXPLAIN_THREADS` at a time); the plain LocalBackend runs them in-process on
-its own thread pool. Either way each explanation uses its own copy of the model (hooks added
+its own thread at nice +`EXPLAIN_NICE` (not SCHED_IDLE: that thread shares the process's GIL,
+and a thread that may wait long for a core while holding it would stall the event loop). Either way each explanation uses its own copy of the model (hooks added
 while explaining never touch the model that answers predictions), and at most
 `EXPLAIN_MAX_PENDING` explanations run or wait per predict replica; more are answered 429
 with Retry-After at once, before their body is read. `cnnray serve --no-explain` turns the
@@ -43,9 +44,9 @@ if TYPE_CHECKING:
 
 EXPLAIN_THREADS = 1  # per explain replica (or LocalBackend): one explanation computes at a time
 EXPLAIN_MAX_PENDING = 4  # per predict replica, running or waiting; the next is answered 429
-# The explain process's (deployment) or threads' (LocalBackend) nice value, Linux: when
+# The explain threads' nice value (Linux; the deployment's are in SCHED_IDLE as well): when
 # predictions and explanations want the same core, the scheduler gives predictions ~10x the
-# CPU time (CFS weights 1024 vs 110), so a burst of explanations cannot starve the batches.
+# CPU time (weights 1024 vs 110), so a burst of explanations cannot starve the batches.
 EXPLAIN_NICE = 10
 OFF_MESSAGE = "explanations are off on this server (it was started with --no-explain)"
 

@@ -214,6 +214,7 @@ def test_the_benchmark_compares_alternating_rounds_against_the_baselines_spread(
     assert s["A"]["predictions_per_s"] == [400, 500, 450] and s["B"]["predictions_per_s"] == [380, 450, 470]
     assert (s["A"]["mean"], s["B"]["mean"], s["ratio"]) == (450.0, 433.3, 0.963)
     assert s["pair_ratios"] == [0.95, 0.9, 1.044] and s["within_noise"]
+    assert (s["pair_ratio_mean"], s["pair_ratio_stdev"], s["pair_ratio_sem"]) == (0.965, 0.073, 0.042)
     assert s["explain"]["explained"] == 8 and s["explain"]["statuses"] == {200: 8, 429: 1}
     slower = summarize([row(r) for r in (400, 300, 500, 350, 450, 390)], explain, clients=2)
     assert slower["B"]["mean"] < slower["A"]["min"] and not slower["within_noise"]

@@ -17,10 +17,12 @@ explanation has its own GIL, and its CPU share is the kernel's business alone:
 - it reserves no CPU (`num_cpus=0`): its scheduling class, not Ray's bookkeeping, gives it only what
   the predict replicas leave, and a reservation would take a core from them
   (`--replicas auto` fills the machine's CPUs with predict replicas);
-- `EXPLAIN_THREADS` explanations at a time per explain replica (`max_ongoing_requests`);
-  each predict replica admits at most `EXPLAIN_MAX_PENDING` running or waiting (429 before
-  the body is read), and its handle queues at most as many (`max_queued_requests`; Serve's
-  BackPressureError becomes the same readable 429 with Retry-After);
+- `EXPLAIN_THREADS` explanations compute at a time per explain replica (its thread pool);
+  the others wait inside the replica (`max_ongoing_requests`, `EXPLAIN_MAX_ONGOING`), not in
+  the predict replicas' routers; each predict replica admits at most `EXPLAIN_MAX_PENDING`
+  running or waiting (429 before the body is read), and its handle queues at most as many
+  (`max_queued_requests`; Serve's BackPressureError becomes the same readable 429 with
+  Retry-After);
 - each explanation's cost is bounded before it starts (explain.py: one image, at most 144
   occlusion windows, at most 8 maps per layer).
 
@@ -46,6 +48,13 @@ EXPLAIN_DEPLOYMENT = "ExplainServer"
 EXPLAIN_REPLICAS = 1  # explanations are a diagnostic at human pace (the page asks ~3 per second of drawing)
 EXPLAIN_TORCH_THREADS = 1  # intra-op threads: one explanation uses at most one core
 EXPLAIN_CACHED_MODELS = 4  # model versions kept loaded in the explain replica (a swap adds one)
+# Requests the explain replica holds at once (Serve's max_ongoing_requests): they wait there,
+# a coroutine each, for its one explain thread. Waiting in the callers' routers instead would
+# cost the predict replicas' event loops: a router whose replicas are all full polls them
+# with queue-length probes, backing off 25 ms doubling to 0.5 s (Ray 2.60,
+# serve/_private/request_router), which also delays each explanation by up to the backoff.
+# 16: the admitted explanations (EXPLAIN_MAX_PENDING each) of 4 predict replicas.
+EXPLAIN_MAX_ONGOING = 4 * EXPLAIN_MAX_PENDING
 RETRY_AFTER_S = 1  # seconds, in the 429's Retry-After: an MNIST explanation takes ~0.1-0.5 s on one core
 
 
@@ -55,13 +64,14 @@ def lower_process_priority(nice: int = EXPLAIN_NICE) -> int:
     alone). Threads started later inherit their creator's. Returns the number of threads
     set; 0 off Linux. Raising one's own nice value and entering SCHED_IDLE need no privilege.
 
-    Why SCHED_IDLE and not nice alone: at nice +10 alone, predictions/s beside two explain
-    clients fell to 0.59x of the rounds without them (docs/explain.md). Nice only weights
-    the CPU *share*; a niced task that holds a core may keep it for the rest of its slice
-    when a prediction's thread wakes (EEVDF's run-to-parity), and a prediction passes
-    through several wake-ups (HAProxy, the replica's event loop, its inference thread). A waking SCHED_NORMAL thread preempts
-    a SCHED_IDLE one at once, and a core running only SCHED_IDLE threads counts as idle when
-    the kernel places a waking thread. The nice value stays for kernels without SCHED_IDLE."""
+    Why SCHED_IDLE and not nice alone: nice weights only the CPU *share*; a niced task that
+    holds a core may keep it to the end of its slice when a prediction's thread wakes
+    (EEVDF's run-to-parity), and a prediction passes through several wake-ups (HAProxy, the
+    replica's event loop, its inference thread). A waking SCHED_NORMAL thread preempts a
+    SCHED_IDLE one at once (kernel/sched/fair.c, check_preempt_wakeup_fair), and a core
+    running only SCHED_IDLE threads counts as idle when the kernel places a waking thread.
+    The nice value stays for kernels without SCHED_IDLE. (Measured on the shared 2-core
+    machine, docs/explain.md: within the noise either way, which there is large.)"""
     changed = 0
     try:
         tids = [int(t) for t in os.listdir("/proc/self/task")]
@@ -83,8 +93,8 @@ def lower_process_priority(nice: int = EXPLAIN_NICE) -> int:
 @serve.deployment(
     name=EXPLAIN_DEPLOYMENT,
     num_replicas=EXPLAIN_REPLICAS,
-    max_ongoing_requests=EXPLAIN_THREADS,
-    max_queued_requests=EXPLAIN_MAX_PENDING,
+    max_ongoing_requests=EXPLAIN_MAX_ONGOING,  # held in the replica; EXPLAIN_THREADS compute at a time
+    max_queued_requests=EXPLAIN_MAX_PENDING,  # then per caller in its router; beyond: 429
     backpressure_config=BackpressureConfig(status_code=429, retry_after_s=RETRY_AFTER_S),
     ray_actor_options={"num_cpus": 0, "num_gpus": 0},
     logging_config={"enable_access_log": False, "log_level": "WARNING"},

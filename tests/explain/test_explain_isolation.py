@@ -44,12 +44,13 @@ def cnn_checkpoint(directory: Path) -> Path:
 
 def test_the_explain_deployment_is_bounded_low_priority_and_takes_no_cpu_from_the_replicas():
     from cnnray.serve.explain import EXPLAIN_MAX_PENDING, EXPLAIN_THREADS
-    from cnnray.serve.explain_deployment import EXPLAIN_DEPLOYMENT, RETRY_AFTER_S, ExplainServer
+    from cnnray.serve.explain_deployment import EXPLAIN_DEPLOYMENT, EXPLAIN_MAX_ONGOING, RETRY_AFTER_S, ExplainServer
 
     config = ExplainServer._deployment_config
     assert ExplainServer.name == EXPLAIN_DEPLOYMENT
     assert ExplainServer.num_replicas == 1
-    assert config.max_ongoing_requests == EXPLAIN_THREADS == 1  # one explanation computing per explain replica
+    assert EXPLAIN_THREADS == 1  # one explanation computing per explain replica; the rest wait inside it
+    assert config.max_ongoing_requests == EXPLAIN_MAX_ONGOING >= EXPLAIN_MAX_PENDING
     assert config.max_queued_requests == EXPLAIN_MAX_PENDING  # the handle's queue, per predict replica
     assert (config.backpressure_config.status_code, config.backpressure_config.retry_after_s) == (429, RETRY_AFTER_S)
     assert ExplainServer.ray_actor_options == {"num_cpus": 0, "num_gpus": 0}
@@ -92,7 +93,7 @@ tids = [int(tid) for tid in os.listdir("/proc/self/task")]
 nices = [os.getpriority(os.PRIO_PROCESS, tid) for tid in tids]
 idle = [os.sched_getscheduler(tid) == os.SCHED_IDLE for tid in tids]
 print(json.dumps({"before": before, "threads": nices, "idle": idle, "later": later, "torch": torch.get_num_threads(),
-                  "reniced": server.threads_reniced}))
+                  "reniced": server.threads_reniced, "pool": server.service._pool._max_workers}))
 """
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=REPO,
                           env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
@@ -104,7 +105,7 @@ print(json.dumps({"before": before, "threads": nices, "idle": idle, "later": lat
         pytest.skip(f"the test runs at nice {seen['before']} already: nothing to lower")
     assert seen["reniced"] >= 2 and all(n >= EXPLAIN_NICE for n in seen["threads"]) and all(seen["idle"]), seen
     assert seen["later"] == {"nice": seen["later"]["nice"], "idle": True} and seen["later"]["nice"] >= EXPLAIN_NICE
-    assert seen["torch"] == 1, seen
+    assert seen["torch"] == 1 and seen["pool"] == 1, seen  # one torch thread, one explanation computing
 
 
 class StandInHandle:
@@ -158,7 +159,7 @@ def explain_server():
     from cnnray.serve.explain_deployment import ExplainServer
 
     server = ExplainServer.func_or_class.__new__(ExplainServer.func_or_class)
-    server.service, server._models = ExplainService(), OrderedDict()
+    server.service, server._models = ExplainService(), OrderedDict()  # one thread, as in __init__
     return server
 
 

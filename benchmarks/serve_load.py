@@ -27,9 +27,6 @@ import itertools
 import json
 import math
 import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,8 +35,10 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.machine import machine_info
-
-REPO = Path(__file__).resolve().parents[1]
+from benchmarks.serve_servers import (  # noqa: F401  (free_port, stop, wait_healthy: imported from here by tests)
+    REPO, batch_stats, free_port, serve_plain, served_replicas_when_all_pushed, start_cnnray, start_plain, stop,
+    tree_cpu_s, wait_healthy,
+)
 
 
 @dataclass
@@ -158,7 +157,15 @@ async def _load(url: str, model: str, pngs: list[bytes], n: int, concurrency: in
 def run_load(url: str, model: str, pngs: list[bytes], labels: list[int], *, requests: int, concurrency: int,
              server: str, api: str = "torchserve", timeout_s: float = 60.0) -> LoadResult:
     """`requests` requests (cycling through the images) from `concurrency` clients."""
-    lat, preds, errors, elapsed = asyncio.run(_load(url, model, pngs, requests, concurrency, api, timeout_s))
+    measured = asyncio.run(_load(url, model, pngs, requests, concurrency, api, timeout_s))
+    return load_result(measured, labels, server=server, api=api, concurrency=concurrency)
+
+
+def load_result(measured: tuple[list[float], list[int], list[str], float], labels: list[int], *, server: str,
+                api: str, concurrency: int) -> LoadResult:
+    """A LoadResult from what `_load` measured (latencies in s, predictions, errors, elapsed s)."""
+    lat, preds, errors, elapsed = measured
+    requests = len(lat)
     ms = sorted(x * 1000 for x in lat)
     correct = sum(p == labels[i % len(labels)] for i, p in enumerate(preds))
     return LoadResult(
@@ -183,122 +190,6 @@ def _quantile(sorted_values: list[float], q: float) -> float:
         return float("nan")
     k = max(0, min(len(sorted_values) - 1, math.ceil(q * len(sorted_values)) - 1))
     return sorted_values[k]
-
-
-# --- servers ----------------------------------------------------------------------------------
-def tree_cpu_s(pid: int) -> float | None:
-    """User + system CPU seconds of process `pid` and all its descendants now alive (Linux
-    /proc; None elsewhere). Children that already exited are not counted."""
-    proc = Path("/proc")
-    if not (proc / str(pid)).is_dir():
-        return None
-    parents: dict[int, list[int]] = {}
-    times: dict[int, float] = {}
-    tick = os.sysconf("SC_CLK_TCK")
-    for entry in proc.iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # exited meanwhile
-        parents.setdefault(int(fields[1]), []).append(int(entry.name))
-        times[int(entry.name)] = (int(fields[11]) + int(fields[12])) / tick  # utime, stime
-    total, todo = 0.0, [pid]
-    while todo:
-        p = todo.pop()
-        total += times.get(p, 0.0)
-        todo.extend(parents.get(p, []))
-    return total
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
-    import urllib.error
-    import urllib.request
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited with code {proc.returncode} before answering")
-        try:
-            with urllib.request.urlopen(f"{url}/healthz", timeout=5) as r:
-                if r.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"no answer from {url}/healthz after {timeout_s:.0f} s")
-
-
-def stop(proc: subprocess.Popen, timeout_s: float = 90.0) -> int:
-    """Ctrl-C the server (it cleans up what it started), then wait; kill only if it hangs."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    return proc.returncode
-
-
-def start_plain(checkpoint: str, name: str, port: int, log: Any, threads: int = 1, gpu: bool = False,
-                runtime: str = "torch") -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "benchmarks.serve_load", "--plain-server", "--checkpoint", checkpoint,
-           "--name", name, "--port", str(port), "--threads", str(threads), "--runtime", runtime,
-           *(["--gpu"] if gpu else [])]
-    return subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-
-
-def start_cnnray(checkpoint: str, name: str, port: int, log: Any, extra: list[str]) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a private local Ray
-    cmd = [sys.executable, "-m", "cnnray.cli", "serve", "--checkpoint", checkpoint, "--name", name,
-           "--port", str(port), "--watch-s", "0", *extra]
-    return subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
-
-
-def serve_plain(checkpoint: str, name: str, port: int, threads: int, gpu: bool = False, runtime: str = "torch") -> None:
-    """The baseline: one uvicorn process, the same FastAPI routes (through FastAPI's router: no lean
-    path), no Ray, no batching."""
-    import torch
-    import uvicorn
-
-    # As many torch threads as a cnnray replica gets (--cpus-per-replica, default 1): on a
-    # busy machine, more threads than free cores make every small forward pass far slower.
-    torch.set_num_threads(threads)
-
-    from cnnray.serve.api import build_http_app
-    from cnnray.serve.engine import LocalBackend
-    from cnnray.serve.schemas import ModelRef
-
-    backend = LocalBackend({name: ModelRef(path=str(Path(checkpoint).resolve()), version=1)},
-                           device="cuda" if gpu else "cpu", runtime=runtime)
-    uvicorn.run(build_http_app(backend, lean=False), host="127.0.0.1", port=port, log_level="warning", access_log=False)
-
-
-def batch_stats(url: str) -> dict[str, float]:
-    """Mean images per forward pass, from the server's own /metrics."""
-    import urllib.request
-
-    from prometheus_client.parser import text_string_to_metric_families
-
-    with urllib.request.urlopen(f"{url}/metrics", timeout=30) as r:
-        text = r.read().decode()
-    total = count = 0.0
-    for fam in text_string_to_metric_families(text):
-        if fam.name == "cnnray_serve_batch_size":
-            for s in fam.samples:
-                if s.name.endswith("_sum"):
-                    total += s.value
-                elif s.name.endswith("_count"):
-                    count += s.value
-    return {"forward_passes": count, "images": total, "mean_batch_size": round(total / count, 2) if count else 0.0}
 
 
 ROUTES = {"torchserve": "PNG /predictions", "kserve": "JSON :predict", "oip": "OIP v2 binary"}
@@ -343,33 +234,6 @@ def compare(results: list[LoadResult]) -> dict[str, dict[str, float]]:
     return out
 
 
-def served_replicas_when_all_pushed(url: str, asked: str, timeout_s: float = 30.0) -> int:
-    """The replica count, once every replica has pushed its metrics (each does every 2 s)."""
-    deadline = time.monotonic() + timeout_s
-    n = served_replicas(url)
-    while (asked == "auto" or n < int(asked)) and time.monotonic() < deadline:
-        time.sleep(2.5)
-        m = served_replicas(url)
-        if asked == "auto" and m == n:
-            return n  # stable over one push interval
-        n = m
-    return n
-
-
-def served_replicas(url: str) -> int:
-    """Replicas whose metrics one scrape includes."""
-    import urllib.request
-
-    from prometheus_client.parser import text_string_to_metric_families
-
-    with urllib.request.urlopen(f"{url}/metrics", timeout=30) as r:
-        text = r.read().decode()
-    for fam in text_string_to_metric_families(text):
-        if fam.name == "cnnray_serve_replicas":
-            return int(fam.samples[0].value)
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.serve_load", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="a cnnray checkpoint folder of an MNIST model")
@@ -394,8 +258,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gpu", action="store_true", help="both servers on the GPU (cnnray serve --gpu: one per replica)")
     p.add_argument("--skip-plain", action="store_true", help="only measure cnnray serve")
     p.add_argument("--explain-clients", type=int, default=0,
-                   help="after each predict load, run it again with this many clients POSTing :explain beside "
-                        "it (benchmarks/explain_load.py); default 0: no explain load")
+                   help="measure each predict load in --rounds alternating rounds, alone and with this many "
+                        "clients POSTing :explain beside it, on the same server (benchmarks/explain_load.py); "
+                        "default 0: no explain load")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="with --explain-clients: rounds of each kind (alone, beside explanations), alternating; "
+                        "default 3")
     p.add_argument("--runtime", choices=("torch", "onnxruntime", "both"), default="torch",
                    help="what runs the forward passes (cnnray serve --runtime); both: every server once with "
                         "each, side by side in one table; default torch")
@@ -410,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.requests < 1 or args.concurrency < 1:
         p.error("--requests and --concurrency must be at least 1")
+    if args.explain_clients < 0 or args.rounds < 2:
+        p.error("--explain-clients must be at least 0 and --rounds at least 2 (a spread needs two rounds)")
 
     checkpoint = str(Path(args.checkpoint).resolve())
     # Requests i = 0..N-1 send image i (cycling past 10,000): encode only those.
@@ -452,6 +322,17 @@ def main(argv: list[str] | None = None) -> int:
                 for api in apis:
                     run_load(url, args.name, pngs, labels, requests=args.warmup, concurrency=args.concurrency,
                              server=label, api=api)
+                    if args.explain_clients > 0:  # alternating rounds alone and beside explanations
+                        from benchmarks.explain_load import interleaved
+
+                        rows, summary = interleaved(url, args.name, pngs, labels, requests=args.requests,
+                                                    concurrency=args.concurrency, server=label, api=api,
+                                                    clients=args.explain_clients, rounds=args.rounds, pid=proc.pid)
+                        for r in rows:
+                            r.runtime = runtime
+                        results.extend(rows)
+                        extras[f"{kind}/{runtime} explain beside {api}"] = summary
+                        continue
                     cpu_before = tree_cpu_s(proc.pid)
                     result = run_load(url, args.name, pngs, labels, requests=args.requests,
                                       concurrency=args.concurrency, server=label, api=api)
@@ -463,21 +344,6 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"[bench] {label}, {runtime}, {ROUTES[api]}: {result.requests_per_s} requests/s, "
                           f"p50 {result.p50_ms} ms, p99 {result.p99_ms} ms, {result.errors} errors, "
                           f"server CPU {result.server_cpu_ms_per_request} ms per request", flush=True)
-                    if args.explain_clients > 0:
-                        from benchmarks.explain_load import run_load_beside_explain
-
-                        cpu_before = tree_cpu_s(proc.pid)
-                        beside, stats = run_load_beside_explain(
-                            url, args.name, pngs, labels, requests=args.requests, concurrency=args.concurrency,
-                            server=label, api=api, clients=args.explain_clients)
-                        cpu_after = tree_cpu_s(proc.pid)
-                        if cpu_before is not None and cpu_after is not None:  # explanations' CPU included
-                            beside.server_cpu_ms_per_request = round((cpu_after - cpu_before) * 1000 / args.requests, 3)
-                        results.append(beside)
-                        extras.setdefault(f"{kind}/{runtime} explain beside {api}", stats)
-                        print(f"[bench] {beside.server}, {ROUTES[api]}: {beside.requests_per_s} requests/s, "
-                              f"p50 {beside.p50_ms} ms, p99 {beside.p99_ms} ms, {beside.errors} errors; "
-                              f"explain: {stats['explains_per_s']}/s, statuses {stats['statuses']}", flush=True)
                 extras[f"{kind}/{runtime}"] = {**extras.get(f"{kind}/{runtime}", {}), **info, **batch_stats(url)}
             finally:
                 code = stop(proc)

@@ -79,7 +79,7 @@ log = logging.getLogger("cnnray.serve")
 class Backend(Protocol):
     limits: Limits
     metrics: ServeMetrics
-    explainer: Any  # cnnray.serve.explain.ExplainService, or None: explanations are off
+    explainer: Any  # explain.ExplainService (in-process) or explain_deployment.RemoteExplain; None: off
 
     def replica_name(self) -> str: ...
     def model(self, name: str) -> LoadedModel | None: ...

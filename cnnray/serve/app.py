@@ -10,7 +10,9 @@ answers HTTP through the FastAPI app of api.py (built on the replica), groups im
 concurrent requests into one forward pass with `@serve.batch`, and takes new model
 versions and batching settings in `reconfigure(user_config)` without a restart: the new
 version is loaded beside the old one, then swapped in; requests already batched finish on
-the version they started with, so none is dropped.
+the version they started with, so none is dropped. `:explain` requests arrive here too but
+are computed by a second deployment, `ExplainServer` (explain_deployment.py), in a process
+of its own at low priority, so they never take the predict replicas' CPU or GIL.
 
 Nothing runs at import: the FastAPI app, the metrics hub and the models are built when a
 replica starts (importing this module does import Ray Serve, for the decorators).
@@ -60,14 +62,15 @@ class ModelServer(OipGrpcMethods):  # + OIP v2 gRPC methods (oip_grpc.py), when 
         device: str = "cpu",
         threads: int = 1,
         store: dict[str, Any] | None = None,
-        explain: bool = True,
+        explainer: Any = None,
         runtime: str = "torch",
     ) -> None:
-        from cnnray.serve.explain import ExplainService
+        from cnnray.serve.explain_deployment import RemoteExplain
 
         _replica_grpc_on_loopback()
-        # :explain runs on its own threads with its own copy of each model, never in the batches.
-        self.explainer = ExplainService() if explain else None
+        # :explain runs in the ExplainServer deployment (`explainer`, its DeploymentHandle; None
+        # with --no-explain): its own process at low priority, never in this replica's batches.
+        self.explainer = RemoteExplain(explainer) if explainer is not None else None
         log.setLevel(logging.INFO)
         cfg = ServeUserConfig.model_validate(user_config)
         # {"args": ServeArgs as JSON, "watch_s": seconds}: this replica looks in the model
@@ -299,6 +302,7 @@ def build_app(args: ServeArgs) -> Application:
     if args.model_store and args.watch_s > 0:
         store = {"args": args.model_dump(mode="json"), "watch_s": args.watch_s}
     from cnnray.serve.autoscale import autoscaling_config
+    from cnnray.serve.explain_deployment import ExplainServer
 
     if args.autoscaling is not None:  # --replicas MIN-MAX
         scale: dict[str, Any] = {"autoscaling_config": autoscaling_config(args.autoscaling)}
@@ -328,6 +332,7 @@ def build_app(args: ServeArgs) -> Application:
         device="cuda" if args.gpu else "cpu",
         threads=max(1, int(args.cpus_per_replica)),
         store=store,
-        explain=args.explain,
+        # Its own deployment (explain_deployment.py), bound only when explanations are on.
+        explainer=ExplainServer.bind() if args.explain else None,
         runtime=args.runtime,
     )

@@ -1,7 +1,7 @@
 """Serving defaults, with their reasons (a plain module: the CLI reads them without pydantic)."""
 
 APP_NAME = "cnnray"  # the Serve application
-DEPLOYMENT = "ModelServer"  # its one deployment
+DEPLOYMENT = "ModelServer"  # its predict deployment (the other, ExplainServer, answers :explain)
 
 MAX_BATCH_SIZE = 32  # images per forward pass; 32 concurrent clients fill one batch
 BATCH_WAIT_S = 0.002  # seconds a batch waits to fill up (+2 ms when idle); 2 ms beat 0, 1, 5 and 10 ms in the README's load benchmark

@@ -10,11 +10,15 @@ supports), `layers` ("all" or conv layer names: their response maps), `channels`
 layer, 1..8, default 4) and `target` (class index; default the predicted class). The answer
 holds the prediction and `cnnray.explain.Explanation.to_json()`.
 
-Explanations never run in the batched predict path: each replica has its own small pool
-(`EXPLAIN_THREADS` threads at a lower CPU priority, nice +`EXPLAIN_NICE`) and its own copy of
-each model (hooks added while explaining never touch the model that answers predictions).
-At most `EXPLAIN_MAX_PENDING` explanations run or wait per replica; more are answered 429
-at once, before their body is read. `cnnray serve --no-explain` turns the route off (403).
+Explanations never run in the batched predict path. Under `cnnray serve` they run in their
+own Ray Serve deployment (explain_deployment.py: its own process in Linux's SCHED_IDLE class,
+one torch thread, `EXPLAIN_THREADS` at a time); the plain LocalBackend runs them in-process on
+its own thread at nice +`EXPLAIN_NICE` (not SCHED_IDLE: that thread shares the process's GIL,
+and a thread that may wait long for a core while holding it would stall the event loop). Either way each explanation uses its own copy of the model (hooks added
+while explaining never touch the model that answers predictions), and at most
+`EXPLAIN_MAX_PENDING` explanations run or wait per predict replica; more are answered 429
+with Retry-After at once, before their body is read. `cnnray serve --no-explain` turns the
+route off (403).
 """
 
 from __future__ import annotations
@@ -38,11 +42,11 @@ from cnnray.serve.schemas import ErrorBody, PredictRequest
 if TYPE_CHECKING:
     from cnnray.explain import Explainer
 
-EXPLAIN_THREADS = 1  # per replica: one explanation computes at a time
-EXPLAIN_MAX_PENDING = 4  # per replica, running or waiting; the next is answered 429
-# The explain threads' nice value (Linux, per thread): when predictions and explanations
-# want the same core, the scheduler gives predictions ~10x the CPU time (CFS weights
-# 1024 vs 110), so a burst of explanations cannot starve the batched path.
+EXPLAIN_THREADS = 1  # per explain replica (or LocalBackend): one explanation computes at a time
+EXPLAIN_MAX_PENDING = 4  # per predict replica, running or waiting; the next is answered 429
+# The explain threads' nice value (Linux; the deployment's are in SCHED_IDLE as well): when
+# predictions and explanations want the same core, the scheduler gives predictions ~10x the
+# CPU time (weights 1024 vs 110), so a burst of explanations cannot starve the batches.
 EXPLAIN_NICE = 10
 OFF_MESSAGE = "explanations are off on this server (it was started with --no-explain)"
 
@@ -54,18 +58,12 @@ def _lower_priority() -> None:
         pass
 
 
-class ExplainService:
-    """A replica's explanations: its thread pool, its admission count and its model copies."""
+class Admission:
+    """At most `max_pending` explanations running or waiting; counted on the event loop."""
 
-    def __init__(self, threads: int = EXPLAIN_THREADS, max_pending: int = EXPLAIN_MAX_PENDING) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="cnnray-explain",
-                                        initializer=_lower_priority)
+    def __init__(self, max_pending: int = EXPLAIN_MAX_PENDING) -> None:
         self.max_pending = max_pending
         self._pending = 0  # touched on the event loop only
-        self._lock = threading.Lock()
-        # One Explainer (over a deep copy of the served module) per loaded model version,
-        # dropped with it when a new version is swapped in.
-        self._explainers: weakref.WeakKeyDictionary[Any, Explainer] = weakref.WeakKeyDictionary()
 
     def admit(self) -> None:
         """Take a slot or raise RequestError 429 (called before the body is read)."""
@@ -76,6 +74,19 @@ class ExplainService:
 
     def release(self) -> None:
         self._pending -= 1
+
+
+class ExplainService(Admission):
+    """Explanations in this process: their thread pool, admission count and model copies."""
+
+    def __init__(self, threads: int = EXPLAIN_THREADS, max_pending: int = EXPLAIN_MAX_PENDING) -> None:
+        super().__init__(max_pending)
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="cnnray-explain",
+                                        initializer=_lower_priority)
+        self._lock = threading.Lock()
+        # One Explainer (over a deep copy of the served module) per loaded model version,
+        # dropped with it when a new version is swapped in.
+        self._explainers: weakref.WeakKeyDictionary[Any, Explainer] = weakref.WeakKeyDictionary()
 
     def explainer(self, entry: Any) -> Explainer:  # entry: engine.LoadedModel
         from cnnray.explain import Explainer

@@ -10,6 +10,7 @@ import io
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,6 +22,8 @@ from tests.helpers.browser import headless_chromium
 from tests.helpers.processes import free_port, log_tail, spawn_cnnray, wait_http
 
 pytestmark = pytest.mark.slow
+
+SERVER: dict[str, int] = {}  # the served fixture's `cnnray serve` process id, for the process checks
 
 MNIST = {"dataset": "mnist", "input_shape": [1, 28, 28], "classes": [str(i) for i in range(10)],
          "mean": [0.1307], "std": [0.3081]}
@@ -56,6 +59,7 @@ def served(tmp_path_factory, mnist_dir, data_cache):
                          "--replicas", "1", "--watch-s", "0"], output=log)
     try:
         wait_http(url + "/healthz", proc, log, "cnnray serve")
+        SERVER["pid"] = proc.pid
         yield url, ds
     finally:
         proc.send_signal(2)  # Ctrl-C: serve removes what it started
@@ -85,6 +89,59 @@ def test_the_served_explain_route_answers(served):
     bad = requests.post(f"{url}/v1/models/digits:explain?layers=fc", data=data, headers={"Content-Type": "image/png"},
                         timeout=60)
     assert bad.status_code == 400 and "this model's conv layers: conv1.0, conv2.0" in bad.json()["error"]
+
+
+def _tree(pid: int) -> list[int]:
+    """`pid` and its descendants now alive (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        out.append(todo.pop())
+        todo.extend(children.get(out[-1], []))
+    return out
+
+
+def _nices(pid: int, field: int = 19) -> list[int]:
+    """A field of every thread of `pid` in /proc/PID/task/TID/stat: 19 the nice value, 41
+    the scheduling policy (5: SCHED_IDLE); proc(5) numbers them from 1, the comm (2) in ()."""
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            out.append(int((task / "stat").read_text().rsplit(")", 1)[1].split()[field - 3]))
+        except OSError:
+            continue
+    return out
+
+
+def test_explanations_run_in_their_own_replica_process_at_low_priority(served):
+    """The mechanism as deployed: the ExplainServer replica is a process of its own, every
+    thread of it in SCHED_IDLE at nice +10, while the predict replicas keep the normal class."""
+    from cnnray.serve.explain import EXPLAIN_NICE
+
+    url, ds = served
+    if min(_nices(SERVER["pid"])) >= EXPLAIN_NICE:
+        pytest.skip("cnnray serve runs at nice >= 10 already: nothing to tell apart")
+    r = requests.post(f"{url}/v1/models/digits:explain?methods=gradcam", data=png(ds.test_images[1, 0].numpy()),
+                      headers={"Content-Type": "image/png"}, timeout=120)
+    assert r.status_code == 200, r.text
+    titles = {}
+    for pid in _tree(SERVER["pid"]):
+        try:
+            titles[pid] = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+    explain = [p for p, t in titles.items() if b"ServeReplica:cnnray:ExplainServer" in t]
+    predict = [p for p, t in titles.items() if b"ServeReplica:cnnray:ModelServer" in t]
+    assert len(explain) == 1 and predict, {p: t[:80] for p, t in titles.items()}
+    assert min(_nices(explain[0])) >= EXPLAIN_NICE and set(_nices(explain[0], field=41)) == {5}  # SCHED_IDLE
+    assert all(min(_nices(p)) < EXPLAIN_NICE and 5 not in _nices(p, field=41) for p in predict)
 
 
 def test_predict_explain_writes_the_overlays_beside_the_images(served, tmp_path):

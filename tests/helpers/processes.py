@@ -22,10 +22,11 @@ def registered_checkpoints(run_dir: Path) -> set[str]:
     return {r["checkpoint_dir_name"] for r in snapshot.get("checkpoint_results", [])}
 
 
-def spawn_cnnray(args: list[str], data_home: Path | None = None, output=None):
+def spawn_cnnray(args: list[str], data_home: Path | None = None, output=None, new_session: bool = False):
     """Start `python -m cnnray.cli ARGS` as a user would, with no RAY_ADDRESS (it starts its
     own local Ray) and, given `data_home`, a private data cache. Output (stderr merged) goes
-    to `output`, an open file, or else to proc.stdout."""
+    to `output`, an open file, or else to proc.stdout. `new_session`: in a process group of
+    its own, which `kill_group_with_stacks` can end with the Ray it started."""
     import subprocess
     import sys
 
@@ -33,7 +34,40 @@ def spawn_cnnray(args: list[str], data_home: Path | None = None, output=None):
     env.pop("RAY_ADDRESS", None)
     return subprocess.Popen([sys.executable, "-m", "cnnray.cli", *args], cwd=REPO, env=env,
                             stdout=subprocess.PIPE if output is None else output, stderr=subprocess.STDOUT,
-                            text=True)
+                            text=True, start_new_session=new_session)
+
+
+def kill_group_with_stacks(proc, per_process_s: float = 15, most: int = 8) -> str:
+    """For a command that ran past its time: the Python stacks (py-spy dump) of up to `most`
+    processes of `proc`'s process group (its Ray actors first: where a hang sits), then
+    SIGKILL to the whole group (the command and the Ray it started). Returns the stacks."""
+    import signal
+    import subprocess
+    import sys
+
+    spy = Path(sys.executable).parent / "py-spy"
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)": state, ppid, pgrp
+            cmd = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            continue
+        if int(fields[2]) == proc.pid and ("python" in cmd or cmd.startswith("ray::")):
+            members.append((not cmd.startswith("ray::"), int(stat.parent.name), cmd))
+    stacks = []
+    for _, pid, cmd in sorted(members)[:most] if spy.exists() else []:
+        try:
+            dump = subprocess.run([str(spy), "dump", "--pid", str(pid)], capture_output=True, text=True,
+                                  timeout=per_process_s).stdout
+        except subprocess.TimeoutExpired:
+            dump = "(py-spy timed out)"
+        stacks.append(f"--- {pid} {cmd[:100]}\n{dump[-2500:]}")
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    return "\n".join(stacks) or "(no stacks: py-spy missing or no Python process left)"
 
 
 def free_port() -> int:

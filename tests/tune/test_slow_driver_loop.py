@@ -61,3 +61,39 @@ def test_a_slow_driver_loop_does_not_hang_a_trial(local_ray, mnist_dir, tmp_path
     assert "error" not in outcome, outcome.get("error")
     assert slowed == [1]
     assert outcome["best"]["epoch"] in (1, 2) and any("finished" in line for line in lines), lines
+
+
+def test_a_trial_reports_every_epoch_from_its_own_thread_before_it_ends(monkeypatch):
+    """The trial function itself hands each epoch to Tune, in order, the last one before it
+    returns (its return is Tune's end-of-run report); the Train controller's callback only
+    queues them. No Ray here: the controller is a thread calling the callbacks."""
+    import queue
+
+    import ray.tune
+    import ray.util.queue
+
+    from cnnray.tune import trial
+
+    reported: list[tuple[dict, str]] = []
+
+    class Trainer:
+        def __init__(self, callbacks):
+            self.callbacks = callbacks
+
+        def fit(self):
+            for epoch in (1, 2, 3):
+                checkpoint = type("Checkpoint", (), {"path": f"/runs/t1/epoch-{epoch}"})()
+                for callback in self.callbacks:
+                    callback.after_report(None, [{"epoch": epoch}], checkpoint)
+            return type("Result", (), {"return_value": None})()
+
+    monkeypatch.setattr(ray.tune, "get_context", lambda: type("C", (), {"get_trial_id": lambda self: "t1"})())
+    monkeypatch.setattr(ray.tune, "report", lambda metrics: reported.append((metrics, threading.current_thread().name)))
+    monkeypatch.setattr(ray.util.queue, "Queue", lambda maxsize, **kw: queue.Queue(maxsize))
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: type("R", (), {"current_actor": "controller"})())
+    monkeypatch.setattr("cnnray.train.driver.make_trainer", lambda cfg, callbacks, **kw: Trainer(callbacks))
+    trial.train_trial({"lr": 0.1}, base=TrainConfig().to_dict(), runs_dir="/tmp/unused")
+    assert [m["epoch"] for m, _ in reported] == [1, 2, 3]
+    assert reported[-1][0]["checkpoint_path"] == "/runs/t1/epoch-3"
+    assert {thread for _, thread in reported} == {threading.current_thread().name}
+    assert "t1" not in trial._RUNNING

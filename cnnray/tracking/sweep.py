@@ -115,11 +115,15 @@ def sweep_callbacks(handle: Mapping[str, Any] | None, sweep: SweepConfig) -> lis
             self._worker.submit("trial start", self._start, TrialView.of(trial))
 
         def _start(self, trial: TrialView):
-            if trial not in self._trial_runs:
-                found = _child_of(self.mlflow_util._get_client(), parent, trial.trial_id)
-                if found is not None:  # a resumed sweep: the trial's child run goes on
-                    self._trial_runs[trial] = found
-                    return
+            if trial in self._trial_runs:
+                # A trial started again (PBT's exploit, a restore): its params stay as first
+                # logged, since MLflow refuses a changed param (and would stop tracking);
+                # the epochs' `lr` metric shows what each epoch trained with.
+                return
+            found = _child_of(self.mlflow_util._get_client(), parent, trial.trial_id)
+            if found is not None:  # a resumed sweep: the trial's child run goes on
+                self._trial_runs[trial] = found
+                return
             self.tags = {**(self.tags or {}), PARENT_TAG: parent}
             super().log_trial_start(trial)
             self.mlflow_util._get_client().set_tag(self._trial_runs[trial], "trial_id", trial.trial_id)

@@ -87,9 +87,75 @@ def test_a_full_queue_gives_up_instead_of_holding_the_caller(warnings):
     worker.close(timeout_s=5)
 
 
-def trial(trial_id: str, epoch: int | None = None):
-    return SimpleNamespace(trial_id=trial_id, config={"lr": 0.1}, last_result={"epoch": epoch} if epoch else {},
-                           __str__=lambda self=None: trial_id)
+class FakeTrial:
+    """What the callback reads of a Tune trial."""
+
+    def __init__(self, trial_id: str) -> None:
+        self.trial_id, self.config, self.last_result = trial_id, {"lr": 0.1}, {}
+
+    def __str__(self) -> str:
+        return self.trial_id
+
+
+def trial(trial_id: str) -> FakeTrial:
+    return FakeTrial(trial_id)
+
+
+def test_child_runs_are_written_in_order_and_a_restart_keeps_the_params(warnings):
+    """Per child: created under the parent, params, trial_id, metrics by epoch, stop reason,
+    ended; a trial started again with a new config (PBT's exploit) logs no changed param,
+    which MLflow would refuse (and tracking would stop)."""
+    pytest.importorskip("mlflow")
+    from cnnray.tracking.sweep import PARENT_TAG, sweep_callbacks
+
+    calls = []
+
+    class Client:
+        def set_tag(self, run, key, value):
+            calls.append(("tag", run, key, value))
+
+        def log_batch(self, run, metrics):
+            calls.append(("metrics", run, sorted({m.step for m in metrics})))
+
+        def get_run(self, run):
+            return SimpleNamespace(info=SimpleNamespace(experiment_id="1"))
+
+        def search_runs(self, *args, **kwargs):
+            return []
+
+    class Util:  # Ray's _MLflowLoggerUtil, as MLflowLoggerCallback calls it
+        def setup_mlflow(self, **kwargs):
+            pass
+
+        def _get_client(self):
+            return Client()
+
+        def start_run(self, tags, run_name):
+            calls.append(("start", run_name, tags[PARENT_TAG]))
+            return SimpleNamespace(info=SimpleNamespace(run_id=f"run-{run_name}"))
+
+        def log_params(self, run_id, params_to_log):
+            calls.append(("params", run_id, dict(params_to_log)))
+
+        def end_run(self, run_id, status):
+            calls.append(("end", run_id, status))
+
+    [callback] = sweep_callbacks({"uri": "http://tracker", "run_id": "parent", "experiment": "e"},
+                                 SimpleNamespace(train=SimpleNamespace(epochs=2)))
+    callback.mlflow_util = Util()
+    callback.setup()
+    t = trial("t1")
+    callback.log_trial_start(t)
+    callback.log_trial_result(1, t, {"epoch": 1, "val_accuracy": 0.5})
+    t.config = {"lr": 0.2}  # PBT copied another trial's config and restarts this one
+    callback.log_trial_start(t)
+    callback.log_trial_result(2, t, {"epoch": 2, "val_accuracy": 0.6})
+    callback.log_trial_end(t, failed=False)
+    assert callback._worker.close(timeout_s=10) is True
+    assert calls == [("start", "t1", "parent"), ("params", "run-t1", {"lr": 0.1}), ("tag", "run-t1", "trial_id", "t1"),
+                     ("metrics", "run-t1", [1]), ("metrics", "run-t1", [2]),
+                     ("tag", "run-t1", "stop_reason", "finished"), ("end", "run-t1", "FINISHED")], calls
+    assert warnings == []
 
 
 def test_the_sweep_callback_never_waits_for_a_hanging_tracker(warnings, monkeypatch):

@@ -9,10 +9,11 @@ before any worker starts (an unreachable tracker is a one-line error, exit 2), s
 id in `<out>/mlflow.json` (so --resume continues it), and only rank 0 logs from the
 training loop (`train.WorkerTracker`): Ray Train V2 refuses Tune's logger callbacks inside a
 Train run (ray#64272). A sweep is a parent run with one child per trial, logged by Ray's
-`MLflowLoggerCallback` on the Tune driver (`sweep`). A tracker that stops answering
-mid-run is warned about once and then left alone: it never fails the training run.
+`MLflowLoggerCallback` on the Tune driver (`sweep`), its calls made on a background thread
+(`background`): Tune's driver loop never waits for the network. A tracker that stops
+answering mid-run is warned about once and then left alone: it never fails the training run.
 
 Modules: `params` (plain values: no MLflow import), `client` (the URI, the reachability
-check, warn-once logging), `train`, `sweep`, `registry`. Nothing here imports the CLI;
+check, warn-once logging), `background` (one ordered worker thread), `train`, `sweep`, `registry`. Nothing here imports the CLI;
 serving reads the registry through `cnnray.serve.registry` only.
 """

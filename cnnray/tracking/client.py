@@ -110,11 +110,13 @@ _warned = threading.Event()
 class SafeLogger:
     """Calls into MLflow that never raise: the first failure prints one warning line and
     turns every later call of this logger into a no-op (a tracker that went away does not
-    come back mid-run, and each retry would stall the epoch)."""
+    come back mid-run, and each retry would stall the epoch). `goes_on` names what carries
+    on without tracking ("training", "the sweep")."""
 
-    def __init__(self, uri: str, echo: Callable[[str], None] | None = None) -> None:
+    def __init__(self, uri: str, echo: Callable[[str], None] | None = None, goes_on: str = "training") -> None:
         self.uri = uri
         self.broken = False
+        self.goes_on = goes_on
         self._echo = echo or (lambda line: print(line, file=sys.stderr, flush=True))
 
     def call(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -123,9 +125,13 @@ class SafeLogger:
         try:
             return fn(*args, **kwargs)
         except Exception as e:  # noqa: BLE001 (tracking must never fail the training run)
-            self.broken = True
-            if not _warned.is_set():
-                _warned.set()
-                self._echo(f"[cnnray] warning: MLflow tracking at {self.uri} failed ({what}: {first_line(e)}); "
-                           "training goes on without it")
+            self.give_up(what, first_line(e))
             return None
+
+    def give_up(self, what: str, why: str) -> None:
+        """Stop tracking with this logger, saying once per process what failed and why."""
+        self.broken = True
+        if not _warned.is_set():
+            _warned.set()
+            self._echo(f"[cnnray] warning: MLflow tracking at {self.uri} failed ({what}: {why}); "
+                       f"{self.goes_on} goes on without it")

@@ -6,9 +6,11 @@
 
 The children are logged by Ray's `MLflowLoggerCallback` on the Tune driver (Tune's own
 logger callbacks are fine there; only inside a Ray Train run does Train V2 refuse them,
-ray#64272), with three changes: each child is tagged with the parent's run id (MLflow
-shows them nested), its metrics are the epoch metrics with step = epoch, and its end
-says why it ended (tag `stop_reason`: finished, stopped early, errored). The parent's id
+ray#64272), with four changes: each child is tagged with the parent's run id (MLflow
+shows them nested), its metrics are the epoch metrics with step = epoch, its end says why
+it ended (tag `stop_reason`: finished, stopped early, errored), and its MLflow calls run on
+a background thread (cnnray.tracking.background), never on Tune's driver loop, which hands
+every trial its next result. The parent's id
 is kept in `<out>/mlflow.json`, so --resume continues the same parent, and a resumed
 trial finds its own child run again (tag `trial_id`).
 """
@@ -16,11 +18,13 @@ trial finds its own child run again (tag `trial_id`).
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from cnnray.checkpoint import atomic_write_json
 from cnnray.config import ConfigError
+from cnnray.tracking.background import BackgroundLogger
 from cnnray.tracking.client import (
     SafeLogger,
     check_reachable,
@@ -93,51 +97,83 @@ def sweep_callbacks(handle: Mapping[str, Any] | None, sweep: SweepConfig) -> lis
     epochs, parent, uri = sweep.train.epochs, handle["run_id"], handle["uri"]
 
     class TrialRuns(MLflowLoggerCallback):
-        """Ray's MLflowLoggerCallback: children of the parent, epoch metrics, stop reasons;
-        a tracker that fails warns once and the sweep goes on (SafeLogger)."""
+        """Ray's MLflowLoggerCallback (children of the parent, epoch metrics, stop reasons)
+        with every MLflow call made on one background thread, in order: Tune calls these
+        hooks on its driver loop, which must not wait for the network (BackgroundLogger).
+        The hooks run on the driver and only queue work with a snapshot of the trial; Ray's
+        own state (`_trial_runs`, `mlflow_util`) is touched only by the worker thread."""
 
         def setup(self, *args, **kwargs):
-            self.safe = SafeLogger(uri)
-            self.safe.call("setup", super().setup, *args, **kwargs)
-            self._last_epoch = {}
+            self._worker = BackgroundLogger(uri, goes_on="the sweep")
+            self._last_epoch: dict[str, int] = {}  # driver thread only
+            self._worker.submit("setup", super().setup, *args, **kwargs)
+
+        def __getstate__(self):  # Tune pickles its callbacks with the experiment; a thread does not pickle
+            return {k: v for k, v in self.__dict__.items() if k != "_worker"}
 
         def log_trial_start(self, trial):
-            if trial not in getattr(self, "_trial_runs", {}):
-                found = self.safe.call("find child", _child_of, self.mlflow_util._get_client(), parent, trial.trial_id)
-                if found is not None:  # a resumed sweep: the trial's child run goes on
-                    self._trial_runs[trial] = found
-                    return
-            self.tags = {**(self.tags or {}), PARENT_TAG: parent}
-            self.safe.call("trial start", self._start, trial)
+            self._worker.submit("trial start", self._start, TrialView.of(trial))
 
-        def _start(self, trial):
-            super(TrialRuns, self).log_trial_start(trial)
+        def _start(self, trial: TrialView):
+            if trial in self._trial_runs:
+                # A trial started again (PBT's exploit, a restore): its params stay as first
+                # logged, since MLflow refuses a changed param (and would stop tracking);
+                # the epochs' `lr` metric shows what each epoch trained with.
+                return
+            found = _child_of(self.mlflow_util._get_client(), parent, trial.trial_id)
+            if found is not None:  # a resumed sweep: the trial's child run goes on
+                self._trial_runs[trial] = found
+                return
+            self.tags = {**(self.tags or {}), PARENT_TAG: parent}
+            super().log_trial_start(trial)
             self.mlflow_util._get_client().set_tag(self._trial_runs[trial], "trial_id", trial.trial_id)
 
         def log_trial_result(self, iteration, trial, result):
-            if trial not in self._trial_runs or "epoch" not in result:
+            if "epoch" not in result:
                 return
             step = int(result["epoch"])
-            self._last_epoch[trial] = step
-            # One request per result (Ray's util makes one per metric plus a lookup): this
-            # runs on the Tune driver's loop, and every second here delays every trial.
+            self._last_epoch[trial.trial_id] = step
+            # One request per result (Ray's util makes one per metric plus a lookup).
             from mlflow.entities import Metric
 
             now = int(time.time() * 1000)
             metrics = [Metric(k, v, now, step) for k, v in epoch_metrics(result).items()]
-            self.safe.call("trial metrics", self.mlflow_util._get_client().log_batch, self._trial_runs[trial],
-                           metrics=metrics)
+            self._worker.submit("trial metrics", self._log_metrics, TrialView.of(trial), metrics)
+
+        def _log_metrics(self, trial: TrialView, metrics: list[Any]):
+            if trial in self._trial_runs:
+                self.mlflow_util._get_client().log_batch(self._trial_runs[trial], metrics=metrics)
 
         def log_trial_end(self, trial, failed=False):
-            if trial not in self._trial_runs:
-                return
-            run_epoch = self._last_epoch.get(trial, int((trial.last_result or {}).get("epoch", 0)))
-            reason = stop_reason(failed, run_epoch, epochs)
-            client = self.mlflow_util._get_client()
-            self.safe.call("stop reason", client.set_tag, self._trial_runs[trial], "stop_reason", reason)
-            self.safe.call("trial end", super().log_trial_end, trial, failed)
+            run_epoch = self._last_epoch.get(trial.trial_id, int((trial.last_result or {}).get("epoch", 0)))
+            self._worker.submit("trial end", self._end, TrialView.of(trial), stop_reason(failed, run_epoch, epochs), failed)
+
+        def _end(self, trial: TrialView, reason: str, failed: bool):
+            if trial in self._trial_runs:
+                self.mlflow_util._get_client().set_tag(self._trial_runs[trial], "stop_reason", reason)
+                super().log_trial_end(trial, failed)
+
+        def on_experiment_end(self, trials, **info):
+            self._worker.close()  # waits for the queued calls, FLUSH_TIMEOUT_S at most
 
     return [TrialRuns(uri, registry_uri=uri, experiment_name=handle["experiment"])]
+
+
+@dataclass(frozen=True)
+class TrialView:
+    """What Ray's MLflowLoggerCallback reads of a Tune trial (its dict key, `str(trial)`,
+    `trial.config`), copied on the driver: the worker thread must not read a live Trial."""
+
+    trial_id: str
+    name: str
+    config: dict[str, Any] = field(compare=False, hash=False)
+
+    @classmethod
+    def of(cls, trial: Any) -> "TrialView":
+        return cls(trial.trial_id, str(trial), dict(trial.config))
+
+    def __str__(self) -> str:
+        return self.name
 
 
 def _child_of(client: Any, parent: str, trial_id: str) -> str | None:
@@ -164,7 +200,7 @@ def finish_sweep_run(handle: Mapping[str, Any] | None, sweep: SweepConfig, out: 
     if run_id is not None:
         from mlflow.entities import Metric
 
-        safe = SafeLogger(handle["uri"], echo)
+        safe = SafeLogger(handle["uri"], echo, goes_on="the sweep")
         client = client_for(handle["uri"])
         metrics = [Metric(f"best_{k}", float(best[k]), 0, int(best["epoch"])) for k in ("val_accuracy", "test_accuracy")]
         safe.call("best metrics", client.log_batch, run_id, metrics=metrics)

@@ -22,10 +22,11 @@ def registered_checkpoints(run_dir: Path) -> set[str]:
     return {r["checkpoint_dir_name"] for r in snapshot.get("checkpoint_results", [])}
 
 
-def spawn_cnnray(args: list[str], data_home: Path | None = None, output=None):
+def spawn_cnnray(args: list[str], data_home: Path | None = None, output=None, new_session: bool = False):
     """Start `python -m cnnray.cli ARGS` as a user would, with no RAY_ADDRESS (it starts its
     own local Ray) and, given `data_home`, a private data cache. Output (stderr merged) goes
-    to `output`, an open file, or else to proc.stdout."""
+    to `output`, an open file, or else to proc.stdout. `new_session`: in a process group of
+    its own, which `kill_group_with_stacks` can end with the Ray it started."""
     import subprocess
     import sys
 
@@ -33,7 +34,53 @@ def spawn_cnnray(args: list[str], data_home: Path | None = None, output=None):
     env.pop("RAY_ADDRESS", None)
     return subprocess.Popen([sys.executable, "-m", "cnnray.cli", *args], cwd=REPO, env=env,
                             stdout=subprocess.PIPE if output is None else output, stderr=subprocess.STDOUT,
-                            text=True)
+                            text=True, start_new_session=new_session)
+
+
+# Ray's own daemons, whose stacks say nothing about a hang in cnnray's code.
+_RAY_DAEMONS = ("Dashboard", "RuntimeEnvAgent", "dashboard", "autoscaler", "log_monitor", "multiprocessing")
+
+
+def kill_group_with_stacks(proc, per_process_s: float = 15, most: int = 8) -> str:
+    """For a command that ran past its time: the Python stacks (py-spy dump) of up to `most`
+    of its processes (its Ray actors first: where a hang sits, then the command itself),
+    then SIGKILL to its process group and to every process it started (Ray starts its
+    workers in sessions of their own). Returns the stacks."""
+    import signal
+    import subprocess
+    import sys
+
+    parent, command = {}, {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)": state, ppid, ...
+            cmd = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            continue
+        parent[int(stat.parent.name)], command[int(stat.parent.name)] = int(fields[1]), cmd
+    tree, grew = {proc.pid}, True
+    while grew:
+        more = {pid for pid, ppid in parent.items() if ppid in tree} - tree
+        tree |= more
+        grew = bool(more)
+    python = [pid for pid in tree if ("python" in command.get(pid, "") or command.get(pid, "").startswith("ray::"))
+              and not any(d in command.get(pid, "") for d in _RAY_DAEMONS)]
+    python.sort(key=lambda pid: (not command[pid].startswith("ray::"), pid != proc.pid, pid))
+    spy = Path(sys.executable).parent / "py-spy"
+    stacks = []
+    for pid in python[:most] if spy.exists() else []:
+        try:
+            dump = subprocess.run([str(spy), "dump", "--pid", str(pid)], capture_output=True, text=True,
+                                  timeout=per_process_s).stdout
+        except subprocess.TimeoutExpired:
+            dump = "(py-spy timed out)"
+        stacks.append(f"--- {pid} {command[pid][:100]}\n{dump[-2500:]}")
+    for kill in (lambda: os.killpg(proc.pid, signal.SIGKILL), *(lambda p=p: os.kill(p, signal.SIGKILL) for p in tree)):
+        try:
+            kill()
+        except (ProcessLookupError, PermissionError):
+            pass
+    return "\n".join(stacks) or "(no stacks: py-spy missing or no Python process left)"
 
 
 def free_port() -> int:

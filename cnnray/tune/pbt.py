@@ -159,19 +159,20 @@ def make_pbt(sweep: Any, out: Path) -> Any:
             count = sum(e["to"] == trial.trial_id for e in exploits) + 1
             ckpt = donor_state.last_checkpoint.path
             epoch = int(donor_state.last_result["epoch"])
-            # Before the trial restarts (super() pauses it): where it goes on, from what.
-            atomic_write_json({"run": f"{trial.trial_id}-x{count}", "init_checkpoint": ckpt,
-                               "donor": trial_to_clone.trial_id, "epoch": epoch},
-                              segment_file(pbt_dir, trial.trial_id))
+            run = f"{trial.trial_id}-x{count}"
             score_to = (self._trial_state[trial].last_result or {}).get(self._metric)
-            super()._exploit(tune_controller, trial, trial_to_clone)
+            super()._exploit(tune_controller, trial, trial_to_clone)  # pauses the trial: it restarts later
             exploits.append({
                 "from": trial_to_clone.trial_id, "to": trial.trial_id, "epoch": epoch,
                 "old": old, "donor": donor_values, "new": {k: trial.config.get(k) for k in space},
                 "score_from": donor_state.last_result.get(self._metric), "score_to": score_to,
-                "checkpoint": ckpt,
+                "checkpoint": ckpt, "run": run,
             })
+            # The record first, then the segment the restarted trial reads: a history never
+            # holds rows of a run its exploits do not name (cnnray.tune.history).
             atomic_write_json(exploits, out / EXPLOITS_FILE)
+            atomic_write_json({"run": run, "init_checkpoint": ckpt, "donor": trial_to_clone.trial_id, "epoch": epoch},
+                              segment_file(pbt_dir, trial.trial_id))
 
     pbt_dir.mkdir(parents=True, exist_ok=True)
     return CnnrayPBT(

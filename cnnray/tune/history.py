@@ -50,7 +50,10 @@ def append_row(path: str | Path, run: str, metrics: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     row = {RUN_KEY: run, **{k: v for k, v in metrics.items() if k not in _TUNE_KEYS}}
     with open(path, "a+b") as f:  # O_APPEND: one write per line, never interleaved
-        torn = f.tell() > 0 and (f.seek(-1, os.SEEK_END) or f.read(1) != b"\n")  # killed mid-line
+        torn = False  # the last row was cut short (killed mid-line): start on a line of its own
+        if f.seek(0, os.SEEK_END) > 0:
+            f.seek(-1, os.SEEK_END)
+            torn = f.read(1) != b"\n"
         f.write((("\n" if torn else "") + json.dumps(row) + "\n").encode())
         f.flush()
         os.fsync(f.fileno())
@@ -110,11 +113,35 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
+def registered_rows(sweep_dir: str | Path, trial_id: str) -> list[dict[str, Any]]:
+    """Rows for the checkpoints Ray Train registered in the trial's runs (its snapshot of
+    kept checkpoints, with their metrics): a sweep stopped between a registration and the
+    history's append (the Train controller killed in between) loses no epoch that a resume
+    will not train again."""
+    from cnnray.files import RUNS_DIR
+
+    rows = []
+    for snapshot in sorted(Path(sweep_dir, RUNS_DIR).glob(f"{trial_id}*/checkpoint_manager_snapshot.json")):
+        run = snapshot.parent.name
+        if run != trial_id and not run.startswith(f"{trial_id}-x"):
+            continue
+        try:
+            results = json.loads(snapshot.read_text()).get("checkpoint_results", [])
+        except (OSError, ValueError):  # caught mid-write: the history file has these epochs
+            continue
+        rows += [{RUN_KEY: run, **r["metrics"]} for r in results if "epoch" in r.get("metrics", {})]
+    return rows
+
+
 def read_history(sweep_dir: str | Path, trial_id: str) -> list[dict[str, Any]]:
-    """Per-epoch metrics of one trial of the sweep in `sweep_dir`, oldest first."""
+    """Per-epoch metrics of one trial of the sweep in `sweep_dir`, oldest first: the rows
+    its runs appended, and for an epoch missing there, its registered checkpoint's metrics."""
     from cnnray.files import read_exploits
 
-    return lineage(trial_id, read_rows(history_file(sweep_dir, trial_id)), read_exploits(sweep_dir))
+    rows = read_rows(history_file(sweep_dir, trial_id))
+    written = {(r.get(RUN_KEY), r.get("epoch")) for r in rows}
+    missing = [r for r in registered_rows(sweep_dir, trial_id) if (r[RUN_KEY], r["epoch"]) not in written]
+    return lineage(trial_id, missing + rows, read_exploits(sweep_dir))
 
 
 def history_callback(sweep_dir: str | Path, trial_id: str, run: str) -> Any:

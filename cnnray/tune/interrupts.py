@@ -11,6 +11,7 @@ is stopping raises at once (Tune gives SIGINT back to the previous handler: this
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import threading
@@ -25,6 +26,14 @@ class SweepInterrupted(KeyboardInterrupt):
         self.signum = signum
 
 
+class _NoTunerRestoreHint(logging.Filter):
+    """Drops Tune's "Resume experiment with: Tuner.restore(...)" after an interrupt: a CLI
+    user continues with `cnnray tune ... --resume` (the CLI's last line)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Experiment has been interrupted")
+
+
 class Interrupts:
     """Signal handlers for one sweep: `install()` (again after ray.init, which replaces
     SIGTERM's), `fitting` around Tuner.fit, `restore()` at the end. `signum` is the
@@ -35,6 +44,9 @@ class Interrupts:
         self._previous: dict[int, Any] = {}
 
     def install(self) -> None:
+        tune_log = logging.getLogger("ray.tune.tune")
+        if not any(isinstance(f, _NoTunerRestoreHint) for f in tune_log.filters):
+            tune_log.addFilter(_NoTunerRestoreHint())
         if threading.current_thread() is not threading.main_thread():
             return  # Python runs signal handlers in the main thread only; nothing to do here
         for s in (signal.SIGINT, signal.SIGTERM):

@@ -9,13 +9,14 @@ to Tune (TuneReportCallback reports only their path). So `CnnrayPBT`:
   scores, which on a loaded machine rarely overlap), and keeps a copy of each trial's
   Train checkpoint at those epochs (`<out>/pbt/checkpoints/<trial>-e<epoch>`), since the
   donor's own run deletes older checkpoints as it goes on (CheckpointConfig.num_to_keep);
-- on an exploit writes `<out>/pbt/<trial>.json`: the Train run the trial continues in
-  (`<trial>-x<n>`, a new run per exploit) and the donor checkpoint that run starts from;
-  `train_trial` reads it when the trial restarts, and the run's loop loads the donor's
-  weights, optimizer state and epoch, with the trial's new lr/momentum/weight_decay in
-  effect from its first step (cnnray.train.optim.load_optimizer_state, build_scheduler);
-- appends the exploit to `<out>/exploits.json`: from, to, epoch, the recipient's old
-  values, the donor's values and the new (perturbed) ones.
+- on an exploit appends it to `<out>/exploits.json` (from, to, epoch, the recipient's old
+  values, the donor's values and the new (perturbed) ones, the new run), then writes
+  `<out>/pbt/<trial>.json`: the Train run the trial continues in (`<trial>-x<n>`, a new
+  run per exploit) and the donor checkpoint that run starts from; `train_trial` reads it
+  when the trial restarts, and the run's loop loads the donor's weights, optimizer state
+  and epoch, with the trial's new lr/momentum/weight_decay in effect from its first step
+  (cnnray.train.optim.load_optimizer_state, build_scheduler). In that order, a trial's
+  history (cnnray.tune.history) never holds rows of a run no exploit names.
 
 Only optimizer settings can change mid-run (PBT_FIELDS): a new model, norm or batch size
 would not fit the donor's checkpoint or its schedule, so such a space is refused.

@@ -78,8 +78,9 @@ def train_trial(config: dict[str, Any], *, base: dict[str, Any], runs_dir: str, 
         cfg,
         name=run,
         storage_path=runs_dir,
-        # The history first: an epoch is on disk before Tune (and a Ctrl-C) sees it.
-        callbacks=[_controller_handle_callback(handle_queue), history_callback(sweep_dir, trial_id, run),
+        # The history first, right after Train registers the epoch's checkpoint: on disk
+        # before Tune (and a Ctrl-C) sees the epoch.
+        callbacks=[history_callback(sweep_dir, trial_id, run), _controller_handle_callback(handle_queue),
                    TuneReportCallback()],
         init_checkpoint=segment["init_checkpoint"] if segment else None,
         gpus_per_worker=gpus_per_worker,

@@ -71,13 +71,14 @@ def wait_for_session_end(sid: int, timeout_s: float = 60) -> list[int]:
 
 
 def trial_actor_pid(proc: subprocess.Popen) -> int | None:
-    """The Tune trial actor (`ray::train_trial`) among the processes `proc` started."""
+    """The Tune trial actor among the processes of the sweep `proc` (spawn_sweep): Tune runs a
+    function trainable as the actor class ImplicitFunc, whose process title Ray sets."""
     import psutil
 
-    for child in psutil.Process(proc.pid).children(recursive=True):
+    for pid in session_processes(proc.pid):
         try:
-            if "ray::train_trial" in " ".join(child.cmdline()):
-                return child.pid
+            if psutil.Process(pid).cmdline()[:1] and psutil.Process(pid).cmdline()[0].startswith("ray::ImplicitFunc"):
+                return pid
         except psutil.Error:
             continue
     return None

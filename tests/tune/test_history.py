@@ -35,9 +35,13 @@ def epochs(sweep, trial):
 
 
 def test_rows_hold_the_loops_metrics_and_the_run(tmp_path):
+    from cnnray.tune.history import history_file
+
     report(tmp_path, "w", "w", 1)
-    [row] = read_history(tmp_path, "w")
+    report(tmp_path, "w", "w", 2, start_epoch=1)
+    row = read_history(tmp_path, "w")[0]
     assert row == {"run": "w", "epoch": 1, "val_accuracy": 0.1, "start_epoch": 0}  # Tune's keys dropped
+    assert len(history_file(tmp_path, "w").read_text().splitlines()) == 2  # one line a row
 
 
 @pytest.mark.parametrize("order", ["row, exploit, restart", "exploit, row, restart"])
@@ -117,3 +121,24 @@ def test_a_torn_last_line_is_skipped(tmp_path):
     assert epochs(tmp_path, "t") == [1]
     report(tmp_path, "t", "t", 2, start_epoch=1)  # the next row starts on a line of its own
     assert epochs(tmp_path, "t") == [1, 2]
+    lines = history_file(tmp_path, "t").read_text().split("\n")
+    assert len(lines) == 4 and lines[-1] == "" and all(lines[:3])  # and no blank line between rows
+
+
+def test_an_epoch_registered_but_not_appended_comes_from_trains_snapshot(tmp_path):
+    """Stopped between Train's registration of epoch 2's checkpoint and the append: the
+    resume continues after epoch 2, so the history takes epoch 2 from Train's snapshot of
+    registered checkpoints (runs/<run>/checkpoint_manager_snapshot.json)."""
+    report(tmp_path, "t", "t", 1)
+    run = tmp_path / "runs" / "t"
+    run.mkdir(parents=True)
+    snapshot = {"checkpoint_results": [
+        {"checkpoint_dir_name": f"epoch-000{e}", "metrics": {"epoch": e, "val_accuracy": 0.5, "start_epoch": 0}}
+        for e in (1, 2)]}
+    (run / "checkpoint_manager_snapshot.json").write_text(json.dumps(snapshot))
+    (tmp_path / "runs" / "t2").mkdir()  # another trial whose id starts the same: not read
+    (tmp_path / "runs" / "t2" / "checkpoint_manager_snapshot.json").write_text(json.dumps(snapshot))
+    history = read_history(tmp_path, "t")
+    assert [h["epoch"] for h in history] == [1, 2] and history[0]["val_accuracy"] == 0.1  # the file's row wins
+    report(tmp_path, "t", "t", 3, start_epoch=2)
+    assert epochs(tmp_path, "t") == [1, 2, 3]

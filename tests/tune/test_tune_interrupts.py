@@ -24,6 +24,12 @@ from tests.helpers.tune import (spawn_sweep, trial_actor_pid, trial_statuses, wa
                                 wait_for_session_end)
 
 
+def _driver_tracebacks(err: str) -> list[str]:
+    """Tracebacks of `cnnray tune` itself (Ray's actors' log lines come prefixed with their
+    name, e.g. a TrainController's timeouts on a loaded machine)."""
+    return [line for line in err.splitlines() if line.startswith("Traceback")]
+
+
 def _ended(proc, log, timeout_s=180):
     """(exit status, stdout, stderr) of a sweep once it has exited."""
     try:
@@ -63,7 +69,7 @@ def interrupted_sweep(mnist_dir, tmp_path_factory):
         os.kill(actor, signal.SIGSTOP)  # the trial cannot return: Tune still sees it running
         try:
             proc.send_signal(signal.SIGTERM)
-            time.sleep(8)  # Tune saves its state as soon as its loop sees the signal, then stops trials
+            time.sleep(5)  # Tune saves its state as soon as its loop sees the signal, then stops trials
         finally:
             os.kill(actor, signal.SIGCONT)
     finally:
@@ -82,7 +88,7 @@ def test_ctrl_c_during_epoch_2_then_resume_keeps_epochs_1_2_3(interrupted_sweep)
     assert rc == 130, out[-2000:] + err[-2000:]
     last = err.strip().splitlines()[-1]
     assert last.startswith("cnnray: interrupted (SIGINT); continue with: cnnray tune ") and last.endswith("--resume")
-    assert "Traceback" not in err
+    assert not _driver_tracebacks(err)
     assert not interrupted_sweep["ctrl_c_left"], "processes left running after Ctrl-C"
 
     rc, out, err = interrupted_sweep["resumed"]
@@ -98,7 +104,7 @@ def test_sigterm_just_after_the_last_checkpoint_then_resume_keeps_the_results(in
 
     rc, out, err = interrupted_sweep["term"]
     assert rc == 143, out[-2000:] + err[-2000:]
-    assert err.strip().splitlines()[-1].endswith("--resume") and "Traceback" not in err
+    assert err.strip().splitlines()[-1].endswith("--resume") and not _driver_tracebacks(err)
     assert "SIGTERM received" not in err + out  # Ray's stack dump and abort
     assert not interrupted_sweep["term_left"], "processes left running after SIGTERM"
     [status] = interrupted_sweep["term_statuses"].values()

@@ -139,7 +139,8 @@ def finish_sweep(sweep: SweepConfig, out: Path, *, seconds: float, echo: Callabl
     test = evaluate_on_test(Checkpoint.from_directory(str(ckpt_dir)), cfg)
 
     previous = _read_json(out / BEST_FILE)
-    if previous.get("checkpoint") == str(ckpt_dir) and Path(previous.get("model_store", "")).is_dir():
+    reused = previous.get("checkpoint") == str(ckpt_dir) and Path(previous.get("model_store", "")).is_dir()
+    if reused:
         version_dir = Path(previous["model_store"])  # a resumed sweep with the same winner: no new version
     else:
         version_dir = export(ckpt_dir, sweep.model_store, sweep.model_name)
@@ -171,7 +172,8 @@ def finish_sweep(sweep: SweepConfig, out: Path, *, seconds: float, echo: Callabl
         f"[cnnray] best trial {best['trial_id']}: val_accuracy {best['val_accuracy']:.4f} (epoch {best['epoch']})  "
         f"test_accuracy {best['test_accuracy']:.4f}  ({best['stopped_early']} of {best['trials']} trials stopped early, "
         f"{best['failed']} failed, {seconds:.0f}s)\n"
-        f"[cnnray] exported {sweep.model_name} version {best['model_version']} to {version_dir}\n"
+        f"[cnnray] {'kept' if reused else 'exported'} {sweep.model_name} version {best['model_version']} "
+        f"{'(exported before) in' if reused else 'to'} {version_dir}\n"
         f"[cnnray] wrote {out / TRIALS_CSV}, {TRIALS_PARQUET}, {HISTORIES_FILE}, {BEST_FILE}, {PLOT_FILE}"
     )
     return best

@@ -175,7 +175,13 @@ def _run_sweep(sweep: SweepConfig, echo: Callable[[str], None], interrupts: Any)
         tune.PlacementGroupFactory([{"memory": TRIAL_DRIVER_MEMORY}]),
     )
     if restore:
-        echo(f"[cnnray] resuming the sweep in {out / TUNE_DIR}: finished trials are kept, the others continue")
+        from cnnray.tune.schedulers import trials_done
+
+        if trials_done(out / TUNE_DIR) >= sweep.num_trials:
+            echo(f"[cnnray] every trial of the sweep in {out / TUNE_DIR} had ended: its results are written again "
+                 "from their histories and checkpoints")
+        else:
+            echo(f"[cnnray] resuming the sweep in {out / TUNE_DIR}: finished trials are kept, the others continue")
         # Tune restores its settings (space, scheduler and searcher state, callbacks) from
         # the experiment; only the trainable is given again.
         tuner = tune.Tuner.restore(str(out / TUNE_DIR), trainable=trainable, resume_unfinished=True, resume_errored=True)

@@ -99,7 +99,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 started = time.perf_counter()
                 best = run_sweep(sweep, echo=lambda line: None)
                 seconds = time.perf_counter() - started
-                spent = spent_trial_epochs(Path(sweep.out) / "tune")
+                spent = spent_trial_epochs(Path(sweep.out))
                 exploits = len(json.loads((Path(sweep.out) / "exploits.json").read_text())) if method == "pbt" and (Path(sweep.out) / "exploits.json").is_file() else 0
                 results.append({"method": method, "seed": seed, "trials": best["trials"], "spent_trial_epochs": spent,
                                 "best_val_accuracy": best["val_accuracy"], "test_accuracy": best["test_accuracy"],

@@ -26,6 +26,7 @@ RUNS_DIR = "runs"  # Ray Train storage; each trial's run is named by its trial i
 TRIALS_CSV = "trials.csv"
 TRIALS_PARQUET = "trials.parquet"
 HISTORIES_FILE = "histories.json"
+HISTORY_DIR = "history"  # <trial_id>.jsonl: every epoch a trial's Train runs reported (cnnray.tune.history)
 BEST_FILE = "best.json"
 PBT_DIR = "pbt"  # PBT only: each exploited trial's next Train run and donor checkpoint
 EXPLOITS_FILE = "exploits.json"  # PBT only: every exploit (cnnray.tune.pbt), read by the report

@@ -103,5 +103,15 @@ def cmd_tune(args: argparse.Namespace) -> int:
         gpus_per_trial=args.gpus_per_trial,
         register=args.register,
     )
-    run_sweep(sweep)
+    try:
+        run_sweep(sweep)
+    except KeyboardInterrupt as e:  # SweepInterrupted (cnnray.tune.interrupts), or Ctrl-C before it was installed
+        import signal
+        import sys
+
+        from cnnray.tune.interrupts import continue_line
+
+        signum = getattr(e, "signum", signal.SIGINT)
+        print(continue_line(signum, sys.argv[1:], sweep.out), file=sys.stderr, flush=True)
+        return 128 + signum
     return 0

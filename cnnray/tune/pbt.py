@@ -9,13 +9,14 @@ to Tune (TuneReportCallback reports only their path). So `CnnrayPBT`:
   scores, which on a loaded machine rarely overlap), and keeps a copy of each trial's
   Train checkpoint at those epochs (`<out>/pbt/checkpoints/<trial>-e<epoch>`), since the
   donor's own run deletes older checkpoints as it goes on (CheckpointConfig.num_to_keep);
-- on an exploit writes `<out>/pbt/<trial>.json`: the Train run the trial continues in
-  (`<trial>-x<n>`, a new run per exploit) and the donor checkpoint that run starts from;
-  `train_trial` reads it when the trial restarts, and the run's loop loads the donor's
-  weights, optimizer state and epoch, with the trial's new lr/momentum/weight_decay in
-  effect from its first step (cnnray.train.optim.load_optimizer_state, build_scheduler);
-- appends the exploit to `<out>/exploits.json`: from, to, epoch, the recipient's old
-  values, the donor's values and the new (perturbed) ones.
+- on an exploit appends it to `<out>/exploits.json` (from, to, epoch, the recipient's old
+  values, the donor's values and the new (perturbed) ones, the new run), then writes
+  `<out>/pbt/<trial>.json`: the Train run the trial continues in (`<trial>-x<n>`, a new
+  run per exploit) and the donor checkpoint that run starts from; `train_trial` reads it
+  when the trial restarts, and the run's loop loads the donor's weights, optimizer state
+  and epoch, with the trial's new lr/momentum/weight_decay in effect from its first step
+  (cnnray.train.optim.load_optimizer_state, build_scheduler). In that order, a trial's
+  history (cnnray.tune.history) never holds rows of a run no exploit names.
 
 Only optimizer settings can change mid-run (PBT_FIELDS): a new model, norm or batch size
 would not fit the donor's checkpoint or its schedule, so such a space is refused.
@@ -159,19 +160,20 @@ def make_pbt(sweep: Any, out: Path) -> Any:
             count = sum(e["to"] == trial.trial_id for e in exploits) + 1
             ckpt = donor_state.last_checkpoint.path
             epoch = int(donor_state.last_result["epoch"])
-            # Before the trial restarts (super() pauses it): where it goes on, from what.
-            atomic_write_json({"run": f"{trial.trial_id}-x{count}", "init_checkpoint": ckpt,
-                               "donor": trial_to_clone.trial_id, "epoch": epoch},
-                              segment_file(pbt_dir, trial.trial_id))
+            run = f"{trial.trial_id}-x{count}"
             score_to = (self._trial_state[trial].last_result or {}).get(self._metric)
-            super()._exploit(tune_controller, trial, trial_to_clone)
+            super()._exploit(tune_controller, trial, trial_to_clone)  # pauses the trial: it restarts later
             exploits.append({
                 "from": trial_to_clone.trial_id, "to": trial.trial_id, "epoch": epoch,
                 "old": old, "donor": donor_values, "new": {k: trial.config.get(k) for k in space},
                 "score_from": donor_state.last_result.get(self._metric), "score_to": score_to,
-                "checkpoint": ckpt,
+                "checkpoint": ckpt, "run": run,
             })
+            # The record first, then the segment the restarted trial reads: a history never
+            # holds rows of a run its exploits do not name (cnnray.tune.history).
             atomic_write_json(exploits, out / EXPLOITS_FILE)
+            atomic_write_json({"run": run, "init_checkpoint": ckpt, "donor": trial_to_clone.trial_id, "epoch": epoch},
+                              segment_file(pbt_dir, trial.trial_id))
 
     pbt_dir.mkdir(parents=True, exist_ok=True)
     return CnnrayPBT(

@@ -1,8 +1,8 @@
 """What a finished sweep leaves in `<out>`: the trials table, histories, best.json, the
 plot, and the best checkpoint exported into the model store.
 
-Everything here is read back from files (Tune's experiment state and each trial's
-result.json; Ray Train's checkpoints), so it gives the same answer after a resume.
+Everything here is read back from files (Tune's experiment state, each trial's history
+file, cnnray.tune.history; Ray Train's checkpoints), so it gives the same answer after a resume.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def collect(sweep: SweepConfig, out: Path) -> tuple[list[dict[str, Any]], dict[s
     analysis = ExperimentAnalysis(str(out / TUNE_DIR))
     rows, histories = [], {}
     for trial in sorted(analysis.trials, key=lambda t: t.trial_id):
-        history = read_history(trial.path)
+        history = read_history(out, trial.trial_id)
         histories[trial.trial_id] = history
         epochs_run = max((h["epoch"] for h in history), default=0)
         error = trial.get_error() if trial.status == "ERROR" else None
@@ -122,9 +122,8 @@ def finish_sweep(sweep: SweepConfig, out: Path, *, seconds: float, echo: Callabl
 
     rows, histories = collect(sweep, out)
     done = sum(r["status"] in ("TERMINATED", "ERROR") for r in rows)
-    if done < sweep.num_trials and not budget_spent:  # Ctrl-C: Tune's state is saved for --resume
-        echo(f"[cnnray] sweep interrupted with {done} of {sweep.num_trials} trials done: "
-             "rerun the same command with --resume")
+    if done < sweep.num_trials and not budget_spent:  # stopped without a signal seen here (Tune's state is saved)
+        echo(f"[cnnray] sweep stopped with {done} of {sweep.num_trials} trials done")
         raise KeyboardInterrupt
     exploits = write_exploits(out)
     for row in rows if exploits else []:  # PBT: each trial's exploits in its own row too
@@ -140,7 +139,8 @@ def finish_sweep(sweep: SweepConfig, out: Path, *, seconds: float, echo: Callabl
     test = evaluate_on_test(Checkpoint.from_directory(str(ckpt_dir)), cfg)
 
     previous = _read_json(out / BEST_FILE)
-    if previous.get("checkpoint") == str(ckpt_dir) and Path(previous.get("model_store", "")).is_dir():
+    reused = previous.get("checkpoint") == str(ckpt_dir) and Path(previous.get("model_store", "")).is_dir()
+    if reused:
         version_dir = Path(previous["model_store"])  # a resumed sweep with the same winner: no new version
     else:
         version_dir = export(ckpt_dir, sweep.model_store, sweep.model_name)
@@ -172,7 +172,8 @@ def finish_sweep(sweep: SweepConfig, out: Path, *, seconds: float, echo: Callabl
         f"[cnnray] best trial {best['trial_id']}: val_accuracy {best['val_accuracy']:.4f} (epoch {best['epoch']})  "
         f"test_accuracy {best['test_accuracy']:.4f}  ({best['stopped_early']} of {best['trials']} trials stopped early, "
         f"{best['failed']} failed, {seconds:.0f}s)\n"
-        f"[cnnray] exported {sweep.model_name} version {best['model_version']} to {version_dir}\n"
+        f"[cnnray] {'kept' if reused else 'exported'} {sweep.model_name} version {best['model_version']} "
+        f"{'(exported before) in' if reused else 'to'} {version_dir}\n"
         f"[cnnray] wrote {out / TRIALS_CSV}, {TRIALS_PARQUET}, {HISTORIES_FILE}, {BEST_FILE}, {PLOT_FILE}"
     )
     return best

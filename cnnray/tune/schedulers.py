@@ -104,10 +104,10 @@ def make_scheduler(sweep: Any, out: Path) -> Any:
         # checkpoint (same run name), like a resumed sweep.
         return HyperBandScheduler(time_attr="epoch", max_t=sweep.train.epochs,
                                   reduction_factor=sweep.reduction_factor, stop_last_trials=False)
-    return _resumable_asha(sweep)
+    return _resumable_asha(sweep, out)
 
 
-def _resumable_asha(sweep: Any) -> Any:
+def _resumable_asha(sweep: Any, out: Path) -> Any:
     from ray.tune.schedulers import ASHAScheduler
 
     from cnnray.tune.history import read_history
@@ -118,11 +118,7 @@ def _resumable_asha(sweep: Any) -> Any:
 
         def on_trial_add(self, tune_controller, trial):
             super().on_trial_add(tune_controller, trial)
-            try:
-                path = trial.path
-            except RuntimeError:  # a new trial: no folder yet, nothing to replay
-                return
-            for result in read_history(path) if path else []:
+            for result in read_history(out, trial.trial_id):  # [] for a new trial
                 super().on_trial_result(tune_controller, trial, result)
 
     # The epoch (not Tune's iteration count) is the time axis, so a trial resumed from a
@@ -137,20 +133,33 @@ def _resumable_asha(sweep: Any) -> Any:
     )
 
 
-def budget_stopper(budget: int, tune_dir: Path) -> Any:
+# sweep folder -> trial-epochs in its histories when this process started the Tuner: a
+# resumed sweep's budget stopper is unpickled as it was when the sweep began, so it is
+# told here (by cnnray.tune.sweep, before Tuner.fit) what the earlier sessions spent.
+_SPENT_BEFORE: dict[str, int] = {}
+
+
+def record_spent_before(sweep_dir: Path) -> int:
+    """Count (and keep for the budget stopper) the trial-epochs `sweep_dir` already holds;
+    call it before Tuner.fit, while no trial is running."""
+    _SPENT_BEFORE[str(sweep_dir)] = spent = spent_trial_epochs(sweep_dir)
+    return spent
+
+
+def budget_stopper(budget: int, sweep_dir: Path) -> Any:
     """A Tune Stopper that ends the sweep once `budget` trial-epochs were reported, counting
-    those already in `tune_dir` (a resumed sweep spends what is left)."""
+    those of earlier sessions (record_spent_before: a resumed sweep spends what is left)."""
     from ray.tune.stopper import Stopper
 
     class BudgetStopper(Stopper):
         def __init__(self) -> None:
-            # Counted from the files at the first result, not here: Tuner.restore unpickles
-            # this object as it was when the sweep began.
+            # Read at the first result, not here: Tuner.restore unpickles this object as it
+            # was when the sweep began.
             self.spent: int | None = None
 
         def __call__(self, trial_id: str, result: dict) -> bool:
-            if self.spent is None:  # Tune writes this result to result.json after asking
-                self.spent = spent_trial_epochs(tune_dir)
+            if self.spent is None:
+                self.spent = _SPENT_BEFORE.get(str(sweep_dir), 0)
             # A finished trial's last result comes once more, marked done: not an epoch.
             if "epoch" in result and not result.get("done"):
                 self.spent += 1
@@ -162,9 +171,20 @@ def budget_stopper(budget: int, tune_dir: Path) -> Any:
     return BudgetStopper()
 
 
-def spent_trial_epochs(tune_dir: Path) -> int:
-    """Trial-epochs reported so far: one per epoch in each trial's result.json."""
+def spent_trial_epochs(sweep_dir: Path) -> int:
+    """Trial-epochs trained so far: one per epoch in each trial's history."""
+    from cnnray.files import HISTORY_DIR
     from cnnray.tune.history import read_history
 
-    return sum(len(read_history(d)) for d in Path(tune_dir).iterdir() if (d / "result.json").is_file()) \
-        if Path(tune_dir).is_dir() else 0
+    folder = Path(sweep_dir) / HISTORY_DIR
+    return sum(len(read_history(sweep_dir, f.stem)) for f in folder.glob("*.jsonl")) if folder.is_dir() else 0
+
+
+def trials_done(tune_dir: Path) -> int:
+    """Trials Tune's saved state marks finished or failed (0 before its first save)."""
+    from ray.tune import ExperimentAnalysis
+
+    try:
+        return sum(t.status in ("TERMINATED", "ERROR") for t in ExperimentAnalysis(str(tune_dir)).trials)
+    except (ValueError, OSError):
+        return 0

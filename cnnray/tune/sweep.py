@@ -11,8 +11,9 @@ like `cnnray train`, named by the trial id, that reports to Tune after every epo
 ASHA can stop a trial early. Layout of `<out>`:
 
     sweep.json            the sweep's settings (what --resume reruns)
-    tune/                 Tune's experiment: state, one folder per trial (result.json)
+    tune/                 Tune's experiment: state, one folder per trial
     runs/<trial_id>/      Ray Train's run folder of each trial: epoch-NNNN checkpoints
+    history/<trial_id>.jsonl  every epoch the trial's Train runs reported (cnnray.tune.history)
     trials.csv|parquet, histories.json, best.json, sweep.png, models/<name>/<version>/
 """
 
@@ -130,16 +131,23 @@ def run_sweep(sweep: SweepConfig, echo: Callable[[str], None] = print) -> dict[s
     from cnnray.leftovers import removed_on_failure
     from cnnray.train.driver import CLAIM_FILE
 
-    # A sweep that fails before any trial wrote anything leaves no folder behind.
-    with removed_on_failure(Path(sweep.out), own=(CLAIM_FILE, SWEEP_FILE)):
-        claim = lock_folder(Path(sweep.out), "cnnray tune")  # absolute: SweepConfig resolved it
-        try:
-            return _run_sweep(sweep, echo)
-        finally:
-            os.close(claim)
+    from cnnray.tune.interrupts import Interrupts
+
+    interrupts = Interrupts()  # Ctrl-C and SIGTERM: exit 130/143 with Tune's state saved
+    interrupts.install()
+    try:
+        # A sweep that fails before any trial wrote anything leaves no folder behind.
+        with removed_on_failure(Path(sweep.out), own=(CLAIM_FILE, SWEEP_FILE)):
+            claim = lock_folder(Path(sweep.out), "cnnray tune")  # absolute: SweepConfig resolved it
+            try:
+                return _run_sweep(sweep, echo, interrupts)
+            finally:
+                os.close(claim)
+    finally:
+        interrupts.restore()
 
 
-def _run_sweep(sweep: SweepConfig, echo: Callable[[str], None]) -> dict[str, Any]:
+def _run_sweep(sweep: SweepConfig, echo: Callable[[str], None], interrupts: Any) -> dict[str, Any]:
     from ray import tune
 
     from cnnray.ray_start import init_ray
@@ -158,6 +166,7 @@ def _run_sweep(sweep: SweepConfig, echo: Callable[[str], None]) -> dict[str, Any
 
     tracking = start_sweep_run(sweep, out, echo)  # an unreachable tracker: exit 2 before Ray starts
     init_ray(cfg.address, ray_train=True)
+    interrupts.install()  # ray.init replaced SIGTERM's handler with Ray's (a stack dump and an abort)
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", EXPERIMENT_SAVE_PERIOD_S)
     limit = concurrency(cfg, sweep.max_concurrent, sweep.worker_gpus or 1.0)
     if sweep.max_concurrent and limit < sweep.max_concurrent:
@@ -165,13 +174,19 @@ def _run_sweep(sweep: SweepConfig, echo: Callable[[str], None]) -> dict[str, Any
 
     runs_dir = str(out / RUNS_DIR)
     trainable = tune.with_resources(
-        tune.with_parameters(train_trial, base=cfg.to_dict(), runs_dir=runs_dir,  # keeps its mixins
+        tune.with_parameters(train_trial, base=cfg.to_dict(), runs_dir=runs_dir, sweep_dir=str(out),  # keeps its mixins
                              pbt_dir=str(out / PBT_DIR) if sweep.scheduler == "pbt" else None,
                              gpus_per_worker=sweep.worker_gpus or 1.0),
         tune.PlacementGroupFactory([{"memory": TRIAL_DRIVER_MEMORY}]),
     )
     if restore:
-        echo(f"[cnnray] resuming the sweep in {out / TUNE_DIR}: finished trials are kept, the others continue")
+        from cnnray.tune.schedulers import trials_done
+
+        if trials_done(out / TUNE_DIR) >= sweep.num_trials:
+            echo(f"[cnnray] every trial of the sweep in {out / TUNE_DIR} had ended: its results are written again "
+                 "from their histories and checkpoints")
+        else:
+            echo(f"[cnnray] resuming the sweep in {out / TUNE_DIR}: finished trials are kept, the others continue")
         # Tune restores its settings (space, scheduler and searcher state, callbacks) from
         # the experiment; only the trainable is given again.
         tuner = tune.Tuner.restore(str(out / TUNE_DIR), trainable=trainable, resume_unfinished=True, resume_errored=True)
@@ -202,7 +217,7 @@ def _run_sweep(sweep: SweepConfig, echo: Callable[[str], None]) -> dict[str, Any
                 # reported, not rerun from scratch.
                 failure_config=tune.FailureConfig(max_failures=0),
                 callbacks=[_trial_progress(sweep, echo), *sweep_callbacks(tracking, sweep)],
-                stop=budget_stopper(sweep.budget, out / TUNE_DIR) if sweep.budget else None,
+                stop=budget_stopper(sweep.budget, out) if sweep.budget else None,
                 verbose=0,  # our progress lines and summary table replace Tune's tables
             ),
         )
@@ -213,10 +228,19 @@ def _run_sweep(sweep: SweepConfig, echo: Callable[[str], None]) -> dict[str, Any
         f"search {sweep.search}, scheduler {sweep.scheduler}"
         + (f", budget {sweep.budget} trial-epochs" if sweep.budget else "")
     )
-    tuner.fit()
-    from cnnray.tune.schedulers import spent_trial_epochs
+    from cnnray.tune.schedulers import record_spent_before, spent_trial_epochs
 
-    spent = spent_trial_epochs(out / TUNE_DIR)
+    record_spent_before(out)
+    interrupts.fit(tuner)
+    if interrupts.signum is not None:
+        from cnnray.tune.interrupts import SweepInterrupted
+        from cnnray.tune.schedulers import trials_done
+
+        done = trials_done(out / TUNE_DIR)
+        echo(f"[cnnray] sweep stopped with {done} of {sweep.num_trials} trials done; "
+             f"Tune's state and every trial's history are saved in {out}")
+        raise SweepInterrupted(interrupts.signum)
+    spent = spent_trial_epochs(out)
     if sweep.budget:
         echo(f"[cnnray] spent {spent} of a budget of {sweep.budget} trial-epochs")
     best = finish_sweep(sweep, out, seconds=time.perf_counter() - started, echo=echo,

@@ -80,9 +80,10 @@ class TrialDiverged(RuntimeError):
 
 
 
-def train_trial(config: dict[str, Any], *, base: dict[str, Any], runs_dir: str, pbt_dir: str | None = None,
-                gpus_per_worker: float = 1.0) -> None:
-    """One Tune trial: a Ray Train run of `base` with the sampled `config` values.
+def train_trial(config: dict[str, Any], *, base: dict[str, Any], runs_dir: str, sweep_dir: str,
+                pbt_dir: str | None = None, gpus_per_worker: float = 1.0) -> None:
+    """One Tune trial: a Ray Train run of `base` with the sampled `config` values, whose
+    every epoch is appended to the trial's history in `sweep_dir` (cnnray.tune.history).
 
     Under PBT (`pbt_dir`), a trial that exploited another continues in the Train run its
     segment file names, starting from the donor's checkpoint (cnnray.tune.pbt)."""
@@ -90,6 +91,7 @@ def train_trial(config: dict[str, Any], *, base: dict[str, Any], runs_dir: str, 
     from ray.util.queue import Queue
 
     from cnnray.train.driver import make_trainer
+    from cnnray.tune.history import history_callback
     from cnnray.tune.pbt import read_segment
 
     trial_id = ray.tune.get_context().get_trial_id()
@@ -100,11 +102,15 @@ def train_trial(config: dict[str, Any], *, base: dict[str, Any], runs_dir: str, 
     # Same name and storage on a rerun (Tuner.restore): Ray Train continues the run from
     # its last checkpoint instead of epoch 0.
     segment = read_segment(pbt_dir, trial_id)  # None unless PBT made this trial exploit another
+    run = segment["run"] if segment else trial_id
     trainer = make_trainer(
         cfg,
-        name=segment["run"] if segment else trial_id,
+        name=run,
         storage_path=runs_dir,
-        callbacks=[_controller_handle_callback(handle_queue), _forward_reports_callback(reports)],
+        # The history first, right after Train registers the epoch's checkpoint: on disk
+        # before Tune (and a Ctrl-C) sees the epoch.
+        callbacks=[history_callback(sweep_dir, trial_id, run), _controller_handle_callback(handle_queue),
+                   _forward_reports_callback(reports)],
         init_checkpoint=segment["init_checkpoint"] if segment else None,
         gpus_per_worker=gpus_per_worker,
     )

@@ -281,16 +281,16 @@ def test_pbt_perturbations_stay_inside_the_space():
 
 
 def test_budget_counts_each_reported_epoch_once(tmp_path):
-    """What a resumed sweep spent is read from its files; a finished trial's repeated last
-    result (Tune passes it again, marked done) is not another epoch."""
-    import json
+    """What a resumed sweep spent is read from its history files before Tune starts; a
+    finished trial's repeated last result (Tune passes it again, marked done) is not another epoch."""
+    from cnnray.tune.history import append_row, history_file
+    from cnnray.tune.schedulers import budget_stopper, record_spent_before, spent_trial_epochs
 
-    from cnnray.tune.schedulers import budget_stopper, spent_trial_epochs
-
-    (tmp_path / "t0").mkdir()
-    (tmp_path / "t0" / "result.json").write_text("".join(json.dumps({"epoch": e, "val_accuracy": 0.5}) + "\n" for e in (1, 2)))
+    for e in (1, 2, 2):  # epoch 2 rerun after a resume: still one trial-epoch
+        append_row(history_file(tmp_path, "t0"), "t0", {"epoch": e, "val_accuracy": 0.5})
     assert spent_trial_epochs(tmp_path) == 2
     stop = budget_stopper(5, tmp_path)
+    assert record_spent_before(tmp_path) == 2
     assert not stop("t1", {"epoch": 1}) and stop.spent == 3 and not stop.stop_all()
     stop("t1", {"epoch": 1, "done": True})  # the duplicate of a finished trial's last result
     assert stop.spent == 3

@@ -222,7 +222,7 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(mnist_dir, tmp_p
     finished = {t for t, s in statuses.items() if s == "TERMINATED"}
     assert 0 < len(finished) < 3
     before = {t: (out / "tune" / t / "result.json").read_bytes() for t in finished}
-    unreported = {t for t in statuses if t not in finished and not read_history(out / "tune" / t)}
+    unreported = {t for t in statuses if t not in finished and not read_history(out, t)}
     assert not (out / "best.json").exists()
 
     again = cnnray(*args, env_extra={"CNNRAY_DATA": str(tmp_path / "cache")})

@@ -63,7 +63,7 @@ def test_a_slow_driver_loop_does_not_hang_a_trial(local_ray, mnist_dir, tmp_path
     assert outcome["best"]["epoch"] in (1, 2) and any("finished" in line for line in lines), lines
 
 
-def test_a_trial_reports_every_epoch_from_its_own_thread_before_it_ends(monkeypatch):
+def test_a_trial_reports_every_epoch_from_its_own_thread_before_it_ends(monkeypatch, tmp_path):
     """The trial function itself hands each epoch to Tune, in order, the last one before it
     returns (its return is Tune's end-of-run report); the Train controller's callback only
     queues them. No Ray here: the controller is a thread calling the callbacks."""
@@ -73,6 +73,7 @@ def test_a_trial_reports_every_epoch_from_its_own_thread_before_it_ends(monkeypa
     import ray.util.queue
 
     from cnnray.tune import trial
+    from cnnray.tune.history import read_history
 
     reported: list[tuple[dict, str]] = []
 
@@ -92,8 +93,11 @@ def test_a_trial_reports_every_epoch_from_its_own_thread_before_it_ends(monkeypa
     monkeypatch.setattr(ray.util.queue, "Queue", lambda maxsize, **kw: queue.Queue(maxsize))
     monkeypatch.setattr(ray, "get_runtime_context", lambda: type("R", (), {"current_actor": "controller"})())
     monkeypatch.setattr("cnnray.train.driver.make_trainer", lambda cfg, callbacks, **kw: Trainer(callbacks))
-    trial.train_trial({"lr": 0.1}, base=TrainConfig().to_dict(), runs_dir="/tmp/unused")
+    trial.train_trial({"lr": 0.1}, base=TrainConfig().to_dict(), runs_dir=str(tmp_path / "runs"),
+                      sweep_dir=str(tmp_path))
     assert [m["epoch"] for m, _ in reported] == [1, 2, 3]
     assert reported[-1][0]["checkpoint_path"] == "/runs/t1/epoch-3"
     assert {thread for _, thread in reported} == {threading.current_thread().name}
     assert "t1" not in trial._RUNNING
+    # The history callback runs in the same controller, before the epoch reaches Tune.
+    assert [row["epoch"] for row in read_history(tmp_path, "t1")] == [1, 2, 3]

@@ -102,6 +102,9 @@ DRIVER_NOISE = {
     "ray._private.worker": "Started a local Ray instance",
     # Serve's start inside `cnnray serve`, which says itself what it serves and where.
     "ray.serve": "Started Serve in namespace",
+    # Tune's own Ctrl-C notice; cnnray says itself that the sweep stopped, what was saved
+    # and, last, the command that continues it (cnnray.tune.interrupts).
+    "ray.tune.tune": "Stop signal received",
 }
 # - Lines the raylet and GCS send to the driver (their *.err files and their error
 #   messages, printed as "(raylet) ..."): regular expressions, matched with re.search.

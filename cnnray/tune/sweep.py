@@ -148,8 +148,6 @@ def run_sweep(sweep: SweepConfig, echo: Callable[[str], None] = print) -> dict[s
 
 
 def _run_sweep(sweep: SweepConfig, echo: Callable[[str], None], interrupts: Any) -> dict[str, Any]:
-    from ray import tune
-
     from cnnray.ray_start import init_ray
     from cnnray.train.driver import preflight
 
@@ -162,10 +160,27 @@ def _run_sweep(sweep: SweepConfig, echo: Callable[[str], None], interrupts: Any)
     # whose sizes cannot train (cnnray.train.sizes), before Ray starts.
     variants = [(", ".join(f"{k}={v!r}" for k, v in combo.items()), c) for combo, c in space_configs(sweep.space, cfg)]
     preflight(cfg, variants=variants, echo=echo)
-    from cnnray.tracking.sweep import finish_sweep_run, start_sweep_run, sweep_callbacks
+    from cnnray.tracking.sweep import start_sweep_run
 
     tracking = start_sweep_run(sweep, out, echo)  # an unreachable tracker: exit 2 before Ray starts
-    init_ray(cfg.address, ray_train=True)
+    own = init_ray(cfg.address, ray_train=True)
+    try:
+        return _fit_and_finish(sweep, out, restore, tracking, started, echo, interrupts)
+    finally:
+        if own:  # stopped here, not by Ray's exit hook: no Ray line can follow cnnray's last one
+            import ray
+
+            ray.shutdown()
+
+
+def _fit_and_finish(sweep: SweepConfig, out: Path, restore: bool, tracking: Any, started: float,
+                    echo: Callable[[str], None], interrupts: Any) -> dict[str, Any]:
+    """Tune's fit on the running Ray, then the sweep's results (cnnray.tune.results)."""
+    from ray import tune
+
+    from cnnray.tracking.sweep import finish_sweep_run, sweep_callbacks
+
+    cfg = sweep.train
     interrupts.install()  # ray.init replaced SIGTERM's handler with Ray's (a stack dump and an abort)
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", EXPERIMENT_SAVE_PERIOD_S)
     limit = concurrency(cfg, sweep.max_concurrent, sweep.worker_gpus or 1.0)

@@ -132,9 +132,16 @@ def test_no_import_circle():
     assert circles == []
 
 
+# Where the line limit holds: the package, the tests, the benchmarks and the job wrappers.
+LIMITED_DIRS = ("cnnray", "tests", "benchmarks", "jobs")
+OVER_THE_LIMIT_FOR_NOW = {"benchmarks/serve_load.py"}  # being split into parts of its own
+
+
 def test_no_source_file_over_400_lines():
-    long = {str(p.relative_to(REPO)): n for p in [*PACKAGE.rglob("*.py"), *(REPO / "jobs").rglob("*.py")]
-            if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    files = [p for d in LIMITED_DIRS for p in (REPO / d).rglob("*.py")]
+    long = {name: n for p in files
+            if (name := str(p.relative_to(REPO))) not in OVER_THE_LIMIT_FOR_NOW
+            and (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert long == {}
 
 

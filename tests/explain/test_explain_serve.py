@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import os
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -18,6 +17,7 @@ from PIL import Image
 
 from tests.helpers import REPO
 from tests.helpers.browser import headless_chromium
+from tests.helpers.cli import run_cli
 from tests.helpers.processes import free_port, log_tail, spawn_cnnray, wait_http
 
 pytestmark = pytest.mark.slow
@@ -87,24 +87,26 @@ def test_the_served_explain_route_answers(served):
     assert bad.status_code == 400 and "this model's conv layers: conv1.0, conv2.0" in bad.json()["error"]
 
 
-def test_predict_explain_writes_the_overlays_beside_the_images(served, tmp_path):
+def test_predict_explain_writes_the_overlays_beside_the_images(served, tmp_path, capsys):
+    """`cnnray predict --explain` in this process (tests/helpers/cli.py): the client's
+    output files and its refusal to overwrite them."""
     url, ds = served
     files = []
     for i in range(2):
         f = tmp_path / f"digit{i}.png"
         f.write_bytes(png(ds.test_images[i, 0].numpy()))
         files.append(f)
-    cmd = [sys.executable, "-m", "cnnray.cli", "predict", "--url", url, "--model", "digits", "--explain", *map(str, files)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr
+    args = ["predict", "--url", url, "--model", "digits", "--explain", *map(str, files)]
+    code, out, err = run_cli(capsys, *args)
+    assert code == 0, err
     for i, f in enumerate(files):
         for method in ("occlusion", "gradcam"):
-            out = tmp_path / f"digit{i}.{method}.png"
-            assert f"  wrote {out}" in proc.stdout
-            with Image.open(out) as img:
+            written = tmp_path / f"digit{i}.{method}.png"
+            assert f"  wrote {written}" in out
+            with Image.open(written) as img:
                 assert img.size == (112, 112)
-    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
-    assert again.returncode == 2 and "exists: remove it or pass --overwrite" in again.stderr
+    code, _, lines = run_cli(capsys, *args)
+    assert code == 2 and "exists: remove it or pass --overwrite" in "\n".join(lines), lines
 
 
 @pytest.fixture

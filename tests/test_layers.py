@@ -132,9 +132,13 @@ def test_no_import_circle():
     assert circles == []
 
 
+# Where the line limit holds: the package, the tests, the benchmarks and the job wrappers.
+LIMITED_DIRS = ("cnnray", "tests", "benchmarks", "jobs")
+
+
 def test_no_source_file_over_400_lines():
-    long = {str(p.relative_to(REPO)): n for p in [*PACKAGE.rglob("*.py"), *(REPO / "jobs").rglob("*.py")]
-            if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    files = [p for d in LIMITED_DIRS for p in (REPO / d).rglob("*.py")]
+    long = {str(p.relative_to(REPO)): n for p in files if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert long == {}
 
 

@@ -1,40 +1,30 @@
-"""The `cnnray` command line as a user meets it: exit codes, one-line errors, --resume."""
+"""The `cnnray` command line as a user meets it: exit codes, one-line errors, --resume.
+
+Argument handling runs in this process (`cnnray.cli.main(argv)`, tests/helpers/cli.py);
+one test per behaviour that needs the real program runs it as a process."""
 
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
 import sys
 import time
 
 import pytest
 
-from tests.helpers import REPO
+from tests.helpers.cli import assert_one_line_exit_2, cnnray_process, run_cli
 from tests.helpers.processes import registered_checkpoints, spawn_cnnray
 
 
-def cnnray(*args: str, env_extra: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, **(env_extra or {})}
-    env.pop("RAY_ADDRESS", None)
-    return subprocess.run(
-        [sys.executable, "-m", "cnnray.cli", *args], capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env
-    )
+@pytest.fixture(autouse=True)
+def _no_ray_address(monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)  # as the program is run: never join another Ray
 
 
-def assert_clean_error(proc: subprocess.CompletedProcess, fragment: str) -> None:
-    assert proc.returncode == 2, proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, proc.stderr
-    assert "Traceback" not in proc.stderr
-    assert fragment in lines[0], lines[0]
-
-
-def test_models_json_lists_every_model_with_vgg19_table_total():
-    proc = cnnray("models", "--json")
-    assert proc.returncode == 0, proc.stderr
-    rows = {r["name"]: r for r in json.loads(proc.stdout)}
+def test_models_json_lists_every_model_with_vgg19_table_total(capsys):
+    code, out, err = run_cli(capsys, "models", "--json")
+    assert code == 0, err
+    rows = {r["name"]: r for r in json.loads(out)}
     from cnnray.models import list_models
 
     assert set(rows) == set(list_models())
@@ -43,10 +33,10 @@ def test_models_json_lists_every_model_with_vgg19_table_total():
     assert rows["cnn"]["input_shape"] == [1, 28, 28]
 
 
-def test_models_table():
-    proc = cnnray("models")
-    assert proc.returncode == 0
-    assert "vgg19_imagenet" in proc.stdout and "143,667,240" in proc.stdout
+def test_models_table(capsys):
+    code, out, _ = run_cli(capsys, "models")
+    assert code == 0
+    assert "vgg19_imagenet" in out and "143,667,240" in out
 
 
 @pytest.mark.parametrize(
@@ -64,38 +54,50 @@ def test_models_table():
         (["fly"], "invalid choice"),
     ],
 )
-def test_bad_arguments_exit_2_with_one_line(args, fragment):
-    assert_clean_error(cnnray(*args), fragment)
+def test_bad_arguments_exit_2_with_one_line(args, fragment, capsys):
+    assert_one_line_exit_2(run_cli(capsys, *args), fragment)
 
 
-def test_unknown_key_in_config_file(tmp_path):
+def test_a_refusal_through_the_program_is_exit_2_one_line_and_no_traceback():
+    """The in-process checks above through the real entry point once: `python -m cnnray.cli`
+    exits 2 with the one line on stderr and nothing else."""
+    proc = cnnray_process("train", "--model", "alexnet")
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "unknown model 'alexnet'" in lines[0] and proc.stdout == "", lines
+
+
+def test_unknown_key_in_config_file(tmp_path, capsys):
     path = tmp_path / "c.yaml"
     path.write_text("model: cnn\nlearning_rate: 0.1\n")
-    assert_clean_error(cnnray("train", "--config", str(path)), "unknown config key 'learning_rate'")
+    assert_one_line_exit_2(run_cli(capsys, "train", "--config", str(path)), "unknown config key 'learning_rate'")
 
 
-def test_unreadable_data_dir(tmp_path):
+def test_unreadable_data_dir(tmp_path, capsys, monkeypatch):
     not_a_dir = tmp_path / "file.txt"
     not_a_dir.write_text("hello")
-    proc = cnnray("train", "--data-dir", str(not_a_dir), "--no-download", "--out", str(tmp_path / "o"),
-                  env_extra={"CNNRAY_DATA": str(tmp_path / "cache")})
-    assert_clean_error(proc, str(not_a_dir))
+    monkeypatch.setenv("CNNRAY_DATA", str(tmp_path / "cache"))
+    result = run_cli(capsys, "train", "--data-dir", str(not_a_dir), "--no-download", "--out", str(tmp_path / "o"))
+    assert_one_line_exit_2(result, str(not_a_dir))
 
 
-def test_missing_data_offline_names_expected_files(tmp_path):
-    proc = cnnray("train", "--data-dir", str(tmp_path / "empty"), "--no-download", "--out", str(tmp_path / "o"),
-                  env_extra={"CNNRAY_DATA": str(tmp_path / "cache")})
-    assert_clean_error(proc, "train-images-idx3-ubyte")
+def test_missing_data_offline_names_expected_files(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("CNNRAY_DATA", str(tmp_path / "cache"))
+    result = run_cli(capsys, "train", "--data-dir", str(tmp_path / "empty"), "--no-download",
+                     "--out", str(tmp_path / "o"))
+    assert_one_line_exit_2(result, "train-images-idx3-ubyte")
 
 
 @pytest.mark.parametrize("workers", ["1", "2"], ids=["local_mode", "ray_train"])
-def test_stopped_run_continues_with_resume(mnist_dir, tmp_path, workers):
+def test_stopped_run_continues_with_resume(mnist_dir, tmp_path, workers, capsys, monkeypatch):
     """Interrupt a real `cnnray train` after its second checkpoint, then rerun the same
     command with --resume: it continues from that epoch instead of starting over. One
-    worker runs in local mode (the default), two on Ray Train workers."""
+    worker runs in local mode (the default), two on Ray Train workers. 4 epochs: the
+    interrupt comes with two still to run."""
     out = tmp_path / "run"
     args = ["train", "--model", "cnn", "--data-dir", str(mnist_dir), "--subset", "6000", "--workers", workers,
-            "--batch-size", "64", "--epochs", "6", "--out", str(out)]
+            "--batch-size", "64", "--epochs", "4", "--out", str(out)]
     proc = spawn_cnnray(args, tmp_path / "cache")
     try:
         deadline = time.time() + 240
@@ -110,17 +112,18 @@ def test_stopped_run_continues_with_resume(mnist_dir, tmp_path, workers):
             proc.kill()
     assert not (out / "result.json").exists()  # it really stopped before the end
 
-    again = cnnray(*args, env_extra={"CNNRAY_DATA": str(tmp_path / "cache")})
-    assert again.returncode == 2 and "pass --resume" in again.stderr
+    # The same command again is refused before anything runs: in this process.
+    monkeypatch.setenv("CNNRAY_DATA", str(tmp_path / "cache"))
+    assert_one_line_exit_2(run_cli(capsys, *args), "pass --resume")
 
-    resumed = cnnray(*args, "--resume", env_extra={"CNNRAY_DATA": str(tmp_path / "cache")})
+    resumed = cnnray_process(*args, "--resume", env_extra={"CNNRAY_DATA": str(tmp_path / "cache")})
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     result = json.loads((out / "result.json").read_text())
     epochs = [h["epoch"] for h in result["history"]]
-    assert epochs == [1, 2, 3, 4, 5, 6]
+    assert epochs == [1, 2, 3, 4]
     assert result["history"][-1]["start_epoch"] >= 2
     assert "resumed from the checkpoint of epoch" in resumed.stdout + resumed.stderr
-    assert "[cnnray] epoch 6/6" in resumed.stdout + resumed.stderr  # the progress lines, both paths
+    assert "[cnnray] epoch 4/4" in resumed.stdout + resumed.stderr  # the progress lines, both paths
 
 
 def test_the_program_skips_the_exit_collections_and_a_python_caller_keeps_them(monkeypatch, capsys):

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks.train_bench import LectureCNN, reference_throughput
+from benchmarks.train_reference import LectureCNN, reference_throughput
 from cnnray.models import build_model
 
 

@@ -81,37 +81,64 @@ def test_cnnray_storage_becomes_the_default_storage_path(monkeypatch):
     assert given == ["--out", "/x/run", "--storage-path", "/shared/ray"]
 
 
-def _help(script: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(JOBS / script), "--help"], cwd=REPO, capture_output=True,
-                          text=True, timeout=120)
+def _run_wrapper(command: str, args: list[str], capsys, monkeypatch) -> tuple[int, str, str]:
+    """`python jobs/COMMAND.py ARGS` in this process: the wrapper's `main` (what its
+    `__main__` block exits with), with jobs/ on sys.path as a script run has it."""
+    monkeypatch.syspath_prepend(str(JOBS))
+    spec = importlib.util.spec_from_file_location(f"jobs_{command}", JOBS / f"{command}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    capsys.readouterr()
+    try:
+        code = module.main(args)
+    except SystemExit as e:  # argparse: --help, and its own refusals
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _broken_args(command: str, tmp_path: Path) -> list[str]:
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model: cnn\nlearning_rate: 0.1\n")
+    return {"train": ["--config", str(broken), "--out", str(tmp_path / "out")],
+            "tune": ["--config", str(broken), "--out", str(tmp_path / "out")],
+            "serve": ["--model-store", str(tmp_path / "missing")]}[command]
+
+
+def _expected_error(command: str, tmp_path: Path) -> str:
+    return "unknown config key 'learning_rate'" if command != "serve" else str(tmp_path / "missing")
 
 
 @pytest.mark.parametrize("command", ["train", "tune", "serve"])
-def test_wrapper_forwards_to_the_cnnray_subcommand(command):
+def test_wrapper_forwards_to_the_cnnray_subcommand(command, capsys, monkeypatch):
     if command != "train" and not _defaults_module().subcommand_options(command):
         pytest.skip(f"`cnnray {command}` is not registered in this version")
-    result = _help(f"{command}.py")
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith(f"usage: cnnray {command}")
+    code, out, err = _run_wrapper(command, ["--help"], capsys, monkeypatch)
+    assert code == 0, err
+    assert out.startswith(f"usage: cnnray {command}")
 
 
 @pytest.mark.parametrize("command", ["train", "tune", "serve"])
-def test_wrapper_passes_arguments_and_exit_status_through(command, tmp_path):
+def test_wrapper_passes_arguments_and_exit_status_through(command, tmp_path, capsys, monkeypatch):
     """Bad input reaches the subcommand, which refuses it with one line and exit 2 before
     Ray starts: what `ray job logs` shows for a FAILED job."""
     if command != "train" and not _defaults_module().subcommand_options(command):
         pytest.skip(f"`cnnray {command}` is not registered in this version")
-    broken = tmp_path / "broken.yaml"
-    broken.write_text("model: cnn\nlearning_rate: 0.1\n")
-    args = {"train": ["--config", str(broken), "--out", str(tmp_path / "out")],
-            "tune": ["--config", str(broken), "--out", str(tmp_path / "out")],
-            "serve": ["--model-store", str(tmp_path / "missing")]}[command]
-    result = subprocess.run([sys.executable, str(JOBS / f"{command}.py"), *args], cwd=REPO,
+    code, out, err = _run_wrapper(command, _broken_args(command, tmp_path), capsys, monkeypatch)
+    assert code == 2, out + err
+    (line,) = [ln for ln in err.splitlines() if ln.startswith("cnnray: error:")]
+    assert _expected_error(command, tmp_path) in line
+
+
+def test_a_wrapper_run_as_the_job_runs_it_exits_2_without_a_traceback(tmp_path):
+    """The in-process checks above once as `ray job submit` runs a wrapper, `python
+    jobs/train.py ARGS`: its own process, `_defaults` found beside the script, the exit
+    status of the process, and no traceback."""
+    result = subprocess.run([sys.executable, str(JOBS / "train.py"), *_broken_args("train", tmp_path)], cwd=REPO,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2, result.stdout + result.stderr
-    expected = "unknown config key 'learning_rate'" if command != "serve" else str(tmp_path / "missing")
     (line,) = [ln for ln in result.stderr.splitlines() if ln.startswith("cnnray: error:")]
-    assert expected in line
+    assert _expected_error("train", tmp_path) in line
     assert "Traceback" not in result.stderr
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +18,7 @@ from PIL import Image
 
 from tests.helpers import REPO
 from tests.helpers.browser import headless_chromium
+from tests.helpers.cli import run_cli
 from tests.helpers.processes import free_port, log_tail, spawn_cnnray, wait_http
 
 pytestmark = pytest.mark.slow
@@ -144,24 +144,26 @@ def test_explanations_run_in_their_own_replica_process_at_low_priority(served):
     assert all(min(_nices(p)) < EXPLAIN_NICE and 5 not in _nices(p, field=41) for p in predict)
 
 
-def test_predict_explain_writes_the_overlays_beside_the_images(served, tmp_path):
+def test_predict_explain_writes_the_overlays_beside_the_images(served, tmp_path, capsys):
+    """`cnnray predict --explain` in this process (tests/helpers/cli.py): the client's
+    output files and its refusal to overwrite them."""
     url, ds = served
     files = []
     for i in range(2):
         f = tmp_path / f"digit{i}.png"
         f.write_bytes(png(ds.test_images[i, 0].numpy()))
         files.append(f)
-    cmd = [sys.executable, "-m", "cnnray.cli", "predict", "--url", url, "--model", "digits", "--explain", *map(str, files)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr
+    args = ["predict", "--url", url, "--model", "digits", "--explain", *map(str, files)]
+    code, out, err = run_cli(capsys, *args)
+    assert code == 0, err
     for i, f in enumerate(files):
         for method in ("occlusion", "gradcam"):
-            out = tmp_path / f"digit{i}.{method}.png"
-            assert f"  wrote {out}" in proc.stdout
-            with Image.open(out) as img:
+            written = tmp_path / f"digit{i}.{method}.png"
+            assert f"  wrote {written}" in out
+            with Image.open(written) as img:
                 assert img.size == (112, 112)
-    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
-    assert again.returncode == 2 and "exists: remove it or pass --overwrite" in again.stderr
+    code, _, lines = run_cli(capsys, *args)
+    assert code == 2 and "exists: remove it or pass --overwrite" in "\n".join(lines), lines
 
 
 @pytest.fixture

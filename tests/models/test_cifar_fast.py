@@ -6,8 +6,6 @@ stored in the checkpoint (served and evaluated offline alike)."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -18,6 +16,7 @@ from cnnray.config import ConfigError, TrainConfig
 from cnnray.models import build_model, resolve_model_args
 from cnnray.models.tta import inference_layout, tta_logits
 from tests.helpers import REPO
+from tests.helpers.cli import assert_one_line_exit_2, run_cli
 
 SMALL = {"widths": [8, 16, 16]}  # a narrow airbench: the same layers, fast on a CPU
 
@@ -78,15 +77,10 @@ def test_airbench_uses_batch_norm_by_default_and_refuses_none() -> None:
         TrainConfig(model="airbench", dataset="cifar10", norm="none").validate()
 
 
-def test_cli_refuses_airbench_without_a_norm_in_one_line(tmp_path) -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "cnnray.cli", "train", "--model", "airbench", "--dataset", "cifar10",
-         "--norm", "none", "--out", str(tmp_path / "run")],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
-    )
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "cannot use norm 'none'" in lines[0], proc.stderr
+def test_cli_refuses_airbench_without_a_norm_in_one_line(tmp_path, capsys) -> None:
+    result = run_cli(capsys, "train", "--model", "airbench", "--dataset", "cifar10", "--norm", "none",
+                     "--out", str(tmp_path / "run"))
+    assert_one_line_exit_2(result, "cannot use norm 'none'")
 
 
 def test_recipe_options_are_checked() -> None:

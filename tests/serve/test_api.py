@@ -1,22 +1,18 @@
 """The serving app on a real Ray Serve: every endpoint, every bad request, metrics after traffic,
 a hot swap under traffic, the web page in headless Chromium, and `cnnray predict`.
 
-One Serve instance for the module: a private Ray (2 CPUs) and Serve on a free loopback port,
-deployed as `cnnray serve` deploys it (a Serve config, through `ServeRunner`), then stopped.
+One Serve instance for the module (tests/helpers/serve_api.py: a private Ray with 2 CPUs and
+Serve on a free loopback port, deployed as `cnnray serve` deploys it, then stopped). The
+tests share it, in this order, so they stay in this one module rather than one file per
+behaviour: each module of its own would start another Serve.
 """
 
 from __future__ import annotations
 
 import base64
 import io
-import os
 import shutil
-import subprocess
-import sys
 import threading
-import time
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,85 +20,18 @@ import requests
 import torch
 from PIL import Image
 
-from tests.helpers import REPO
 from tests.helpers.browser import headless_chromium
-from tests.helpers.processes import free_port
+from tests.helpers.cli import assert_one_line_exit_2, run_cli
 from tests.helpers.serve import API_NOISE as NOISE
-from tests.helpers.serve import BAD, CIFAR_INFO, MNIST_INFO, b64, encode, offline_probs, png, save_model, train_cnn
-
-LIMITS = {"max_body_bytes": 256 * 1024, "max_instances": 8, "max_image_pixels": 512 * 512}
-
-
-@dataclass
-class Server:
-    url: str
-    runner: object
-    store: Path
-    root: Path
-    trained: Path  # a cnn trained on a real-MNIST subset (the "digits" model, and swap version 2)
-    test_x: torch.Tensor  # real MNIST test images, uint8 N x 1 x 28 x 28
-    test_y: torch.Tensor
-    replica: str
+from tests.helpers.serve import BAD, CIFAR_INFO, MNIST_INFO, b64, encode, offline_probs, png, save_model
+from tests.helpers.serve_api import (api_server, kserve, model_info, page_result, post_png, requests_total, scrape,
+                                     wait_for)
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, mnist_dir, data_cache):
-    import ray
-
-    from cnnray.data import load_dataset
-    from cnnray.serve.runner import ServeRunner
-    from cnnray.serve.schemas import Limits, ServeArgs
-    from cnnray.store import export
-
-    root = tmp_path_factory.mktemp("serve")
-    ds = load_dataset("mnist", mnist_dir)
-    model = train_cnn(ds.train_images[:6000], ds.train_labels[:6000], steps=300)
-    trained = save_model(root / "trained", "cnn", MNIST_INFO, model=model, metrics={"val_accuracy": 0.9})
-    store = root / "store"
-    export(trained, store, "digits")
-    export(save_model(root / "swap1", "cnn", MNIST_INFO, seed=1), store, "swap")
-    export(save_model(root / "colour", "tutorial_cnn", CIFAR_INFO, seed=2), store, "colour")
-    direct = save_model(root / "direct", "lenet5", MNIST_INFO, seed=3)
-
-    own_ray = not ray.is_initialized()
-    ingress = None
-    if own_ray:  # on the fast ingress, as `cnnray serve` runs (else on the session Ray's proxy)
-        from cnnray.serve.ingress import FastIngress
-
-        os.environ.pop("RAY_ADDRESS", None)
-        ingress = FastIngress()
-        ingress.__enter__()
-        ray.init(address="local", num_cpus=2, include_dashboard=False)
-        ingress.restore_environ()  # for the tests that follow; this Ray keeps the settings
-    args = ServeArgs(
-        model_store=str(store),
-        checkpoints={"direct": str(direct)},
-        replicas=1,  # the last test scales to two
-        watch_s=0,  # the tests call runner.refresh() themselves
-        batch_wait_timeout_s=0.02,  # a wide window, so the batching test sees batches form
-        limits=Limits(**LIMITS),
-    )
-    runner = ServeRunner(args, host="127.0.0.1", port=free_port())
-    try:
-        url = runner.start(timeout_s=300)
-        replica = requests.get(url + "/healthz", timeout=30).json()["replica"]
-        yield Server(url, runner, store, root, trained, ds.test_images[:200], ds.test_labels[:200], replica)
-    finally:
-        try:
-            runner.stop()
-        finally:
-            if own_ray:
-                ray.shutdown()
-                ingress.close()
-
-
-def post_png(server: Server, model: str, data: bytes, content_type: str = "image/png") -> requests.Response:
-    return requests.post(f"{server.url}/predictions/{model}", data=data, headers={"Content-Type": content_type},
-                         timeout=60)
-
-
-def kserve(server: Server, model: str, instances: list) -> requests.Response:
-    return requests.post(f"{server.url}/v1/models/{model}:predict", json={"instances": instances}, timeout=60)
+    with api_server(tmp_path_factory.mktemp("serve"), mnist_dir) as s:
+        yield s
 
 
 # --- endpoints ------------------------------------------------------------------------------------
@@ -218,22 +147,6 @@ def test_the_replica_survived_every_bad_request(server):
 
 
 # --- metrics and batching --------------------------------------------------------------------------
-def scrape(server: Server) -> dict:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    r = requests.get(server.url + "/metrics", timeout=30)
-    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for fam in text_string_to_metric_families(r.text)
-        for s in fam.samples
-    }
-
-
-def _requests_total(m: dict, model: str, api: str, status: int) -> float:
-    return m.get(("cnnray_serve_requests_total", (("api", api), ("model", model), ("status", str(status)))), 0.0)
-
-
 def test_metrics_count_requests_latency_and_batches(server):
     before = scrape(server)
     good = png(server.test_x[0, 0].numpy())
@@ -250,7 +163,7 @@ def test_metrics_count_requests_latency_and_batches(server):
         return after.get(key, 0.0) - before.get(key, 0.0)
 
     def more(model: str, api: str, status: int) -> float:
-        return _requests_total(after, model, api, status) - _requests_total(before, model, api, status)
+        return requests_total(after, model, api, status) - requests_total(before, model, api, status)
 
     assert more("digits", "torchserve", 200) == 5
     assert more("digits", "kserve", 200) == 3
@@ -313,12 +226,12 @@ def test_new_store_version_is_swapped_in_under_traffic_without_a_failed_request(
     for t in threads:
         t.start()
     try:
-        _wait(lambda: sum(r[1] == 1 for r in results) >= 20, 120, "traffic on version 1")
+        wait_for(lambda: sum(r[1] == 1 for r in results) >= 20, 120, "traffic on version 1")
         v2 = export(server.trained, server.store, "swap")
         assert server.runner.refresh() == {"swap": ModelRef(path=str(v2), version=2)}
-        _wait(lambda: any(r[1] == 2 for r in results), 120, "an answer from version 2")
+        wait_for(lambda: any(r[1] == 2 for r in results), 120, "an answer from version 2")
         seen = len(results)
-        _wait(lambda: len(results) >= seen + 30, 120, "traffic on version 2")
+        wait_for(lambda: len(results) >= seen + 30, 120, "traffic on version 2")
     finally:
         stop.set()
         for t in threads:
@@ -344,49 +257,36 @@ def test_a_version_that_fails_to_load_leaves_the_previous_one_serving(server):
     broken = save_model(server.root / "broken", "cnn", MNIST_INFO, input_shape=[1, 20, 20])
     v3 = export(broken, server.store, "swap")
     server.runner.refresh()
-    _wait(lambda: "error" in _model(server, "swap") and _model(server, "swap")["error"], 120, "the load failure")
-    info = _model(server, "swap")
+    wait_for(lambda: "error" in model_info(server, "swap") and model_info(server, "swap")["error"], 120, "the load failure")
+    info = model_info(server, "swap")
     assert info["version"] == 2 and info["ready"] and "version 3 failed to load" in info["error"]
     r = post_png(server, "swap", png(NOISE))
     assert r.status_code == 200 and r.json()["model_version"] == 2
     shutil.rmtree(v3)  # withdrawn: the error goes away
     server.runner.refresh()
-    _wait(lambda: not _model(server, "swap").get("error"), 120, "the error to clear")
-
-
-def _model(server: Server, name: str) -> dict:
-    return {m["name"]: m for m in requests.get(server.url + "/v1/models", timeout=30).json()["models"]}[name]
-
-
-def _wait(cond, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
+    wait_for(lambda: not model_info(server, "swap").get("error"), 120, "the error to clear")
 
 
 # --- cnnray predict ------------------------------------------------------------------------------------
-def test_cli_predict_prints_label_and_probability(server, tmp_path):
+def test_cli_predict_prints_label_and_probability(server, tmp_path, capsys):
+    """`cnnray predict` in this process (tests/helpers/cli.py): the client's output and its
+    one-line refusal; the program's exit path is tests/cli/test_cli.py's."""
     files = []
     for i in range(3):
         f = tmp_path / f"digit{i}.png"
         f.write_bytes(png(server.test_x[i, 0].numpy()))
         files.append(f)
     expected = offline_probs(server.trained, server.test_x[:3])
-    proc = subprocess.run([sys.executable, "-m", "cnnray.cli", "predict", "--url", server.url, "--model", "digits",
-                           *map(str, files)], capture_output=True, text=True, timeout=120, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr
-    lines = proc.stdout.splitlines()
+    code, out, err = run_cli(capsys, "predict", "--url", server.url, "--model", "digits", *map(str, files))
+    assert code == 0, err
+    lines = out.splitlines()
     assert len(lines) == 3
     for line, f, probs in zip(lines, files, expected):
         path, label, prob = line.split()
         assert path == str(f) and label == str(int(probs.argmax()))
         assert abs(float(prob) - float(probs.max())) < 1e-3
-    proc = subprocess.run([sys.executable, "-m", "cnnray.cli", "predict", "--url", server.url, "--model", "nope",
-                           str(files[0])], capture_output=True, text=True, timeout=120, cwd=REPO)
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert proc.returncode == 2 and len(lines) == 1 and "unknown model 'nope'" in lines[0]
+    result = run_cli(capsys, "predict", "--url", server.url, "--model", "nope", str(files[0]))
+    assert_one_line_exit_2(result, "unknown model 'nope'")
 
 
 # --- the page, in headless Chromium --------------------------------------------------------------------
@@ -394,16 +294,6 @@ def test_cli_predict_prints_label_and_probability(server, tmp_path):
 def browser(tmp_path):
     with headless_chromium(tmp_path / "profile", window=(1000, 900)) as b:
         yield b
-
-
-def _page_result(browser, done: int) -> list[tuple[str, float]]:
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    status = browser.find_element(By.ID, "status")
-    WebDriverWait(browser, 60).until(lambda b: status.get_attribute("data-done") == str(done))
-    return [(li.find_element(By.CLASS_NAME, "label").text, float(li.get_attribute("data-probability")))
-            for li in browser.find_elements(By.CSS_SELECTOR, "#top3 li.pred")]
 
 
 def test_page_draw_and_upload_show_the_top_3(server, browser, tmp_path):
@@ -424,7 +314,7 @@ def test_page_draw_and_upload_show_the_top_3(server, browser, tmp_path):
     (ActionChains(browser).move_to_element_with_offset(pad, -80, -90).click_and_hold()
      .move_by_offset(80, 0).move_by_offset(80, 0).move_by_offset(-50, 90).move_by_offset(-50, 90).release().perform())
     browser.find_element(By.ID, "predict").click()
-    top3 = _page_result(browser, 1)
+    top3 = page_result(browser, 1)
     assert len(top3) == 3 and browser.find_element(By.ID, "error").text == ""
     assert [p for _, p in top3] == sorted((p for _, p in top3), reverse=True) and sum(p for _, p in top3) <= 1 + 1e-6
     # The page shows what it sent (the drawing framed as MNIST digits are: 28x28, gray on
@@ -447,7 +337,7 @@ def test_page_draw_and_upload_show_the_top_3(server, browser, tmp_path):
     upload = tmp_path / "digit.png"
     upload.write_bytes(png(server.test_x[k, 0].numpy()))
     browser.find_element(By.ID, "file").send_keys(str(upload))
-    top3 = _page_result(browser, 2)
+    top3 = page_result(browser, 2)
     assert top3[0][0] == str(int(server.test_y[k]))
     assert abs(top3[0][1] - float(probs[k].max())) < 1e-4
 
@@ -455,7 +345,7 @@ def test_page_draw_and_upload_show_the_top_3(server, browser, tmp_path):
     notes = tmp_path / "notes.txt"
     notes.write_text("not a digit")
     browser.find_element(By.ID, "file").send_keys(str(notes))
-    assert _page_result(browser, 3) == []
+    assert page_result(browser, 3) == []
     WebDriverWait(browser, 10).until(lambda b: not b.find_element(By.ID, "sent").is_displayed())
     assert "send image/png, image/jpeg or image/bmp" in browser.find_element(By.ID, "error").text
 
@@ -464,7 +354,7 @@ def test_page_draw_and_upload_show_the_top_3(server, browser, tmp_path):
 def test_two_replicas_share_the_traffic_and_metrics_add_up(server):
     server.runner.scale(2)
     seen: set[str] = set()
-    _wait(lambda: seen.add(requests.get(server.url + "/healthz", timeout=30).json()["replica"]) or len(seen) == 2,
+    wait_for(lambda: seen.add(requests.get(server.url + "/healthz", timeout=30).json()["replica"]) or len(seen) == 2,
           180, "a second replica")
     assert server.replica in seen  # the first one was not restarted
     before = scrape(server)
@@ -474,8 +364,8 @@ def test_two_replicas_share_the_traffic_and_metrics_add_up(server):
 
     def counted() -> float:
         m = scrape(server)
-        return _requests_total(m, "digits", "torchserve", 200) - _requests_total(before, "digits", "torchserve", 200)
+        return requests_total(m, "digits", "torchserve", 200) - requests_total(before, "digits", "torchserve", 200)
 
     # A scrape reaches one replica; the other's figures arrive within its push period (2 s).
-    _wait(lambda: counted() == 40, 60, "both replicas' counts in one scrape")
+    wait_for(lambda: counted() == 40, 60, "both replicas' counts in one scrape")
     assert scrape(server)[("cnnray_serve_replicas", ())] == 2

@@ -1,8 +1,9 @@
 """The loop's collectives with 2 real gloo ranks (no Ray): every rank enters the same ones
 whatever its shard sizes, and a divergence on one rank stops both with the same line.
 
-Each test spawns two processes (a process group is per process) that run one function
-and send back what they saw; a rank stuck in a collective fails by the group timeout.
+Two spawned processes (a process group is per process) run both scenarios, one after the
+other on the same group (each starts its own DDP model), and send back what they saw; the
+two tests check their parts. A rank stuck in a collective fails by the group timeout.
 """
 
 from __future__ import annotations
@@ -97,8 +98,19 @@ def _validate_with_an_empty_rank(rank: int, world: int):
     return stats.count, stats.loss, stats2.loss, running
 
 
-def test_validation_with_a_rank_that_has_no_batch_does_not_hang(tmp_path):
-    (count0, loss0, again0, bufs0), (count1, loss1, again1, bufs1) = run_ranks(_validate_with_an_empty_rank, tmp_path)
+def _both_scenarios(rank: int, world: int) -> dict:
+    """Both scenarios on one pair of ranks: spawning a pair (each imports torch) is most
+    of a scenario's cost. Validation first: a hang there fails both tests."""
+    return {"empty_rank": _validate_with_an_empty_rank(rank, world), "diverge": _diverge_on_rank_1(rank, world)}
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> list[dict]:
+    return run_ranks(_both_scenarios, tmp_path_factory.mktemp("pg"))
+
+
+def test_validation_with_a_rank_that_has_no_batch_does_not_hang(two_ranks):
+    (count0, loss0, again0, bufs0), (count1, loss1, again1, bufs1) = [r["empty_rank"] for r in two_ranks]
     assert count0 == count1 == 1  # all-reduced: the one example, seen by both ranks' stats
     assert loss0 == loss1 == again0 == again1
     # Both ranks evaluated rank 0's BatchNorm statistics, as the checkpoint holds them.
@@ -121,8 +133,8 @@ def _diverge_on_rank_1(rank: int, world: int):
     return local.nonfinite_step, divergence(4, local, net, torch.device("cpu"))
 
 
-def test_divergence_on_one_rank_stops_every_rank_with_the_same_line(tmp_path):
-    (step0, line0), (step1, line1) = run_ranks(_diverge_on_rank_1, tmp_path)
+def test_divergence_on_one_rank_stops_every_rank_with_the_same_line(two_ranks):
+    (step0, line0), (step1, line1) = [r["diverge"] for r in two_ranks]
     assert step1 == 1 and step0 == 2  # rank 0 sees NaN one step later, after the all-reduce
     assert line0 == line1
     assert line0.startswith("training diverged in epoch 4: the training loss became non-finite at step 2 of 3, "

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import stat
 import subprocess
-import sys
 
 import pytest
 
@@ -15,20 +14,21 @@ from cnnray.config import ConfigError, TrainConfig
 from cnnray.files import CLAIM_FILE
 from cnnray.train.run_dir import check_resume, claim_run_folder
 from tests.helpers import REPO
+from tests.helpers.cli import assert_one_line_exit_2, run_cli
 
 
-def _cnnray(args, data_home, timeout=300):
-    env = {**os.environ, "CNNRAY_DATA": str(data_home)}
-    env.pop("RAY_ADDRESS", None)
-    return subprocess.run([sys.executable, "-m", "cnnray.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO, env=env)
+@pytest.fixture
+def cnnray(capsys, monkeypatch, data_cache):
+    """`cnnray ARGS` in this process (tests/helpers/cli.py) on the session's decoded-data
+    cache: each of these used to start a process that decoded MNIST into a cache of its own."""
+    monkeypatch.setenv("CNNRAY_DATA", str(data_cache))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    return lambda args: run_cli(capsys, *args)
 
 
-def _one_line_exit_2(proc, fragment):
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and fragment in lines[0], proc.stderr
-    assert "[cnnray] training" not in proc.stdout  # refused before Ray started
+def _one_line_exit_2(result, fragment):
+    assert_one_line_exit_2(result, fragment)
+    assert "[cnnray] training" not in result[1]  # refused before Ray started
 
 
 # --- the run folder ------------------------------------------------------------------------
@@ -53,15 +53,15 @@ def test_a_folder_in_use_is_refused_at_once(tmp_path):
     assert existed
 
 
-def test_second_cnnray_train_on_the_same_out_exits_2_before_ray(mnist_dir, tmp_path):
+def test_second_cnnray_train_on_the_same_out_exits_2_before_ray(mnist_dir, tmp_path, cnnray):
     """Issue 13: two `cnnray train` with one --out, started 3 s apart, both exited 0 and the
     second overwrote the first's result.json and checkpoints. Here the first holds the
     folder (its claim, as while it trains); the second must stop at once."""
     out = tmp_path / "run"
     fd, _ = claim_run_folder(out, str(out / "ray"), "run", resume=False)
     try:
-        proc = _cnnray(["train", "--data-dir", str(mnist_dir), "--subset", "200", "--epochs", "1", "--out", str(out),
-                        "--no-report"], tmp_path / "cache")
+        proc = cnnray(["train", "--data-dir", str(mnist_dir), "--subset", "200", "--epochs", "1", "--out", str(out),
+                       "--no-report"])
     finally:
         os.close(fd)
     _one_line_exit_2(proc, "is in use by another cnnray train")
@@ -79,17 +79,16 @@ def test_second_cnnray_train_on_the_same_out_exits_2_before_ray(mnist_dir, tmp_p
         (["--subset", "10", "--val-fraction", "0.01"], "the validation split is empty"),
     ],
 )
-def test_impossible_splits_exit_2_before_ray(mnist_dir, tmp_path, flags, fragment):
-    proc = _cnnray(["train", "--data-dir", str(mnist_dir), *flags, "--out", str(tmp_path / "o"), "--no-report"],
-                   tmp_path / "cache")
+def test_impossible_splits_exit_2_before_ray(mnist_dir, tmp_path, flags, fragment, cnnray):
+    proc = cnnray(["train", "--data-dir", str(mnist_dir), *flags, "--out", str(tmp_path / "o"), "--no-report"])
     _one_line_exit_2(proc, fragment)
 
 
-def test_more_cpus_than_the_machine_has_exit_2(mnist_dir, tmp_path):
+def test_more_cpus_than_the_machine_has_exit_2(mnist_dir, tmp_path, cnnray):
     """A local Ray would wait forever for CPUs it does not have."""
     workers = (os.cpu_count() or 1) + 1
-    proc = _cnnray(["train", "--data-dir", str(mnist_dir), "--subset", "2000", "--workers", str(workers),
-                    "--batch-size", str(8 * workers), "--out", str(tmp_path / "o"), "--no-report"], tmp_path / "cache")
+    proc = cnnray(["train", "--data-dir", str(mnist_dir), "--subset", "2000", "--workers", str(workers),
+                   "--batch-size", str(8 * workers), "--out", str(tmp_path / "o"), "--no-report"])
     _one_line_exit_2(proc, f"need {workers} CPUs")
 
 

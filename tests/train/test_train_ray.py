@@ -8,6 +8,7 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,15 +25,22 @@ from tests.helpers.processes import registered_checkpoints
 SMOKE = dict(model="cnn", dataset="mnist", workers=2, subset=3000, batch_size=64, lr=0.05, seed=0)
 # Every training test runs on both paths: local mode, and Ray Train's worker actors.
 PATHS = {"local_mode": dict(workers=1, local_mode=True), "ray_train": dict(workers=2, local_mode=False)}
-on_both_paths = pytest.mark.parametrize("path", list(PATHS.values()), ids=list(PATHS))
 
 
-@on_both_paths
-def test_training_learns_and_checkpoint_round_trips(local_ray, mnist_dir, tmp_path, path):
-    cfg = TrainConfig(**{**SMOKE, **path}, data_dir=str(mnist_dir), epochs=3, out=str(tmp_path / "run"))
-    summary = run_training(cfg)
+@pytest.fixture(scope="module", params=list(PATHS), ids=list(PATHS))
+def finished_run(request, local_ray, mnist_dir, tmp_path_factory):
+    """One finished 3-epoch run per path, shared by the tests that read or rerun it:
+    (path, its config, run_training's summary)."""
+    path = PATHS[request.param]
+    out = tmp_path_factory.mktemp(request.param) / "run"
+    cfg = TrainConfig(**{**SMOKE, **path}, data_dir=str(mnist_dir), epochs=3, out=str(out))
+    return path, cfg, run_training(cfg)
 
-    result = json.loads((tmp_path / "run" / "result.json").read_text())
+
+def test_training_learns_and_checkpoint_round_trips(finished_run):
+    path, cfg, summary = finished_run
+    out = Path(cfg.out)
+    result = json.loads((out / "result.json").read_text())
     for key in ("model", "dataset", "epochs", "workers", "test_accuracy", "best_val_accuracy",
                 "train_seconds", "samples_per_second", "checkpoint"):
         assert key in result, key
@@ -43,7 +51,7 @@ def test_training_learns_and_checkpoint_round_trips(local_ray, mnist_dir, tmp_pa
     assert all(h["world_size"] == path["workers"] for h in history)
     # The same layout on both paths: Ray's run folder, the kept checkpoints (best 2 and the
     # latest) listed in its snapshot, result.json pointing into it.
-    run_dir = tmp_path / "run" / "ray" / "run"
+    run_dir = out / "ray" / "run"
     kept = registered_checkpoints(run_dir)
     assert "epoch-0003" in kept and len(kept) <= 3
     assert {p.name for p in run_dir.glob("epoch-*")} == kept
@@ -77,12 +85,12 @@ def test_pick_best_prefers_the_epoch_the_workers_named():
     assert pick_best(ckpts, {}) == ("c2", ckpts[1][1], None)
 
 
-@on_both_paths
-def test_existing_run_needs_resume(local_ray, mnist_dir, tmp_path, path):
+def test_existing_run_needs_resume(finished_run):
+    """The same command again on a finished run's folder is refused (it ran after the
+    round-trip test above, which reads that run)."""
     from cnnray.config import ConfigError
 
-    cfg = TrainConfig(**{**SMOKE, **path}, data_dir=str(mnist_dir), epochs=1, out=str(tmp_path / "run"))
-    run_training(cfg)
+    _, cfg, _ = finished_run
     with pytest.raises(ConfigError, match="pass --resume"):
         run_training(cfg)
 
@@ -116,7 +124,8 @@ def test_killed_worker_resumes_from_last_checkpoint(local_ray, mnist_dir, tmp_pa
     which continues from the last checkpoint instead of epoch 0. (Ray Train workers only:
     local mode has no workers to kill and no retries; a killed local-mode run continues
     with --resume, tested in test_cli.)"""
-    cfg = TrainConfig(**{**SMOKE, "subset": 8000}, data_dir=str(mnist_dir), epochs=6,
+    # 4 epochs: the kill comes after the first checkpoint, with 3 epochs still to run.
+    cfg = TrainConfig(**{**SMOKE, "subset": 8000}, data_dir=str(mnist_dir), epochs=4,
                       out=str(tmp_path / "run"), max_failures=2)
     box: dict = {}
     thread = threading.Thread(target=lambda: box.setdefault("summary", run_training(cfg)), daemon=True)
@@ -133,7 +142,7 @@ def test_killed_worker_resumes_from_last_checkpoint(local_ray, mnist_dir, tmp_pa
     assert not thread.is_alive()
     summary = box["summary"]
     history = summary["history"]
-    assert [h["epoch"] for h in history] == [1, 2, 3, 4, 5, 6]
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4]
     # The epochs after the kill ran in a new attempt that started from a checkpoint.
     assert history[-1]["start_epoch"] >= 1
     assert history[0]["start_epoch"] == 0

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,7 +12,7 @@ import pytest
 
 from cnnray.config import ConfigError, TrainConfig
 from cnnray.tune.space import Dist, default_space, parse_space, space_from_dict, space_to_dict
-from tests.helpers import REPO
+from tests.helpers.cli import assert_one_line_exit_2, cnnray_process, run_cli
 from tests.helpers.tune import wait_for_a_finished_trial
 from tests.helpers.processes import spawn_cnnray
 
@@ -23,10 +21,7 @@ SMOKE = dict(model="cnn", dataset="mnist", subset=2000, epochs=2, batch_size=64,
 
 
 def cnnray(*args: str, env_extra: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-    env = {**os.environ, **(env_extra or {})}
-    env.pop("RAY_ADDRESS", None)
-    return subprocess.run([sys.executable, "-m", "cnnray.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO, env=env)
+    return cnnray_process(*args, env_extra=env_extra, timeout=timeout)
 
 
 # --- search spaces (no Ray) ----------------------------------------------------------------
@@ -84,14 +79,14 @@ def test_bad_space_is_a_clear_error(data, fragment):
         ("lr: {loguniform: [0.001, 0.5]}\n", ["--lr", "0.1"], "--lr is swept by the search space"),
     ],
 )
-def test_cli_bad_space_exits_2_with_one_line(tmp_path, space_text, extra, fragment):
+def test_cli_bad_space_exits_2_with_one_line(tmp_path, space_text, extra, fragment, capsys, monkeypatch):
+    import cnnray.tune.sweep as sweep_mod
+
+    monkeypatch.setattr(sweep_mod, "run_sweep", lambda sweep: pytest.fail("the sweep would start its trials"))
     space = tmp_path / "space.yaml"
     space.write_text(space_text)
-    proc = cnnray("tune", "--model", "cnn", "--space", str(space), "--out", str(tmp_path / "sweep"), *extra)
-    assert proc.returncode == 2, proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
-    assert fragment in lines[0], lines[0]
+    result = run_cli(capsys, "tune", "--model", "cnn", "--space", str(space), "--out", str(tmp_path / "sweep"), *extra)
+    assert_one_line_exit_2(result, fragment)
     assert not (tmp_path / "sweep").exists()  # refused before anything was written
 
 
@@ -124,12 +119,12 @@ def test_grids_multiply_the_trials_and_settings_round_trip():
     assert SweepConfig(train=TrainConfig(model="lenet5", dataset="fashion_mnist")).model_name == "lenet5-fashion_mnist"
 
 
-def test_cli_tune_help_lists_the_sweep_flags():
-    proc = cnnray("tune", "--help")
-    assert proc.returncode == 0
+def test_cli_tune_help_lists_the_sweep_flags(capsys):
+    code, out, _ = run_cli(capsys, "tune", "--help")
+    assert code == 0
     for flag in ("--samples", "--workers-per-trial", "--max-concurrent", "--scheduler", "--space", "--resume",
                  "--model-store", "--name", "--lr", "--batch-size"):
-        assert flag in proc.stdout, flag
+        assert flag in out, flag
 
 
 # --- a real sweep on the session's local Ray ------------------------------------------------
@@ -198,7 +193,7 @@ def test_asha_sweep_of_4_trials_exports_a_loadable_best(local_ray, mnist_dir, tm
 
 # --- resume after the driver is killed ------------------------------------------------------
 @pytest.mark.slow
-def test_killed_sweep_resumes_without_rerunning_finished_trials(mnist_dir, tmp_path):
+def test_killed_sweep_resumes_without_rerunning_finished_trials(mnist_dir, tmp_path, capsys, monkeypatch):
     """SIGKILL `cnnray tune` once a trial has finished (and Tune has saved that), then
     rerun with --resume: the finished trial is left alone, the others complete."""
     import pandas as pd
@@ -225,8 +220,9 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(mnist_dir, tmp_p
     unreported = {t for t in statuses if t not in finished and not read_history(out, t)}
     assert not (out / "best.json").exists()
 
-    again = cnnray(*args, env_extra={"CNNRAY_DATA": str(tmp_path / "cache")})
-    assert again.returncode == 2 and "pass --resume" in again.stderr
+    # The same command again is refused before anything runs (before Ray): in this process.
+    monkeypatch.setenv("CNNRAY_DATA", str(tmp_path / "cache"))
+    assert_one_line_exit_2(run_cli(capsys, *args), "pass --resume")
 
     resumed = cnnray(*args, "--resume", env_extra={"CNNRAY_DATA": str(tmp_path / "cache")}, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]

@@ -110,7 +110,7 @@ def test_storage_path_relative_reaches_ray_absolute(home, monkeypatch):
         seen.update(cfg=cfg, storage=storage, name=name)
         return {"config": cfg.to_dict()}
 
-    monkeypatch.setattr(driver, "preflight", lambda cfg: None)
+    monkeypatch.setattr(driver, "preflight", lambda cfg, **kw: None)
     monkeypatch.setattr(driver, "init_ray", lambda address=None, ray_train=False: False)
     monkeypatch.setattr(driver, "_fit", fit)
     assert main(["train", "--storage-path", "ckpts", "--out", "runs/exp1", "--no-report"]) == 0

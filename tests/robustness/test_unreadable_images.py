@@ -83,7 +83,7 @@ def test_cli_exits_2_in_one_line_before_training(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("CNNRAY_DATA", str(tmp_path / "cache"))
     write_folder(tmp_path / "imgs", extra=BAD)
     code = main(["train", "--dataset", "imagefolder", "--data-dir", str(tmp_path / "imgs"), "--local-mode",
-                 "--epochs", "1", "--out", str(tmp_path / "run")])
+                 "--epochs", "1", "--batch-size", "4", "--out", str(tmp_path / "run")])
     captured = capsys.readouterr()
     lines = [line for line in captured.err.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1 and "--skip-unreadable" in lines[0], captured.err

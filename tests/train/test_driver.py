@@ -198,7 +198,7 @@ def test_a_sweep_folder_in_use_is_refused_at_once(tmp_path):
 # --- Tune: a diverged trial is an errored trial -----------------------------------------------
 
 
-def test_a_diverged_trial_ends_as_an_errored_trial(monkeypatch):
+def test_a_diverged_trial_ends_as_an_errored_trial(monkeypatch, tmp_path):
     """The workers return the divergence line (Ray Train's Result.return_value); the trial
     raises it, so Tune marks this trial ERROR and runs the others (no Ray here)."""
     from cnnray.tune import trial
@@ -223,10 +223,11 @@ def test_a_diverged_trial_ends_as_an_errored_trial(monkeypatch):
     monkeypatch.setattr(ray.util.queue, "Queue", lambda maxsize, **kw: queue.Queue(maxsize))  # no Ray actor here
     monkeypatch.setattr("cnnray.train.driver.make_trainer", lambda *a, **kw: Trainer())
     with pytest.raises(trial.TrialDiverged, match="training diverged in epoch 2"):
-        trial.train_trial({"lr": 100.0}, base=TrainConfig().to_dict(), runs_dir="/tmp/unused")
+        trial.train_trial({"lr": 100.0}, base=TrainConfig().to_dict(), runs_dir="/tmp/unused",
+                          sweep_dir=str(tmp_path))
     assert "t1" not in trial._RUNNING
     Result.return_value = None  # a sound run ends normally
-    trial.train_trial({"lr": 0.1}, base=TrainConfig().to_dict(), runs_dir="/tmp/unused")
+    trial.train_trial({"lr": 0.1}, base=TrainConfig().to_dict(), runs_dir="/tmp/unused", sweep_dir=str(tmp_path))
 
 
 def test_more_gpus_than_the_machine_has_exit_2_in_process(mnist_dir, tmp_path, monkeypatch, data_cache):

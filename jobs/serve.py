@@ -28,7 +28,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from cnnray.cli import main as cnnray_main
 
     args = sys.argv[1:] if argv is None else argv
-    return cnnray_main(["serve", *args])
+    return cnnray_main(["serve", *args], program=argv is None)
 
 
 if __name__ == "__main__":

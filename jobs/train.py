@@ -41,7 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from cnnray.cli import main as cnnray_main
 
     args = sys.argv[1:] if argv is None else argv
-    return cnnray_main(["train", *with_run_defaults("train", args)])
+    return cnnray_main(["train", *with_run_defaults("train", args)], program=argv is None)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from cnnray.cli import main as cnnray_main
 
     args = sys.argv[1:] if argv is None else argv
-    return cnnray_main(["tune", *with_run_defaults("tune", args)])
+    return cnnray_main(["tune", *with_run_defaults("tune", args)], program=argv is None)
 
 
 if __name__ == "__main__":

@@ -48,8 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    program = argv is None  # the `cnnray` program itself, not a call from Python (tests, notebooks)
+def main(argv: Sequence[str] | None = None, program: bool | None = None) -> int:
+    """The `cnnray` command. `program`: this process is the command itself (its signals,
+    exit-time collections and exit status are cnnray's), not a call from Python (tests,
+    notebooks); by default, when `argv` is None. The job wrappers pass True with their
+    arguments, so `ray job stop` (SIGTERM) stops a job as it stops `cnnray`."""
+    if program is None:
+        program = argv is None
     from cnnray import interrupts
 
     if program:

@@ -112,6 +112,6 @@ def cmd_tune(args: argparse.Namespace) -> int:
         from cnnray.tune.interrupts import continue_line
 
         signum = getattr(e, "signum", signal.SIGINT)
-        print(continue_line(signum, sys.argv[1:], sweep.out), file=sys.stderr, flush=True)
+        print(continue_line(signum, getattr(args, "argv", sys.argv[1:]), sweep.out), file=sys.stderr, flush=True)
         return 128 + signum
     return 0

@@ -316,3 +316,22 @@ def test_job_results_in_the_working_dir_copy_are_refused(local_head):
     (line,) = [ln for ln in logs.stdout.splitlines() if ln.startswith("cnnray: error:")]
     assert "out 'runs/exp1'" in line and "inside Ray's temporary copy" in line and "runtime_resources" in line
     assert "Traceback" not in logs.stdout
+
+
+@pytest.mark.parametrize("command", ["train", "tune", "serve"])
+def test_a_wrapper_run_as_a_job_is_the_program_and_a_call_from_python_is_not(command, monkeypatch):
+    """`ray job stop` sends the job's driver SIGTERM: a wrapper run as a script (no argv)
+    is the cnnray program, so its signals are cnnray's (exit 143, a --resume line, its Ray
+    stopped: cnnray.interrupts); a call from Python keeps the caller's handlers."""
+    import cnnray.cli
+
+    monkeypatch.syspath_prepend(str(JOBS))
+    spec = importlib.util.spec_from_file_location(f"jobs_{command}_program", JOBS / f"{command}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    calls = []
+    monkeypatch.setattr(cnnray.cli, "main", lambda argv, program=None: calls.append((argv[0], program)) or 0)
+    monkeypatch.setattr(sys, "argv", [f"jobs/{command}.py", "--help"])
+    module.main()
+    module.main(["--help"])
+    assert calls == [(command, True), (command, False)]

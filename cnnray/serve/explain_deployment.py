@@ -109,6 +109,9 @@ class ExplainServer:
     def __init__(self) -> None:
         import torch
 
+        from cnnray.serve.replica_net import replica_grpc_on_loopback
+
+        replica_grpc_on_loopback()  # like the predict replicas: nothing beyond loopback on one machine
         self.threads_reniced = lower_process_priority()
         torch.set_num_threads(EXPLAIN_TORCH_THREADS)
         self.service = ExplainService(threads=EXPLAIN_THREADS)

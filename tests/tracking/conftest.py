@@ -20,6 +20,20 @@ import pytest
 
 from tests.helpers.processes import free_port, log_tail
 
+
+@pytest.fixture(autouse=True)
+def _mlflow_uris_restored(monkeypatch):
+    """Each test ends with the MLflow URIs in the environment as it found them: Ray's
+    MLflowLoggerCallback (the sweep's child runs) calls mlflow.set_tracking_uri and
+    set_registry_uri, which also export MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI; a later
+    test's `cnnray serve --model-store models:/...` inherited that registry (of a server
+    already stopped) and failed to reach it."""
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        if name in os.environ:
+            monkeypatch.setenv(name, os.environ[name])
+        else:
+            monkeypatch.delenv(name, raising=False)
+
 SERVER_VENV = Path.home() / ".cache" / "cnnray-test" / "mlflow-venv"
 SERVER_ENV = "CNNRAY_MLFLOW_SERVER"
 START_TIMEOUT_S = 180  # a cold start imports Flask, FastAPI and SQLAlchemy and migrates the database

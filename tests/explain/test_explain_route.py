@@ -16,6 +16,8 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.helpers.cli import run_cli
+
 MNIST = {"dataset": "mnist", "input_shape": [1, 28, 28], "classes": [str(i) for i in range(10)],
          "mean": [0.1307], "std": [0.3081]}
 
@@ -204,17 +206,6 @@ def test_serve_flag_and_args_carry_no_explain():
     on = serve_args_from(parser.parse_args(["serve", "--checkpoint", ".", "--name", "m"]))
     off = serve_args_from(parser.parse_args(["serve", "--checkpoint", ".", "--name", "m", "--no-explain"]))
     assert on.explain is True and off.explain is False
-
-
-def run_cli(capsys, *args: str) -> tuple[int, str, list[str]]:
-    from cnnray.cli import main
-
-    try:
-        code = main(list(args))
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, [line for line in err.splitlines() if line.strip()]
 
 
 def test_predict_explain_never_overwrites_silently(tmp_path, capsys):

@@ -16,6 +16,8 @@ from cnnray.models import get_model_spec, list_models, resolve_model_args
 from cnnray.train import sizes
 from cnnray.train.sizes import DataSizes, Plan, check_model_input, check_schedule, check_sizes
 
+from tests.helpers.cli import run_cli
+
 
 @pytest.fixture
 def no_ray_no_data(monkeypatch):
@@ -31,11 +33,10 @@ def no_ray_no_data(monkeypatch):
 
 
 def _train(argv, tmp_path, capsys) -> tuple[int, list[str]]:
-    from cnnray.cli import main
-
-    code = main(["train", "--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "run"), "--no-report", *argv])
-    err = capsys.readouterr().err
-    return code, [line for line in err.splitlines() if line.strip()]
+    """`cnnray train` in this process (tests/helpers/cli.py): exit status, stderr's lines."""
+    code, _, lines = run_cli(capsys, "train", "--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "run"),
+                             "--no-report", *argv)
+    return code, lines
 
 
 # --- the issue's examples, through the CLI ------------------------------------------------

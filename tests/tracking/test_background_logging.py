@@ -185,3 +185,9 @@ def test_the_sweep_callback_never_waits_for_a_hanging_tracker(warnings, monkeypa
         assert time.monotonic() - started < 3.0
         assert len(warnings) == 1 and warnings[0].startswith(f"[cnnray] warning: MLflow tracking at {uri} failed ("), warnings
         assert warnings[0].endswith("the sweep goes on without it")
+        # The worker thread is still in Ray's setup (a 3 s request); it exports
+        # MLFLOW_TRACKING_URI/MLFLOW_REGISTRY_URI (mlflow.set_registry_uri) whenever it gets
+        # there, so it must end inside this test, before the environment is restored: a
+        # later test's `cnnray serve` once inherited this dead registry.
+        callback._worker._thread.join(timeout=30)
+        assert not callback._worker._thread.is_alive()

@@ -111,7 +111,7 @@ def test_serve_follows_the_champion_alias(registered, mlflow_server, mlflow_clie
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = open(tmp_path / "serve.log", "w+")
-    env = {"MLFLOW_TRACKING_URI": mlflow_server, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    env = {"MLFLOW_TRACKING_URI": mlflow_server, "MLFLOW_REGISTRY_URI": mlflow_server, "XDG_CACHE_HOME": str(tmp_path / "cache")}
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
@@ -144,9 +144,11 @@ def test_serve_follows_the_champion_alias(registered, mlflow_server, mlflow_clie
 @pytest.mark.parametrize("store", ["models:/no-such-model@champion", f"models:/{MODEL}@no-such-alias"])
 def test_unknown_registry_model_or_alias_exits_2(registered, mlflow_server, data_cache, tmp_path, store):
     code, log = run_cnnray(["serve", "--model-store", store, "--port", str(free_port())], data_cache, timeout=120,
-                           env={"MLFLOW_TRACKING_URI": mlflow_server, "XDG_CACHE_HOME": str(tmp_path)})
+                           env={"MLFLOW_TRACKING_URI": mlflow_server, "MLFLOW_REGISTRY_URI": mlflow_server, "XDG_CACHE_HOME": str(tmp_path)})
     lines = [line for line in log.splitlines() if line.strip()]
-    assert code == 2 and len(lines) == 1 and lines[0].startswith("cnnray: error: model registry at"), log
+    what = "'no-such-model' has no alias 'champion'" if "no-such-model" in store else f"'{MODEL}' has no alias 'no-such-alias'"
+    assert code == 2 and len(lines) == 1, log
+    assert lines[0] == f"cnnray: error: model registry at {mlflow_server}: registered model {what}", log
 
 
 def test_sweep_is_a_parent_with_a_child_per_trial(sweep, mlflow_client):

@@ -1,4 +1,7 @@
-"""Shared by the OIP v2, multipart and autoscaling tests: one served model without Ray."""
+"""Served models without Ray for the serve tests: `local` (the OIP v2, multipart and
+autoscaling tests: the app through FastAPI's TestClient), `hostile` (the hostile-input tests:
+the app on a real loopback port, one per module so a test that stalls connections cannot
+reach another module's), `good_checkpoint` (a plain cnn checkpoint folder)."""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.helpers.hostile import hostile_server
 from tests.helpers.serve import MNIST_INFO, png, save_model
 
 VERSION = 3  # the served model-store version (any other is refused)
@@ -43,3 +47,18 @@ def local(tmp_path_factory) -> Local:
     pngs, pixels = digit_pngs(4)
     with TestClient(build_http_app(backend)) as client:
         yield Local(client, backend, pngs, pixels)
+
+
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory):
+    """The in-process app on a free loopback port over `digits` and `overflow`, with the
+    hostile tests' body timeout (tests/helpers/hostile.hostile_server); stopped at the end."""
+    server = hostile_server(tmp_path_factory.mktemp("hostile"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def good_checkpoint(tmp_path_factory) -> Path:
+    """A freshly initialised `cnn` checkpoint for MNIST-shaped input (untrained weights)."""
+    return save_model(tmp_path_factory.mktemp("good") / "ck", "cnn", MNIST_INFO)

@@ -18,15 +18,8 @@ import pytest
 import requests
 
 from tests.helpers import REPO
-from tests.helpers.hostile import b64, hostile_server, nan_model, predict
+from tests.helpers.hostile import b64, nan_model, predict
 from tests.helpers.serve import MNIST_INFO, png, save_model
-
-
-@pytest.fixture(scope="module")
-def local(tmp_path_factory):
-    server = hostile_server(tmp_path_factory.mktemp("hostile"))
-    yield server
-    server.stop()
 
 
 # --- 4. non-finite output -------------------------------------------------------------------------
@@ -43,19 +36,19 @@ def test_nan_weights_are_refused_at_load(tmp_path):
 
 
 @pytest.mark.slow  # a server
-def test_non_finite_output_is_a_4xx_and_metrics_count_the_status_sent(local):
+def test_non_finite_output_is_a_4xx_and_metrics_count_the_status_sent(hostile):
     from prometheus_client.parser import text_string_to_metric_families
 
     blank = png(np.zeros((28, 28), np.uint8))
     bright = png(np.full((28, 28), 255, np.uint8))
-    assert requests.post(f"{local.url}/predictions/overflow", data=blank, headers={"Content-Type": "image/png"},
+    assert requests.post(f"{hostile.url}/predictions/overflow", data=blank, headers={"Content-Type": "image/png"},
                          timeout=30).status_code == 200
-    r = requests.post(f"{local.url}/predictions/overflow", data=bright, headers={"Content-Type": "image/png"},
+    r = requests.post(f"{hostile.url}/predictions/overflow", data=bright, headers={"Content-Type": "image/png"},
                       timeout=30)
     assert r.status_code == 422 and "NaN or infinity" in r.json()["error"], r.text
-    r = predict(local.url, "overflow", [b64(blank), b64(bright)])
+    r = predict(hostile.url, "overflow", [b64(blank), b64(bright)])
     assert r.status_code == 422 and "instance 1" in r.json()["error"], r.text
-    text = requests.get(local.url + "/metrics", timeout=30).text
+    text = requests.get(hostile.url + "/metrics", timeout=30).text
     counts = {
         (s.labels["api"], s.labels["status"]): s.value
         for f in text_string_to_metric_families(text) if f.name == "cnnray_serve_requests"

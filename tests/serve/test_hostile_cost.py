@@ -22,86 +22,79 @@ import requests
 import torch
 from PIL import Image
 
-from tests.helpers.hostile import (NOISE, HealthProbe, b64, bmp_rle8, decode_cost_bombs, hostile_server, jpeg,
+from tests.helpers.hostile import (NOISE, HealthProbe, b64, bmp_rle8, decode_cost_bombs, jpeg,
                                    overflow_model, png_chunk, png_split, post_json_bytes, predict)
 from tests.helpers.serve import MNIST_INFO, LocalServer, png, save_model
 
 
-@pytest.fixture(scope="module")
-def local(tmp_path_factory):
-    server = hostile_server(tmp_path_factory.mktemp("hostile"))
-    yield server
-    server.stop()
-
-
 # --- 1. every request's cost is bounded before the work starts ----------------------------------
 @pytest.mark.slow  # a server
-def test_json_of_many_tiny_arrays_is_refused_before_it_is_parsed(local):
+def test_json_of_many_tiny_arrays_is_refused_before_it_is_parsed(hostile):
     # Just under 8 MiB of [[0],[0],...]: ~300 MB of Python lists once parsed, on the event loop.
     body = b'{"instances": [' + b",".join([b"[0]"] * (2 * 1024 * 1024 - 8)) + b"]}"
     assert len(body) < 8 * 1024 * 1024
-    with HealthProbe(local.url) as probe:
+    with HealthProbe(hostile.url) as probe:
         for _ in range(3):
-            r = post_json_bytes(f"{local.url}/v1/models/digits:predict", body)
+            r = post_json_bytes(f"{hostile.url}/v1/models/digits:predict", body)
             assert r.status_code == 413, r.text
             assert "values" in r.json()["error"]
     probe.check("an 8 MiB JSON body of tiny arrays")
 
 
 @pytest.mark.slow  # a server
-def test_deeply_nested_json_is_refused(local):
+def test_deeply_nested_json_is_refused(hostile):
     depth = 10_000  # within the values budget: refused for its depth
     body = b'{"instances": ' + b"[" * depth + b"]" * depth + b"}"
-    r = post_json_bytes(f"{local.url}/v1/models/digits:predict", body)
+    r = post_json_bytes(f"{hostile.url}/v1/models/digits:predict", body)
     assert r.status_code == 400 and "nested" in r.json()["error"], r.text
 
 
 @pytest.mark.slow  # a server
-def test_pixels_times_instances_are_bounded_before_decoding(local):
+def test_pixels_times_instances_are_bounded_before_decoding(hostile):
     big = io.BytesIO()
     Image.new("L", (4096, 4096)).save(big, format="PNG", optimize=True)  # ~16 KB each
     instances = [b64(big.getvalue())] * 64  # ~1.4 MB of JSON, 10-15 s of decoding
-    with HealthProbe(local.url) as probe:
+    with HealthProbe(hostile.url) as probe:
         start = time.perf_counter()
-        r = predict(local.url, "digits", instances)
+        r = predict(hostile.url, "digits", instances)
         took = time.perf_counter() - start
     assert r.status_code == 413, r.text
     assert "pixels per request" in r.json()["error"]
     print(f"\n[64 PNGs of 4096x4096] refused in {took * 1000:.0f} ms")
     probe.check("64 PNGs of 4096x4096 in one :predict")
     # one image of the largest size is still accepted (one request's whole budget)
-    assert predict(local.url, "digits", instances[:1]).status_code == 200
+    assert predict(hostile.url, "digits", instances[:1]).status_code == 200
 
 
 @pytest.mark.slow  # a server
 @pytest.mark.parametrize("case", decode_cost_bombs(), ids=lambda c: c[0])
-def test_images_that_cost_more_than_their_pixels_are_refused_before_decoding(local, case):
+def test_images_that_cost_more_than_their_pixels_are_refused_before_decoding(hostile, case):
     """One example per kind of decode work the pixel budget misses (a PNG's chunk count, an
     RLE BMP's Python decoder): 413 on both routes, before any decoding; on a replica such an
     image held the one inference thread, and every batch-mate, for seconds."""
     _, data = case
-    r = requests.post(f"{local.url}/predictions/digits", data=data, headers={"Content-Type": "image/png"},
+    r = requests.post(f"{hostile.url}/predictions/digits", data=data, headers={"Content-Type": "image/png"},
                       timeout=60)
     assert r.status_code == 413 and list(r.json()) == ["error"], r.text
-    r = predict(local.url, "digits", [b64(png(NOISE)), b64(data)])
+    r = predict(hostile.url, "digits", [b64(png(NOISE)), b64(data)])
     assert r.status_code == 413 and r.json()["error"].startswith("instance 1: "), r.text
 
 
 @pytest.mark.slow  # a server
-def test_decode_cost_limits_bound_a_request_not_each_image(local):
+def test_decode_cost_limits_bound_a_request_not_each_image(hostile):
     """:predict instances each under the chunk limit, over it together: 413 before decoding
     (20 PNGs of 600 chunks each: 12,000 chunks cost Pillow as one PNG of 12,000)."""
     from cnnray.serve.preprocess import MAX_PNG_CHUNKS
 
     each = png_split(NOISE, 1 << 16, extra=png_chunk(b"tEXt", b"k\x00v") * 600)
     n = MAX_PNG_CHUNKS // 600 + 2
-    r = predict(local.url, "digits", [b64(each)] * n)
+    r = predict(hostile.url, "digits", [b64(each)] * n)
     assert r.status_code == 413 and "PNGs of one request" in r.json()["error"], r.text
-    assert predict(local.url, "digits", [b64(each)] * 2).status_code == 200
+    assert predict(hostile.url, "digits", [b64(each)] * 2).status_code == 200
 
 
 @pytest.mark.slow  # a server
-def test_real_images_within_the_decode_cost_limits_still_decode(local):
+def test_real_images_within_the_decode_cost_limits_still_decode(hostile):
     """The limits refuse no real image: image data in many small IDAT chunks (libpng writes
     8 KiB ones) and a small RLE8 BMP give the pixels of the plain PNG; JPEGs with binary
     EXIF and ICC payloads are served."""
@@ -111,7 +104,7 @@ def test_real_images_within_the_decode_cost_limits_still_decode(local):
     many = png_split(NOISE, 1, extra=png_chunk(b"tEXt", b"k\x00v") * (MAX_PNG_CHUNKS - 1000))
     for data in (many, bmp_rle8(NOISE)):
         assert torch.equal(decode_image(data, (1, 28, 28), 1 << 20), want)
-        r = requests.post(f"{local.url}/predictions/digits", data=data, headers={"Content-Type": "image/png"},
+        r = requests.post(f"{hostile.url}/predictions/digits", data=data, headers={"Content-Type": "image/png"},
                           timeout=60)
         assert r.status_code == 200, r.text
     # a progressive photo-sized JPEG with an ICC profile and EXIF: binary payloads hold
@@ -123,7 +116,7 @@ def test_real_images_within_the_decode_cost_limits_still_decode(local):
     exif = Image.Exif()
     exif[0x927C] = bytes(np.random.default_rng(6).integers(0, 256, 60_000, dtype=np.uint8))  # MakerNote
     for data in (jpeg(photo, progressive=True, quality=95, icc_profile=icc, exif=exif), jpeg(NOISE)):
-        r = requests.post(f"{local.url}/predictions/digits", data=data, headers={"Content-Type": "image/png"},
+        r = requests.post(f"{hostile.url}/predictions/digits", data=data, headers={"Content-Type": "image/png"},
                           timeout=60)
         assert r.status_code == 200, r.text
 
@@ -194,7 +187,7 @@ def test_one_bad_request_never_fails_its_batch_mates(tmp_path, monkeypatch):
 
 @pytest.mark.slow  # a server
 @pytest.mark.parametrize("route", ["torchserve", "kserve"])
-def test_decoding_never_runs_on_the_event_loop(local, monkeypatch, route):
+def test_decoding_never_runs_on_the_event_loop(hostile, monkeypatch, route):
     """A decode that takes seconds (a many-scan progressive JPEG; here a stand-in that sleeps)
     must not delay /healthz or other requests: decoding runs off the event loop (in the
     backend: the plain server's thread pool here, the replica's batch thread on Serve)."""
@@ -211,12 +204,12 @@ def test_decoding_never_runs_on_the_event_loop(local, monkeypatch, route):
 
     def attack() -> None:
         if route == "torchserve":
-            result["r"] = requests.post(f"{local.url}/predictions/digits", data=png(NOISE),
+            result["r"] = requests.post(f"{hostile.url}/predictions/digits", data=png(NOISE),
                                         headers={"Content-Type": "image/png"}, timeout=60)
         else:
-            result["r"] = predict(local.url, "digits", [b64(png(NOISE))])
+            result["r"] = predict(hostile.url, "digits", [b64(png(NOISE))])
 
-    with HealthProbe(local.url) as probe:
+    with HealthProbe(hostile.url) as probe:
         t = threading.Thread(target=attack)
         t.start()
         t.join(60)

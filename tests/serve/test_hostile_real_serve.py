@@ -15,19 +15,13 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import pytest
 import requests
 
 from tests.helpers.hostile import NOISE, HealthProbe, post_json_bytes, read_statuses, stalled_connections
 from tests.helpers.processes import free_port, log_tail, spawn_cnnray, wait_http
-from tests.helpers.serve import MNIST_INFO, png, save_model
-
-
-@pytest.fixture(scope="module")
-def good_checkpoint(tmp_path_factory) -> Path:
-    return save_model(tmp_path_factory.mktemp("good") / "ck", "cnn", MNIST_INFO)
+from tests.helpers.serve import png
 
 
 # --- the slow kinds again, against a real `cnnray serve` on Ray Serve ---------------------------------

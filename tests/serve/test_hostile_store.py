@@ -18,11 +18,6 @@ import pytest
 from tests.helpers.serve import MNIST_INFO, save_model
 
 
-@pytest.fixture(scope="module")
-def good_checkpoint(tmp_path_factory) -> Path:
-    return save_model(tmp_path_factory.mktemp("good") / "ck", "cnn", MNIST_INFO)
-
-
 # --- 5. whatever appears in the model store -------------------------------------------------------
 def test_versions_are_ascii_decimals():
     from cnnray.store import parse_version

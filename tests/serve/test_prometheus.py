@@ -117,13 +117,16 @@ def test_prometheus_scrapes_serve_and_training_and_every_panel_has_data(local_ra
         wait_http(serve_url + "/healthz", serve, serve_log, "cnnray serve", timeout_s=300, every_s=1)
 
         # 4. Traffic: 40 good requests and 5 refused ones, spread over a few seconds.
-        image = png(np.zeros((28, 28), np.uint8))
+        # Connection: close: an idle keep-alive connection left open by this client would hold
+        # the draining HAProxy (Ray's `option idle-close-on-response`) for up to 30 s at Ctrl-C.
+        image, close = png(np.zeros((28, 28), np.uint8)), {"Connection": "close"}
         for i in range(40):
-            r = requests.post(f"{serve_url}/predictions/digits", data=image, headers={"Content-Type": "image/png"},
-                              timeout=60)
+            r = requests.post(f"{serve_url}/predictions/digits", data=image,
+                              headers={"Content-Type": "image/png", **close}, timeout=60)
             assert r.status_code == 200, r.text
             if i % 8 == 0:
-                assert requests.post(f"{serve_url}/predictions/nope", data=image, timeout=60).status_code == 404
+                assert requests.post(f"{serve_url}/predictions/nope", data=image, headers=close,
+                                     timeout=60).status_code == 404
                 time.sleep(0.5)
         trained.join(600)
         assert not trained.is_alive(), "the training run did not finish"

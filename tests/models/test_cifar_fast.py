@@ -212,17 +212,19 @@ def test_short_recipe_learns_cifar10_and_serve_agrees_with_the_test(cifar_tarbal
     served_acc = int((torch.cat(preds) == labels).sum()) / len(labels)  # exact, as the loop counts
     model, _ = load_model(ckpt)
     report = evaluate_test_set(model, run_cfg)
-    # One prediction of 5,000 moves the accuracy by 2e-4: these tolerances only absorb
+    # One prediction of 3,000 moves the accuracy by 3.3e-4: these tolerances only absorb
     # float rounding (the report's mean is float32).
     assert served_acc == pytest.approx(acc, abs=1e-12)
     assert report.accuracy == pytest.approx(acc, abs=1e-6)
     assert torch.equal(report.preds, torch.cat(preds))
 
 
-# The shortened recipe: 4,750 training images, 3 epochs of 19 steps at batch 256, tested on
-# 5,000 test images with mirror TTA. Measured 2026-11-30 (seed 0, the shared 2-core machine
-# under heavy load, 1,007 s of training there): test accuracy 0.5606 (chance: 0.10). The
-# floor keeps a margin of 0.16 below it for run-to-run and machine differences.
-SLOW_SUBSET = 5000
+# The shortened recipe: 2,850 training images, 3 epochs of 11 steps at batch 256, tested on
+# 3,000 test images with mirror TTA. Measured 2026-12-07 (seed 0, the 2-core machine shared
+# with two other test runs, 36 s of training): test accuracy 0.4513 (chance: 0.10; 0.5606
+# with 5,000 images, which took half a minute longer). The floor keeps a margin of 0.15
+# below it for run-to-run and machine differences; three times chance on 3,000 images is
+# far outside luck (its standard error is under 0.01).
+SLOW_SUBSET = 3000
 SLOW_EPOCHS = 3
-SLOW_MIN_ACCURACY = 0.40
+SLOW_MIN_ACCURACY = 0.30

@@ -28,7 +28,7 @@ pytestmark = pytest.mark.slow
 
 def _stop(pids: list[int], group: int) -> None:
     """SIGTERM to the head's process group and to each of its processes (by pid), then
-    SIGKILL what is left after 30 s. Only these: never `ray stop`, which stops every Ray
+    SIGKILL what is left after 10 s (some of its processes ignore SIGTERM: waiting longer only cost 20 s per run). Only these: never `ray stop`, which stops every Ray
     of this user."""
     import psutil
 
@@ -42,7 +42,7 @@ def _stop(pids: list[int], group: int) -> None:
             p.terminate()
         except psutil.NoSuchProcess:
             pass
-    _, alive = psutil.wait_procs(procs, timeout=30)
+    _, alive = psutil.wait_procs(procs, timeout=10)
     for p in alive:
         try:
             p.kill()

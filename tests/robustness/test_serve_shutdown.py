@@ -1,5 +1,6 @@
 """SIGTERM to `cnnray serve` under load: accepted requests are answered, new connections are
-refused before anything is sent, the exit status is 143, and no process of its Ray is left."""
+refused before anything is sent, an idle keep-alive connection does not hold the stop up,
+the exit status is 143, and no process of its Ray is left."""
 
 from __future__ import annotations
 
@@ -87,6 +88,12 @@ def test_sigterm_under_load_drains_then_exits(tmp_path, sig, code):
         for t in threads:
             t.start()
         time.sleep(3)  # under load
+        # A client that keeps its connection open between requests (a browser on the page, a
+        # requests.Session): Ray's HAProxy keeps such a connection through its soft stop, and
+        # the drain waited for it until its 30 s limit, then said requests were cut short.
+        idle = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        idle.request("GET", "/healthz")
+        assert idle.getresponse().read() is not None
         stop_at.append(time.monotonic())
         proc.send_signal(sig)
         rc = proc.wait(timeout=180)
@@ -102,6 +109,8 @@ def test_sigterm_under_load_drains_then_exits(tmp_path, sig, code):
         assert before.count("ok") >= CLIENTS, outcomes[:20]  # it was serving under load
         assert {o for _, o in outcomes} <= {"ok", "refused", "http-503"}, {o for _, o in outcomes}
         assert "no new connections" in out and f"stopped ({signal.Signals(sig).name})" in out
+        assert "cut short" not in out, out  # the drain ended when nothing was in flight
+        idle.close()
         deadline = time.monotonic() + 20
         while (left := _ours(ray_tmp)) and time.monotonic() < deadline:
             time.sleep(0.5)

@@ -50,12 +50,12 @@ class AdminSession:
         self.sock.settimeout(ADMIN_TIMEOUT_S)
         try:
             self.sock.connect(str(path))
-            self.command("prompt", interactive=False)
+            self.command("prompt")
         except BaseException:
             self.sock.close()
             raise
 
-    def command(self, text: str, interactive: bool = True) -> str:
+    def command(self, text: str) -> str:
         """The answer to `text`; OSError (socket.timeout included) when HAProxy does not answer."""
         self.sock.sendall(text.encode() + b"\n")
         buf = b""
@@ -64,7 +64,7 @@ class AdminSession:
             if not chunk:
                 raise ConnectionError("HAProxy closed its admin session")
             buf += chunk
-        return buf[: -len(_PROMPT)].decode(errors="replace") if interactive else ""
+        return buf[: -len(_PROMPT)].decode(errors="replace")
 
     def in_flight(self) -> int:
         """Requests being served or queued: the sum of every backend's BACKEND-row `scur`."""
@@ -82,13 +82,22 @@ class AdminSession:
 
 
 def _sessions(folder: Path) -> list[AdminSession]:
-    """A session on each admin socket of this FastIngress `folder` (one per node folder);
-    those that cannot be opened are left out (the drain then waits for HAProxy's exit)."""
-    sessions = []
-    for path in sorted(folder.glob("*/admin.sock")):
-        with contextlib.suppress(OSError):
+    """A session on each admin socket of this FastIngress `folder` (one per node folder), or
+    none when any of them cannot be opened: a count that missed a node's requests would end
+    the drain early, so the drain then waits for HAProxy's exit instead."""
+    sessions: list[AdminSession] = []
+    try:
+        for path in sorted(folder.glob("*/admin.sock")):
             sessions.append(AdminSession(path))
+    except OSError:
+        _close(sessions)
+        return []
     return sessions
+
+
+def _close(sessions: list[AdminSession]) -> None:
+    for s in sessions:
+        s.close()
 
 
 def soft_stop_haproxy(folder: Path, timeout_s: float = DRAIN_TIMEOUT_S) -> tuple[int, bool]:
@@ -112,8 +121,7 @@ def soft_stop_haproxy(folder: Path, timeout_s: float = DRAIN_TIMEOUT_S) -> tuple
                 try:
                     busy = sum(s.in_flight() for s in sessions)
                 except (OSError, ValueError):  # no longer readable: wait for the exit as before
-                    for s in sessions:
-                        s.close()
+                    _close(sessions)
                     busy, sessions = 1, []
                 if busy:
                     quiet_since = None
@@ -125,8 +133,7 @@ def soft_stop_haproxy(folder: Path, timeout_s: float = DRAIN_TIMEOUT_S) -> tuple
                 return len(pids), False
             time.sleep(0.05)
     finally:
-        for s in sessions:
-            s.close()
+        _close(sessions)
 
 
 def default_folder() -> Path:

@@ -160,8 +160,8 @@ def test_cnnray_serve_listens_on_loopback_only_and_sigterm_leaves_nothing_behind
     folder = None
     try:
         wait_http(url + "/healthz", proc, log, "cnnray serve", every_s=1)
-        # Connection: close: an idle keep-alive connection left open by this client would hold
-        # the draining HAProxy (Ray's `option idle-close-on-response`) for up to 30 s at SIGTERM.
+        # Connection: close: this client keeps no idle connection (the drain no longer waits for
+        # idle ones, tests/robustness/test_serve_shutdown.py checks that; here it is not the point).
         r = requests.post(f"{url}/predictions/digits", data=png(np.zeros((28, 28), np.uint8)),
                           headers={"Content-Type": "image/png", "Connection": "close"}, timeout=60)
         assert r.status_code == 200, r.text

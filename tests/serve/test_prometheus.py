@@ -117,8 +117,8 @@ def test_prometheus_scrapes_serve_and_training_and_every_panel_has_data(local_ra
         wait_http(serve_url + "/healthz", serve, serve_log, "cnnray serve", timeout_s=300, every_s=1)
 
         # 4. Traffic: 40 good requests and 5 refused ones, spread over a few seconds.
-        # Connection: close: an idle keep-alive connection left open by this client would hold
-        # the draining HAProxy (Ray's `option idle-close-on-response`) for up to 30 s at Ctrl-C.
+        # Connection: close: this client keeps no idle connection (the drain no longer waits for
+        # idle ones, tests/robustness/test_serve_shutdown.py checks that; here it is not the point).
         image, close = png(np.zeros((28, 28), np.uint8)), {"Connection": "close"}
         for i in range(40):
             r = requests.post(f"{serve_url}/predictions/digits", data=image,
